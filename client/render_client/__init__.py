@@ -1,0 +1,40 @@
+"""render_client: trainers' side of render-service.
+
+`build_training_sample(client.renderer("qwen3"), messages, ...)` returns what
+`renderers.build_training_sample` returns in-process, rendered by the server.
+Needs only grpcio, protobuf and numpy (and pillow only to pass PIL images).
+"""
+
+from .client import RemoteRenderer, RenderClient, build_training_sample
+from .errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    RenderError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from .fingerprint import tokenizer_fingerprint
+from .types import ModelInfo, MultiModalData, PlaceholderRange, RenderedTrainingSample, ServerModels
+
+__all__ = [
+    "DeadlineExceededError",
+    "InvalidArgumentError",
+    "ModelInfo",
+    "ModelNotFoundError",
+    "MultiModalData",
+    "PlaceholderRange",
+    "RemoteRenderer",
+    "RenderClient",
+    "RenderError",
+    "RenderedTrainingSample",
+    "ResourceExhaustedError",
+    "ServerModels",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "build_training_sample",
+    "tokenizer_fingerprint",
+]

@@ -1,0 +1,491 @@
+"""The one conversion layer between the protobuf contract and Python values.
+
+Client side, `encode_request` turns `build_training_sample`'s arguments into a
+request and `decode_sample` turns the answer into a RenderedTrainingSample.
+Server side, `decode_request` turns a request back into the arguments
+renderers takes and `encode_sample` turns renderers' result into the answer.
+Both directions live here so that they cannot drift apart.
+
+Every problem with a request raises InvalidArgumentError with a one-line
+message naming the field, e.g.
+`messages[3].tool_calls[0].function.arguments: not valid JSON (...)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._pb import render_pb2 as pb
+from .errors import RenderError, invalid
+from .jsonvalue import dump_json, load_json
+from .media import check_not_a_reference, media_bytes
+from .types import ModelInfo, MultiModalData, PlaceholderRange, RenderedTrainingSample, ServerModels
+
+# Message keys with a field of their own in pb.Message besides role and content.
+_MESSAGE_TEXT_KEYS = ("tool_call_id", "name", "reasoning_content", "reasoning")
+# Message keys that may be present with the value None (pb.Message.null_keys).
+_NULLABLE_MESSAGE_KEYS = frozenset({"content", "tool_calls", *_MESSAGE_TEXT_KEYS})
+_MODELLED_MESSAGE_KEYS = _NULLABLE_MESSAGE_KEYS | {"role"}
+# The "type" spellings renderers accepts for each kind of media part.
+_MEDIA_TYPES = {"image": ("image", "image_url"), "video": ("video", "video_url")}
+_MEDIA_KIND_BY_TYPE = {spelling: kind for kind, spellings in _MEDIA_TYPES.items() for spelling in spellings}
+
+
+@dataclass
+class MediaRef:
+    """A media part of a decoded request, so the server can decode it in place."""
+
+    field: str  # e.g. "messages[1].content[0].image"
+    kind: str  # "image" or "video"
+    part: dict[str, Any]  # the part dict; part[kind] holds the encoded bytes
+
+
+@dataclass
+class RenderArguments:
+    """A decoded request: the arguments of one build_training_sample call."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    tools: list[Any] | None
+    # role_to_mask(message) per message, as the client evaluated it; None: role_to_mask=None.
+    trainable: list[bool] | None
+    message_loss_mask: list[bool] | None
+    content_sft_roles: frozenset[str] | None
+    ensure_final_stop: bool
+    chat_template_kwargs: dict[str, Any] | None
+    media: list[MediaRef]
+
+
+# ---------------------------------------------------------------------------
+# Client side: Python arguments -> request
+# ---------------------------------------------------------------------------
+
+
+def encode_request(
+    model: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    role_to_mask: Callable[[Mapping[str, Any]], bool] | None = None,
+    tools: Sequence[Any] | None = None,
+    content_sft_roles: Iterable[str] | None = None,
+    ensure_final_stop: bool = False,
+    message_loss_mask: Sequence[bool | int] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> pb.RenderTrainingSampleRequest:
+    """The request for one build_training_sample call with these arguments."""
+    request = pb.RenderTrainingSampleRequest()
+    _set_text(request, "model", model, "model")
+    if not isinstance(messages, (list, tuple)):
+        raise invalid("messages", f"expected a list of message dicts, got {type(messages).__name__}")
+    if message_loss_mask is not None:
+        # The same checks, in the same words, as renderers.build_training_sample.
+        if len(message_loss_mask) != len(messages):
+            raise invalid("message_loss_mask", "message_loss_mask must have one entry per message")
+        if any(not isinstance(value, (bool, int)) or value not in (0, 1) for value in message_loss_mask):
+            raise invalid("message_loss_mask", "message_loss_mask entries must be booleans or integers 0/1")
+    for index, message in enumerate(messages):
+        field = f"messages[{index}]"
+        out = request.messages.add()
+        _encode_message(message, field, out)
+        if role_to_mask is not None:
+            trainable = role_to_mask(message)
+            if not isinstance(trainable, (bool, np.bool_)):
+                # In-process, the predicate's raw return value lands in loss_mask;
+                # only a real bool can cross the wire unchanged.
+                raise invalid(field, f"role_to_mask returned {type(trainable).__name__}, not a bool")
+            out.trainable = bool(trainable)
+        if message_loss_mask is not None:
+            out.message_loss_mask = bool(message_loss_mask[index])
+    if tools is not None:
+        if not isinstance(tools, (list, tuple)):
+            raise invalid("tools", f"expected a list of tool specs, got {type(tools).__name__}")
+        request.tools_json = dump_json(list(tools), "tools")
+    if content_sft_roles:
+        for role in content_sft_roles:
+            _append_text(request.content_sft_roles, role, "content_sft_roles")
+    request.ensure_final_stop = bool(ensure_final_stop)
+    if chat_template_kwargs is not None:
+        if not isinstance(chat_template_kwargs, Mapping):
+            raise invalid("chat_template_kwargs", f"expected a mapping, got {type(chat_template_kwargs).__name__}")
+        request.chat_template_kwargs_json = dump_json(dict(chat_template_kwargs), "chat_template_kwargs")
+    return request
+
+
+def _encode_message(message: Any, field: str, out: pb.Message) -> None:
+    if not isinstance(message, Mapping):
+        raise invalid(field, f"expected a message dict, got {type(message).__name__}")
+    if "role" not in message:
+        raise invalid(f"{field}.role", "missing")
+    extra: dict[str, Any] = {}
+    for key, value in message.items():
+        if key == "role":
+            _set_text(out, "role", value, f"{field}.role")
+        elif value is None and key in _NULLABLE_MESSAGE_KEYS:
+            out.null_keys.append(key)
+        elif key == "content":
+            if isinstance(value, str):
+                _set_text(out, "text", value, f"{field}.content")
+            elif isinstance(value, (list, tuple)):
+                out.parts.SetInParent()
+                for index, part in enumerate(value):
+                    _encode_part(part, f"{field}.content[{index}]", out.parts.parts.add())
+            else:
+                raise invalid(
+                    f"{field}.content", f"expected a str, a list of parts or None, got {type(value).__name__}"
+                )
+        elif key == "tool_calls":
+            if not isinstance(value, (list, tuple)):
+                raise invalid(f"{field}.tool_calls", f"expected a list, got {type(value).__name__}")
+            out.tool_calls.SetInParent()
+            for index, call in enumerate(value):
+                _encode_tool_call(call, f"{field}.tool_calls[{index}]", out.tool_calls.calls.add())
+        elif key in _MESSAGE_TEXT_KEYS:
+            _set_text(out, key, value, f"{field}.{key}")
+        else:
+            extra[key] = value
+    if extra:
+        out.extra_json = dump_json(extra, field)
+
+
+def _encode_part(part: Any, field: str, out: pb.ContentPart) -> None:
+    if not isinstance(part, Mapping):
+        raise invalid(field, f"expected a content part dict, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text" or kind == "thinking":
+        payload_key = kind
+        _set_text(out, kind, part.get(kind), f"{field}.{kind}")
+    elif kind in _MEDIA_KIND_BY_TYPE:
+        media_kind = _MEDIA_KIND_BY_TYPE[kind]
+        payload_key, source = _media_source(part, media_kind)
+        media = getattr(out, media_kind)
+        media.data = media_bytes(source, f"{field}.{payload_key}")
+        media.type = kind
+    else:
+        raise invalid(
+            f"{field}.type",
+            f"unsupported content part type {kind!r} (text, thinking, image, image_url, video, video_url)",
+        )
+    for key, value in part.items():
+        if key == "type" or key == payload_key:
+            continue
+        if value is not None:
+            raise invalid(f"{field}.{key}", f"unsupported key for a {kind!r} part")
+        _append_text(out.null_keys, key, f"{field}.{key}")
+
+
+def _media_source(part: Mapping[str, Any], kind: str) -> tuple[str, Any]:
+    """The key and value renderers would load a media part from, in its precedence."""
+    url_key = f"{kind}_url"
+    if kind in part:
+        return kind, part[kind]
+    if url_key in part:
+        wrapped = part[url_key]
+        return url_key, wrapped.get("url") if isinstance(wrapped, Mapping) else wrapped
+    for key in ("url", "path"):
+        if part.get(key):
+            return key, part[key]
+    return kind, None
+
+
+def _encode_tool_call(call: Any, field: str, out: pb.ToolCall) -> None:
+    if not isinstance(call, Mapping):
+        raise invalid(field, f"expected a tool call dict, got {type(call).__name__}")
+    for key, value in call.items():
+        if key == "id" or key == "type":
+            _set_text(out, key, value, f"{field}.{key}")
+        elif key == "function":
+            if not isinstance(value, Mapping):
+                raise invalid(f"{field}.function", f"expected a dict, got {type(value).__name__}")
+            function = out.function
+            function.SetInParent()
+            for function_key, function_value in value.items():
+                function_field = f"{field}.function.{function_key}"
+                if function_key == "name":
+                    _set_text(function, "name", function_value, function_field)
+                elif function_key == "arguments":
+                    if isinstance(function_value, str):
+                        _set_text(function, "arguments_text", function_value, function_field)
+                    else:
+                        function.arguments_json = dump_json(function_value, function_field)
+                else:
+                    raise invalid(function_field, "unsupported key (name, arguments)")
+        else:
+            raise invalid(f"{field}.{key}", "unsupported key (id, type, function)")
+
+
+def _set_text(message: Any, name: str, value: Any, field: str) -> None:
+    if not isinstance(value, str):
+        raise invalid(field, f"expected a str, got {type(value).__name__}")
+    try:
+        setattr(message, name, value)
+    except UnicodeEncodeError:
+        raise invalid(field, "not encodable as UTF-8 (lone surrogate)") from None
+
+
+def _append_text(container: Any, value: Any, field: str) -> None:
+    if not isinstance(value, str):
+        raise invalid(field, f"expected a str, got {type(value).__name__}")
+    try:
+        container.append(value)
+    except UnicodeEncodeError:
+        raise invalid(field, "not encodable as UTF-8 (lone surrogate)") from None
+
+
+# ---------------------------------------------------------------------------
+# Server side: request -> renderers arguments
+# ---------------------------------------------------------------------------
+
+
+def decode_request(request: pb.RenderTrainingSampleRequest) -> RenderArguments:
+    """The build_training_sample arguments a request carries."""
+    if not request.model:
+        raise invalid("model", "missing")
+    media: list[MediaRef] = []
+    messages = [_decode_message(message, f"messages[{index}]", media) for index, message in enumerate(request.messages)]
+    tools = None
+    if request.HasField("tools_json"):
+        tools = load_json(request.tools_json, "tools_json")
+        if type(tools) is not list:
+            raise invalid("tools_json", "must be a JSON array of tool specs")
+    kwargs = None
+    if request.HasField("chat_template_kwargs_json"):
+        kwargs = load_json(request.chat_template_kwargs_json, "chat_template_kwargs_json")
+        if type(kwargs) is not dict:
+            raise invalid("chat_template_kwargs_json", "must be a JSON object")
+    return RenderArguments(
+        model=request.model,
+        messages=messages,
+        tools=tools,
+        trainable=_per_message_flags(request.messages, "trainable"),
+        message_loss_mask=_per_message_flags(request.messages, "message_loss_mask"),
+        content_sft_roles=frozenset(request.content_sft_roles) or None,
+        ensure_final_stop=request.ensure_final_stop,
+        chat_template_kwargs=kwargs or None,
+        media=media,
+    )
+
+
+def _per_message_flags(messages: Sequence[pb.Message], name: str) -> list[bool] | None:
+    present = [message.HasField(name) for message in messages]
+    if not any(present):
+        return None
+    if not all(present):
+        index = present.index(False)
+        raise invalid(
+            f"messages[{index}].{name}", "unset here but set on other messages; set it on every message or none"
+        )
+    return [getattr(message, name) for message in messages]
+
+
+def _decode_message(message: pb.Message, field: str, media: list[MediaRef]) -> dict[str, Any]:
+    if not message.role:
+        raise invalid(f"{field}.role", "missing")
+    out: dict[str, Any] = {"role": message.role}
+    content_kind = message.WhichOneof("content")
+    if content_kind == "text":
+        out["content"] = message.text
+    elif content_kind == "parts":
+        out["content"] = [
+            _decode_part(part, f"{field}.content[{index}]", media) for index, part in enumerate(message.parts.parts)
+        ]
+    if message.HasField("tool_calls"):
+        out["tool_calls"] = [
+            _decode_tool_call(call, f"{field}.tool_calls[{index}]")
+            for index, call in enumerate(message.tool_calls.calls)
+        ]
+    for key in _MESSAGE_TEXT_KEYS:
+        if message.HasField(key):
+            out[key] = getattr(message, key)
+    for key in message.null_keys:
+        if key not in _NULLABLE_MESSAGE_KEYS:
+            raise invalid(f"{field}.null_keys", f"{key!r} is not one of {', '.join(sorted(_NULLABLE_MESSAGE_KEYS))}")
+        if key in out:
+            raise invalid(f"{field}.null_keys", f"{key!r} is both set and null")
+        out[key] = None
+    if message.HasField("extra_json"):
+        extra = load_json(message.extra_json, f"{field}.extra_json")
+        if type(extra) is not dict:
+            raise invalid(f"{field}.extra_json", "must be a JSON object")
+        for key in extra:
+            if key in _MODELLED_MESSAGE_KEYS:
+                raise invalid(f"{field}.extra_json", f"key {key!r} has a field of its own")
+        out.update(extra)
+    return out
+
+
+def _decode_part(part: pb.ContentPart, field: str, media: list[MediaRef]) -> dict[str, Any]:
+    kind = part.WhichOneof("part")
+    if kind == "text":
+        out: dict[str, Any] = {"type": "text", "text": part.text}
+    elif kind == "thinking":
+        out = {"type": "thinking", "thinking": part.thinking}
+    elif kind == "image" or kind == "video":
+        source = part.image if kind == "image" else part.video
+        spelling = source.type or kind
+        if spelling not in _MEDIA_TYPES[kind]:
+            raise invalid(f"{field}.{kind}.type", f"must be one of {', '.join(_MEDIA_TYPES[kind])}")
+        check_not_a_reference(source.data, f"{field}.{kind}.data")
+        out = {"type": spelling, kind: source.data}
+        media.append(MediaRef(field=f"{field}.{kind}", kind=kind, part=out))
+    else:
+        raise invalid(field, "empty content part (set text, thinking, image or video)")
+    for key in part.null_keys:
+        if key in out:
+            raise invalid(f"{field}.null_keys", f"{key!r} is both set and null")
+        out[key] = None
+    return out
+
+
+def _decode_tool_call(call: pb.ToolCall, field: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if call.HasField("id"):
+        out["id"] = call.id
+    if call.HasField("type"):
+        out["type"] = call.type
+    if call.HasField("function"):
+        function: dict[str, Any] = {}
+        if call.function.HasField("name"):
+            function["name"] = call.function.name
+        arguments_kind = call.function.WhichOneof("arguments")
+        if arguments_kind == "arguments_json":
+            function["arguments"] = load_json(call.function.arguments_json, f"{field}.function.arguments")
+        elif arguments_kind == "arguments_text":
+            function["arguments"] = call.function.arguments_text
+        out["function"] = function
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Server side: renderers result -> response
+# ---------------------------------------------------------------------------
+
+
+def encode_sample(sample: Any, out: pb.RenderedTrainingSample) -> None:
+    """Fill `out` from a renderers.RenderedTrainingSample (or a mirror of one).
+
+    Filled in place so that a response's pixel bytes are written once, not copied
+    from a standalone message into the response.
+    """
+    out.token_ids.extend(sample.token_ids)
+    out.loss_mask.extend(sample.loss_mask)
+    if sample.multi_modal_data is not None:
+        _encode_multi_modal_data(sample.multi_modal_data, out.multi_modal_data)
+    if sample.mm_token_type_ids is not None:
+        out.mm_token_type_ids.SetInParent()
+        out.mm_token_type_ids.ids.extend(sample.mm_token_type_ids)
+
+
+def _encode_multi_modal_data(data: Any, out: pb.MultiModalData) -> None:
+    out.SetInParent()
+    for modality, hashes in data.mm_hashes.items():
+        out.mm_hashes.add(modality=modality, hashes=hashes)
+    for modality, ranges in data.mm_placeholders.items():
+        entry = out.mm_placeholders.add(modality=modality)
+        for placeholder in ranges:
+            entry.ranges.add(offset=placeholder.offset, length=placeholder.length)
+    for modality, items in data.mm_items.items():
+        entry = out.mm_items.add(modality=modality)
+        for item in items:
+            encoded = entry.items.add()
+            for name, value in item.items():
+                _encode_tensor(value, encoded.fields.add(name=name).tensor)
+
+
+def _encode_tensor(value: Any, out: pb.Tensor) -> None:
+    if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+        raise TypeError(f"mm_items values must be numeric numpy arrays, got {type(value).__name__}")
+    out.dtype = value.dtype.str
+    out.shape.extend(value.shape)
+    out.data = value.tobytes()  # C order whatever the array's layout
+
+
+# ---------------------------------------------------------------------------
+# Client side: response -> Python values
+# ---------------------------------------------------------------------------
+
+
+def decode_sample(message: pb.RenderedTrainingSample) -> RenderedTrainingSample:
+    """The RenderedTrainingSample a response carries."""
+    return RenderedTrainingSample(
+        token_ids=list(message.token_ids),
+        loss_mask=list(message.loss_mask),
+        multi_modal_data=(
+            _decode_multi_modal_data(message.multi_modal_data) if message.HasField("multi_modal_data") else None
+        ),
+        mm_token_type_ids=list(message.mm_token_type_ids.ids) if message.HasField("mm_token_type_ids") else None,
+    )
+
+
+def _decode_multi_modal_data(message: pb.MultiModalData) -> MultiModalData:
+    return MultiModalData(
+        mm_hashes={entry.modality: list(entry.hashes) for entry in message.mm_hashes},
+        mm_placeholders={
+            entry.modality: [PlaceholderRange(offset=r.offset, length=r.length) for r in entry.ranges]
+            for entry in message.mm_placeholders
+        },
+        mm_items={
+            entry.modality: [
+                {named.name: _decode_tensor(named.tensor) for named in item.fields} for item in entry.items
+            ]
+            for entry in message.mm_items
+        },
+    )
+
+
+def _decode_tensor(tensor: pb.Tensor) -> np.ndarray:
+    try:
+        dtype = np.dtype(tensor.dtype)
+        if dtype.hasobject:
+            raise TypeError("object arrays are not accepted")
+        # frombuffer shares the response's bytes: no copy, read-only.
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
+    except (TypeError, ValueError) as exc:
+        raise RenderError(f"malformed tensor in response (dtype {tensor.dtype!r}): {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# ListModels
+# ---------------------------------------------------------------------------
+
+
+def encode_models(models: ServerModels) -> pb.ListModelsResponse:
+    """The ListModels answer for a server's models."""
+    return pb.ListModelsResponse(
+        models=[
+            pb.ModelInfo(
+                id=model.id,
+                renderer=model.renderer,
+                accepts_images=model.accepts_images,
+                tokenizer_fingerprint=model.tokenizer_fingerprint,
+                roles=model.roles,
+                renderer_config_json=json.dumps(model.renderer_config, ensure_ascii=False),
+            )
+            for model in models.models
+        ],
+        renderers_version=models.renderers_version,
+        transformers_version=models.transformers_version,
+    )
+
+
+def decode_models(message: pb.ListModelsResponse) -> ServerModels:
+    """The ServerModels a ListModels answer carries."""
+    return ServerModels(
+        models=tuple(
+            ModelInfo(
+                id=model.id,
+                renderer=model.renderer,
+                accepts_images=model.accepts_images,
+                tokenizer_fingerprint=model.tokenizer_fingerprint,
+                roles=tuple(model.roles),
+                renderer_config=json.loads(model.renderer_config_json or "{}"),
+            )
+            for model in message.models
+        ),
+        renderers_version=message.renderers_version,
+        transformers_version=message.transformers_version,
+    )

@@ -1,0 +1,109 @@
+"""Errors shared by client and server: one class per gRPC status code.
+
+The server raises these to answer with a status; the client raises them when
+the server answers with one, or when it refuses a request before sending it.
+Each also subclasses the builtin exception trainer code already catches around
+`renderers.build_training_sample` (ValueError, NotImplementedError, ...), so
+switching to the service keeps existing `except` clauses working.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+# Trailing-metadata key naming the Python exception type a renderer raised.
+ERROR_TYPE_KEY = "render-error-type"
+
+
+class RenderError(Exception):
+    """An error render-service answered with (or the client caught first)."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, details: str, *, error_type: str | None = None) -> None:
+        super().__init__(details)
+        self.details = details
+        # The exception type the renderer raised, e.g. "ValueError"; None when the
+        # error did not come from the renderer.
+        self.error_type = error_type
+
+
+class InvalidArgumentError(RenderError, ValueError):
+    """The request is malformed, or the renderer rejected the conversation."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFoundError(RenderError, LookupError):
+    """The server has no model with the requested id."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class UnimplementedError(RenderError, NotImplementedError):
+    """The renderer cannot render this yet (e.g. video in renderers 0.1.12)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class ResourceExhaustedError(RenderError):
+    """The server is at a limit: too big a request or too many at once."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(RenderError, ConnectionError):
+    """The server could not be reached, or is shutting down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(RenderError, TimeoutError):
+    """The call's deadline passed before the server answered."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnauthenticatedError(RenderError, PermissionError):
+    """The call's credentials were missing or wrong."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RenderError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        ModelNotFoundError,
+        UnimplementedError,
+        ResourceExhaustedError,
+        UnavailableError,
+        DeadlineExceededError,
+        UnauthenticatedError,
+    )
+}
+
+
+def invalid(field: str, problem: str) -> InvalidArgumentError:
+    """The one-line error for a malformed request field: 'field: problem'."""
+    return InvalidArgumentError(f"{field}: {problem}")
+
+
+def error_from_status(code: grpc.StatusCode, details: str | None, trailing_metadata: object = None) -> RenderError:
+    """The RenderError for a status the server answered with."""
+    error_type = None
+    for key, value in trailing_metadata or ():
+        if key == ERROR_TYPE_KEY:
+            error_type = value
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        error = RenderError(details or code.name, error_type=error_type)
+        error.code = code
+        return error
+    return cls(details or code.name, error_type=error_type)
+
+
+def error_from_rpc(exc: grpc.RpcError) -> RenderError:
+    """The RenderError for a failed call (sync or asyncio)."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+    return error_from_status(code, exc.details(), exc.trailing_metadata())

@@ -1,0 +1,75 @@
+"""JSON text for the values renderers prints as JSON, kept exact both ways.
+
+Tool specs, tool-call arguments and chat-template kwargs cross the wire as JSON
+text (see proto/render/v1/render.proto). Python's json module already keeps
+what matters on both ends (ints stay ints, big ints exact, floats round-trip
+through repr, key order and unicode kept), so this module only refuses what it
+would otherwise change silently: non-JSON Python values on the way out
+(tuples, int dict keys, sets, ...) and duplicate keys on the way in.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import invalid
+
+
+def dump_json(value: Any, field: str) -> str:
+    """`value` as JSON text; InvalidArgumentError naming `field` if it is not plain JSON."""
+    try:
+        _check_plain_json(value, field)
+    except RecursionError:
+        raise invalid(field, "nested too deeply to send as JSON") from None
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def load_json(text: str, field: str) -> Any:
+    """The value of JSON `text`; InvalidArgumentError naming `field` if it is not valid JSON."""
+    try:
+        return json.loads(text, object_pairs_hook=_object_without_duplicates)
+    except _DuplicateKey as exc:
+        raise invalid(field, f"not valid JSON: duplicate key {exc.args[0]!r}") from None
+    except RecursionError:
+        raise invalid(field, "JSON nested too deeply") from None
+    except ValueError as exc:
+        raise invalid(field, f"not valid JSON ({exc})") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_plain_json(value: Any, field: str) -> None:
+    # Exact types: json.dumps would turn a tuple into a list and an int key into
+    # a string without a word, and the renderer in-process would have seen the
+    # original. Subclasses (IntEnum, numpy scalars...) are refused for the same reason.
+    kind = type(value)
+    if kind in _SCALARS:
+        return
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise invalid(field, f"JSON object keys must be str, got {type(key).__name__} key {key!r}")
+            _check_plain_json(item, f"{field}.{key}")
+        return
+    if kind is list:
+        for index, item in enumerate(value):
+            _check_plain_json(item, f"{field}[{index}]")
+        return
+    raise invalid(field, f"{kind.__name__} is not a JSON value (use dict, list, str, int, float, bool or None)")

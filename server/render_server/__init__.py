@@ -1,0 +1,1 @@
+"""render_server: serves renderers.build_training_sample over gRPC (see ARCHITECTURE.md)."""

@@ -1,0 +1,146 @@
+"""The model registry file: which models a server loads, and from where.
+
+A TOML file with one table per model id:
+
+    [models.qwen3]
+    renderer = "qwen3"                                  # a renderers config name
+    tokenizer = { hub = "Qwen/Qwen3-8B" }               # or { path = "..." } or { package = "..." }
+    roles = ["system", "user", "assistant", "tool"]     # optional; this is the default
+    [models.qwen3.renderer_options]                     # optional renderer config fields
+    enable_thinking = true
+
+VLMs add `image_processor = { path | hub | package = ..., options = {...} }`.
+Relative paths are relative to the file. `default_models.toml` beside this
+module is the registry the server loads when given none.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_models.toml")
+DEFAULT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class ConfigError(ValueError):
+    """The registry file is malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a tokenizer's or processor's files come from: exactly one of the three."""
+
+    path: Path | None = None  # a local directory
+    hub: str | None = None  # a Hugging Face model id, fetched at start-up (or from its cache)
+    revision: str | None = None  # with `hub`: a branch, tag or commit
+    package: str | None = None  # an installed Python package that ships the files...
+    subdir: str | None = None  # ...in this folder of it
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return f"path {self.path}"
+        if self.hub is not None:
+            return f"hub {self.hub}" + (f"@{self.revision}" if self.revision else "")
+        return f"package {self.package}" + (f"/{self.subdir}" if self.subdir else "")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model of the registry."""
+
+    id: str
+    renderer: str
+    tokenizer: Source
+    renderer_options: dict[str, Any] = field(default_factory=dict)
+    image_processor: Source | None = None
+    image_processor_options: dict[str, Any] = field(default_factory=dict)
+    roles: tuple[str, ...] = DEFAULT_ROLES
+
+
+def load_config(path: Path = DEFAULT_CONFIG_PATH) -> list[ModelConfig]:
+    """The models a registry file names, in file order."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    models = document.get("models")
+    if not isinstance(models, dict) or not models:
+        raise ConfigError(f"{path}: no [models.<id>] tables")
+    unknown = set(document) - {"models"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}")
+    return [_model(model_id, table, path.parent) for model_id, table in models.items()]
+
+
+_MODEL_KEYS = {"renderer", "tokenizer", "renderer_options", "image_processor", "roles"}
+_SOURCE_KEYS = {"path", "hub", "revision", "package", "subdir", "options"}
+
+
+def _model(model_id: str, table: Any, base: Path) -> ModelConfig:
+    where = f"models.{model_id}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = set(table) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    renderer = table.get("renderer")
+    if not isinstance(renderer, str) or not renderer:
+        raise ConfigError(f"{where}.renderer: required, a renderers config name such as 'qwen3'")
+    if renderer == "auto":
+        raise ConfigError(f"{where}.renderer: name the renderer explicitly; 'auto' guesses from the model name")
+    roles = table.get("roles", list(DEFAULT_ROLES))
+    if not isinstance(roles, list) or not roles or not all(isinstance(role, str) and role for role in roles):
+        raise ConfigError(f"{where}.roles: must be a non-empty list of role names")
+    renderer_options = table.get("renderer_options", {})
+    if not isinstance(renderer_options, dict):
+        raise ConfigError(f"{where}.renderer_options: must be a table")
+    tokenizer, _ = _source(table.get("tokenizer"), f"{where}.tokenizer", base)
+    image_processor = processor_options = None
+    if "image_processor" in table:
+        image_processor, processor_options = _source(table["image_processor"], f"{where}.image_processor", base)
+    return ModelConfig(
+        id=model_id,
+        renderer=renderer,
+        tokenizer=tokenizer,
+        renderer_options=renderer_options,
+        image_processor=image_processor,
+        image_processor_options=processor_options or {},
+        roles=tuple(roles),
+    )
+
+
+def _source(table: Any, where: str, base: Path) -> tuple[Source, dict[str, Any]]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: required, a table with one of path, hub or package")
+    unknown = set(table) - _SOURCE_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    kinds = [key for key in ("path", "hub", "package") if key in table]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where}: set exactly one of path, hub or package")
+    for key in ("path", "hub", "revision", "package", "subdir"):
+        if key in table and (not isinstance(table[key], str) or not table[key]):
+            raise ConfigError(f"{where}.{key}: must be a non-empty string")
+    if "revision" in table and "hub" not in table:
+        raise ConfigError(f"{where}.revision: only goes with hub")
+    if "subdir" in table and "package" not in table:
+        raise ConfigError(f"{where}.subdir: only goes with package")
+    options = table.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}.options: must be a table")
+    path = base / table["path"] if "path" in table else None
+    return (
+        Source(
+            path=path,
+            hub=table.get("hub"),
+            revision=table.get("revision"),
+            package=table.get("package"),
+            subdir=table.get("subdir"),
+        ),
+        options,
+    )

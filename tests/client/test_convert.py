@@ -1,0 +1,275 @@
+"""The conversion layer both ways: what a caller passes is what the renderer gets."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from render_client._pb import render_pb2 as pb
+from render_client.convert import decode_request, decode_sample, encode_request, encode_sample
+from render_client.errors import InvalidArgumentError
+from render_client.types import MultiModalData, PlaceholderRange, RenderedTrainingSample
+from tests.support import corpus
+
+
+def round_trip(messages: list[dict[str, Any]], **kwargs: Any):
+    """Encode as the client does, send through the wire format, decode as the server does."""
+    request = encode_request("qwen3", messages, **kwargs)
+    wire = request.SerializeToString()
+    return decode_request(pb.RenderTrainingSampleRequest.FromString(wire))
+
+
+def expected_after_trip(message: dict[str, Any]) -> dict[str, Any]:
+    """A corpus message as the server hands it to the renderer: media as raw bytes."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = []
+    for part in content:
+        if part["type"] == "image_url":
+            payload = part["image_url"]["url"].partition(",")[2]
+            parts.append({"type": "image_url", "image": base64.b64decode(payload)})
+        else:
+            parts.append(part)
+    return {**message, "content": parts}
+
+
+def test_every_corpus_conversation_reaches_the_server_unchanged() -> None:
+    for conversation in corpus():
+        arguments = round_trip(conversation["messages"], tools=conversation.get("tools"))
+        assert arguments.messages == [expected_after_trip(m) for m in conversation["messages"]], conversation["id"]
+        assert arguments.tools == conversation.get("tools")
+        # Key order of tool specs is part of what the renderer prints.
+        assert json.dumps(arguments.tools) == json.dumps(conversation.get("tools"))
+
+
+def test_tool_call_arguments_keep_their_form_and_json_types() -> None:
+    arguments = {"b": 1, "a": 1.0, "big": 2**70, "neg": -0.0, "text": "naïve 🚀", "nested": [True, None, {"z": 1e-300}]}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "id": "a", "function": {"name": "f", "arguments": arguments}},
+                {"type": "function", "id": "b", "function": {"name": "f", "arguments": '{"x": 1.0}'}},
+            ],
+        },
+    ]
+    decoded = round_trip(messages).messages[1]["tool_calls"]
+    got = decoded[0]["function"]["arguments"]
+    assert got == arguments
+    assert list(got) == list(arguments)
+    assert type(got["b"]) is int and type(got["a"]) is float and got["big"] == 2**70
+    assert str(got["neg"]) == "-0.0"
+    assert decoded[1]["function"]["arguments"] == '{"x": 1.0}'
+
+
+def test_chat_template_kwargs_keep_json_types() -> None:
+    kwargs = {"enable_thinking": False, "depth": 1, "ratio": 1.0}
+    decoded = round_trip([{"role": "user", "content": "x"}], chat_template_kwargs=kwargs).chat_template_kwargs
+    assert decoded == kwargs and type(decoded["depth"]) is int and type(decoded["ratio"]) is float
+
+
+def test_absent_none_and_empty_stay_apart() -> None:
+    messages = [
+        {"role": "user", "content": None},
+        {"role": "assistant", "content": [], "tool_calls": []},
+        {"role": "assistant", "content": "x", "tool_calls": None, "reasoning_content": None, "name": ""},
+        {"role": "user"},
+    ]
+    assert round_trip(messages).messages == messages
+    assert round_trip(messages).tools is None
+    assert round_trip(messages, tools=[]).tools == []
+
+
+def test_unmodelled_message_keys_and_null_part_keys_survive() -> None:
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hi", "image": None, "image_url": None}],
+            "weight": 0.5,
+            "meta": {"source": "web", "n": 3},
+        }
+    ]
+    assert round_trip(messages).messages == messages
+
+
+def test_per_message_options_become_lists() -> None:
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    arguments = round_trip(
+        messages,
+        role_to_mask=lambda m: m["role"] == "assistant",
+        message_loss_mask=[1, 0],
+        content_sft_roles={"tool"},
+        ensure_final_stop=True,
+    )
+    assert arguments.trainable == [False, True]
+    assert arguments.message_loss_mask == [True, False]
+    assert arguments.content_sft_roles == frozenset({"tool"})
+    assert arguments.ensure_final_stop is True
+    plain = round_trip(messages)
+    assert plain.trainable is None and plain.message_loss_mask is None and plain.content_sft_roles is None
+
+
+@pytest.mark.parametrize(
+    ("messages", "kwargs", "field"),
+    [
+        ([{"content": "no role"}], {}, "messages[0].role: missing"),
+        ([{"role": 3, "content": "x"}], {}, "messages[0].role: expected a str"),
+        ([{"role": "user", "content": 5}], {}, "messages[0].content: expected a str, a list of parts or None"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], {}, "messages[0].content[0].type: unsupported"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}],
+            {},
+            "messages[0].content[0].image_url: URLs and file paths are not sent",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image", "image": "/etc/passwd"}]}],
+            {},
+            "messages[0].content[0].image: URLs and file paths are not sent",
+        ),
+        (
+            [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": (1, 2)}}]}],
+            {},
+            "messages[0].tool_calls[0].function.arguments: tuple is not a JSON value",
+        ),
+        (
+            [{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {1: "x"}}}]}],
+            {},
+            "messages[0].tool_calls[0].function.arguments: JSON object keys must be str",
+        ),
+        ([{"role": "user", "content": "\ud800"}], {}, "messages[0].content: not encodable as UTF-8"),
+        ([{"role": "user", "content": "x"}], {"role_to_mask": lambda m: 1}, "messages[0]: role_to_mask returned int"),
+        (
+            [{"role": "user", "content": "x"}],
+            {"message_loss_mask": [1, 1]},
+            "message_loss_mask: message_loss_mask must have one entry per message",
+        ),
+        ([{"role": "user", "content": "x"}], {"tools": {"name": "f"}}, "tools: expected a list"),
+    ],
+)
+def test_the_client_refuses_what_it_cannot_send_unchanged(
+    messages: list[Any], kwargs: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        encode_request("qwen3", messages, **kwargs)
+    assert str(caught.value).startswith(field)
+    assert isinstance(caught.value, ValueError)
+
+
+def _request_with(mutate: Any) -> pb.RenderTrainingSampleRequest:
+    request = encode_request(
+        "qwen3",
+        [
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}]},
+        ],
+    )
+    mutate(request)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: setattr(r, "model", ""), "model: missing"),
+        (
+            lambda r: setattr(r.messages[1].tool_calls.calls[0].function, "arguments_json", "{nope"),
+            "messages[1].tool_calls[0].function.arguments: not valid JSON",
+        ),
+        (
+            lambda r: setattr(r.messages[1].tool_calls.calls[0].function, "arguments_json", '{"a": 1, "a": 2}'),
+            "messages[1].tool_calls[0].function.arguments: not valid JSON: duplicate key 'a'",
+        ),
+        (lambda r: setattr(r, "tools_json", '{"name": "f"}'), "tools_json: must be a JSON array"),
+        (lambda r: setattr(r, "chat_template_kwargs_json", "[1]"), "chat_template_kwargs_json: must be a JSON object"),
+        (lambda r: setattr(r.messages[0], "role", ""), "messages[0].role: missing"),
+        (lambda r: r.messages[0].null_keys.append("role"), "messages[0].null_keys: 'role' is not one of"),
+        (
+            lambda r: r.messages[1].null_keys.append("tool_calls"),
+            "messages[1].null_keys: 'tool_calls' is both set and null",
+        ),
+        (
+            lambda r: setattr(r.messages[0], "extra_json", '{"role": "x"}'),
+            "messages[0].extra_json: key 'role' has a field",
+        ),
+        (lambda r: setattr(r.messages[0], "trainable", True), "messages[1].trainable: unset here but set on other"),
+        (lambda r: r.messages[0].parts.parts.add(), "messages[0].content[1]: empty content part"),
+        (
+            lambda r: setattr(r.messages[0].parts.parts.add().image, "data", b"https://example.com/cat.png"),
+            "messages[0].content[1].image.data: looks like a URL or file path",
+        ),
+        (
+            lambda r: setattr(r.messages[0].parts.parts.add().image, "data", b"file:///etc/passwd"),
+            "messages[0].content[1].image.data: looks like a URL or file path",
+        ),
+        (
+            lambda r: setattr(r.messages[0].parts.parts.add().image, "data", b"/etc/passwd"),
+            "messages[0].content[1].image.data: looks like a URL or file path",
+        ),
+        (
+            lambda r: r.messages[0].parts.parts.add().image.MergeFrom(pb.MediaPart(data=b"\x89PNG", type="video")),
+            "messages[0].content[1].image.type: must be one of image, image_url",
+        ),
+    ],
+)
+def test_the_server_refuses_malformed_requests_naming_the_field(mutate: Any, field: str) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        decode_request(_request_with(mutate))
+    assert str(caught.value).startswith(field)
+    assert "\n" not in str(caught.value)
+
+
+def test_samples_cross_the_wire_exactly() -> None:
+    pixels = np.arange(24, dtype=np.float32).reshape(4, 6)
+    grid = np.array([[1, 2, 2]], dtype=np.int64)
+    sample = RenderedTrainingSample(
+        token_ids=[1, 2, 151655, 151655, 2**31],
+        loss_mask=[False, True, False, False, True],
+        multi_modal_data=MultiModalData(
+            mm_hashes={"image": ["abc"]},
+            mm_placeholders={"image": [PlaceholderRange(offset=2, length=2)]},
+            mm_items={"image": [{"pixel_values": pixels, "image_grid_thw": grid}]},
+        ),
+        mm_token_type_ids=[0, 0, 1, 1, 0],
+    )
+    response = pb.RenderTrainingSampleResponse()
+    encode_sample(sample, response.sample)
+    decoded = decode_sample(pb.RenderTrainingSampleResponse.FromString(response.SerializeToString()).sample)
+    assert decoded.token_ids == sample.token_ids and decoded.loss_mask == sample.loss_mask
+    assert decoded.mm_token_type_ids == sample.mm_token_type_ids
+    assert decoded.multi_modal_data.mm_hashes == {"image": ["abc"]}
+    assert decoded.multi_modal_data.mm_placeholders == {"image": [PlaceholderRange(2, 2)]}
+    item = decoded.multi_modal_data.mm_items["image"][0]
+    assert list(item) == ["pixel_values", "image_grid_thw"]
+    for name, array in (("pixel_values", pixels), ("image_grid_thw", grid)):
+        assert item[name].dtype == array.dtype and item[name].shape == array.shape
+        assert item[name].tobytes() == array.tobytes()
+    assert not item["pixel_values"].flags.writeable  # a view on the response bytes, not a copy
+
+
+def test_absent_media_fields_stay_none_and_empty_ones_stay_empty() -> None:
+    for sample in (
+        RenderedTrainingSample(token_ids=[1], loss_mask=[True]),
+        RenderedTrainingSample(token_ids=[], loss_mask=[], multi_modal_data=MultiModalData(), mm_token_type_ids=[]),
+    ):
+        response = pb.RenderTrainingSampleResponse()
+        encode_sample(sample, response.sample)
+        decoded = decode_sample(pb.RenderTrainingSampleResponse.FromString(response.SerializeToString()).sample)
+        assert decoded == sample
+
+
+def test_non_contiguous_arrays_are_sent_in_c_order() -> None:
+    array = np.arange(12, dtype=np.int16).reshape(3, 4).T
+    sample = RenderedTrainingSample(
+        token_ids=[1], loss_mask=[True], multi_modal_data=MultiModalData(mm_items={"image": [{"x": array}]})
+    )
+    response = pb.RenderTrainingSampleResponse()
+    encode_sample(sample, response.sample)
+    decoded = decode_sample(response.sample).multi_modal_data.mm_items["image"][0]["x"]
+    assert np.array_equal(decoded, array) and decoded.dtype == np.int16

