@@ -10,13 +10,14 @@ from tests.support import ServerProcess, running_server
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
-    """One render-server on the default registry, shared by the whole session."""
-    with running_server() as process:
+    """One two-worker render-server on the default registry, shared by the whole session."""
+    with running_server("--workers", "2") as process:
         yield process
     assert process.process.returncode == 0, process.log()
 
 
 @pytest.fixture(scope="session")
 def client(server: ServerProcess) -> Iterator[RenderClient]:
-    with RenderClient(server.target, timeout=120) as render_client:
+    """A client with a connection per server worker."""
+    with RenderClient(server.target, timeout=120, connections=2) as render_client:
         yield render_client

@@ -66,6 +66,11 @@ class ServerProcess:
     def log(self) -> str:
         return "".join(self.output)
 
+    def workers(self) -> list[int]:
+        """The pids of the worker processes the supervisor runs now."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        return [int(pid) for pid in children.split()]
+
 
 @contextmanager
 def running_server(*args: str, timeout: float = 180.0, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:

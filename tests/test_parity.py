@@ -10,7 +10,7 @@ fail with the same exception type and message.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ import renderers
 
 from render_client import RenderClient, RenderError, build_training_sample
 from tests.reference import expected_error_details, reference_renderer, sample_differences
-from tests.support import DEFAULT_MODELS, corpus
+from tests.support import DEFAULT_MODELS, corpus, running_server
 
 
 @dataclass(frozen=True)
@@ -120,10 +120,20 @@ def render_both(client: RenderClient, model: str, options: Options) -> Tally:
     return tally
 
 
+@pytest.fixture(scope="module", params=["2 workers", "1 worker"])
+def served_by(request: pytest.FixtureRequest, client: RenderClient) -> Iterator[RenderClient]:
+    """A client of the session's two-worker server, then of a one-worker server."""
+    if request.param == "2 workers":
+        yield client
+        return
+    with running_server("--workers", "1") as server, RenderClient(server.target, timeout=120) as single:
+        yield single
+
+
 @pytest.mark.parametrize("options", OPTIONS, ids=[options.name for options in OPTIONS])
 @pytest.mark.parametrize("model", DEFAULT_MODELS)
-def test_service_sample_equals_in_process_sample(client: RenderClient, model: str, options: Options) -> None:
-    tally = render_both(client, model, options)
+def test_service_sample_equals_in_process_sample(served_by: RenderClient, model: str, options: Options) -> None:
+    tally = render_both(served_by, model, options)
     assert not tally.mismatches, f"{len(tally.mismatches)} differences:\n" + "\n".join(tally.mismatches[:20])
     assert tally.samples + tally.rejected == len(corpus())
 

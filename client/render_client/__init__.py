@@ -5,7 +5,7 @@
 Needs only grpcio, protobuf and numpy (and pillow only to pass PIL images).
 """
 
-from .client import RemoteRenderer, RenderClient, build_training_sample
+from .client import RenderClient, build_training_sample
 from .errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -17,7 +17,15 @@ from .errors import (
     UnimplementedError,
 )
 from .fingerprint import tokenizer_fingerprint
-from .types import ModelInfo, MultiModalData, PlaceholderRange, RenderedTrainingSample, ServerModels
+from .types import (
+    ModelInfo,
+    MultiModalData,
+    PlaceholderRange,
+    RemoteRenderer,
+    RenderedTrainingSample,
+    SampleRequest,
+    ServerModels,
+)
 
 __all__ = [
     "DeadlineExceededError",
@@ -31,6 +39,7 @@ __all__ = [
     "RenderError",
     "RenderedTrainingSample",
     "ResourceExhaustedError",
+    "SampleRequest",
     "ServerModels",
     "UnauthenticatedError",
     "UnavailableError",

@@ -4,22 +4,25 @@ from render_client.aio import AsyncRenderClient, build_training_sample
 
 async with AsyncRenderClient("render-service:50051") as client:
     sample = await build_training_sample(client.renderer("qwen3"), messages)
+    async for sample in client.render_many(requests, concurrency=32):
+        ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import itertools
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from ._pb import render_pb2 as pb
 from ._pb.render_pb2_grpc import RenderServiceStub
-from .channel import ChannelOptions, open_aio_channel
-from .convert import decode_models, decode_sample, encode_request
-from .errors import error_from_rpc
-from .types import RenderedTrainingSample, ServerModels
+from .channel import ChannelOptions, open_aio_channels
+from .convert import decode_models, decode_sample, encode_sample_request
+from .errors import RenderError, error_from_rpc
+from .streaming import render_many_async
+from .types import RemoteRenderer, RenderedTrainingSample, SampleRequest, ServerModels
 
 Message = Mapping[str, Any]
 
@@ -32,58 +35,56 @@ class AsyncRenderClient:
         target: str,
         *,
         timeout: float | None = None,
+        connections: int = 1,
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
     ) -> None:
-        """`target` is a gRPC target ("host:port"); `timeout` the default deadline per call, in seconds."""
-        self._channel = open_aio_channel(target, credentials=credentials, options=options)
-        self._stub = RenderServiceStub(self._channel)
+        """As RenderClient: `timeout` per unary call, `connections` HTTP/2 connections."""
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections}")
+        self._channels = open_aio_channels(target, connections, credentials=credentials, options=options)
+        self._stubs = [RenderServiceStub(channel) for channel in self._channels]
+        self._next_stub = itertools.cycle(self._stubs).__next__
         self._timeout = timeout
 
-    def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> AsyncRemoteRenderer:
+    def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
         """A handle on a server model, to pass to `build_training_sample`."""
-        return AsyncRemoteRenderer(self, model, dict(chat_template_kwargs) if chat_template_kwargs else None)
+        return RemoteRenderer(self, model, dict(chat_template_kwargs) if chat_template_kwargs else None)
 
-    async def render_training_sample(
-        self,
-        model: str,
-        messages: Sequence[Message],
-        *,
-        role_to_mask: Callable[[Message], bool] | None = None,
-        tools: Sequence[Any] | None = None,
-        content_sft_roles: Iterable[str] | None = None,
-        ensure_final_stop: bool = False,
-        message_loss_mask: Sequence[bool | int] | None = None,
-        chat_template_kwargs: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> RenderedTrainingSample:
-        """`renderers.build_training_sample` on the server's `model`."""
-        request = encode_request(
-            model,
-            messages,
-            role_to_mask=role_to_mask,
-            tools=tools,
-            content_sft_roles=content_sft_roles,
-            ensure_final_stop=ensure_final_stop,
-            message_loss_mask=message_loss_mask,
-            chat_template_kwargs=chat_template_kwargs,
-        )
+    async def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
+        """One build_training_sample call on the server (RenderTrainingSample)."""
         try:
-            response = await self._stub.RenderTrainingSample(request, timeout=timeout or self._timeout)
+            response = await self._next_stub().RenderTrainingSample(
+                encode_sample_request(request), timeout=timeout or self._timeout
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return decode_sample(response.sample)
 
+    def render_many(
+        self,
+        requests: Iterable[SampleRequest] | AsyncIterable[SampleRequest],
+        *,
+        concurrency: int = 16,
+        return_exceptions: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[RenderedTrainingSample | RenderError]:
+        """As RenderClient.render_many, as an async iterator."""
+        return render_many_async(
+            self._stubs, requests, concurrency=concurrency, timeout=timeout, return_exceptions=return_exceptions
+        )
+
     async def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
         try:
-            response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self._timeout)
+            response = await self._next_stub().ListModels(pb.ListModelsRequest(), timeout=timeout or self._timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return decode_models(response)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncRenderClient:
         return self
@@ -92,17 +93,8 @@ class AsyncRenderClient:
         await self.close()
 
 
-@dataclass(frozen=True)
-class AsyncRemoteRenderer:
-    """A server model standing in for a local `renderers.Renderer`, for asyncio code."""
-
-    client: AsyncRenderClient
-    model: str
-    chat_template_kwargs: dict[str, Any] | None = None
-
-
 async def build_training_sample(
-    renderer: AsyncRemoteRenderer,
+    renderer: RemoteRenderer,
     messages: Sequence[Message],
     *,
     role_to_mask: Callable[[Message], bool] | None = None,
@@ -112,13 +104,12 @@ async def build_training_sample(
     message_loss_mask: Sequence[bool | int] | None = None,
 ) -> RenderedTrainingSample:
     """`renderers.build_training_sample`, awaited, rendered by the server behind `renderer`."""
-    return await renderer.client.render_training_sample(
-        renderer.model,
+    request = renderer.request(
         messages,
         role_to_mask=role_to_mask,
         tools=tools,
         content_sft_roles=content_sft_roles,
         ensure_final_stop=ensure_final_stop,
         message_loss_mask=message_loss_mask,
-        chat_template_kwargs=renderer.chat_template_kwargs,
     )
+    return await renderer.client.render(request)

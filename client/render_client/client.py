@@ -5,22 +5,28 @@ from render_client import RenderClient, build_training_sample
 client = RenderClient("render-service:50051")
 renderer = client.renderer("qwen3")          # instead of renderers.create_renderer(...)
 sample = build_training_sample(renderer, messages, role_to_mask=lambda m: m["role"] == "assistant")
+
+# A whole dataset, in order, with a bounded number in flight:
+requests = (renderer.request(row["messages"], tools=row.get("tools")) for row in dataset)
+for sample in client.render_many(requests, concurrency=32):
+    ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from ._pb import render_pb2 as pb
 from ._pb.render_pb2_grpc import RenderServiceStub
-from .channel import ChannelOptions, open_channel
-from .convert import decode_models, decode_sample, encode_request
-from .errors import error_from_rpc
-from .types import RenderedTrainingSample, ServerModels
+from .channel import ChannelOptions, open_channels
+from .convert import decode_models, decode_sample, encode_sample_request
+from .errors import RenderError, error_from_rpc
+from .streaming import render_many
+from .types import RemoteRenderer, RenderedTrainingSample, SampleRequest, ServerModels
 
 Message = Mapping[str, Any]
 
@@ -33,12 +39,22 @@ class RenderClient:
         target: str,
         *,
         timeout: float | None = None,
+        connections: int = 1,
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
     ) -> None:
-        """`target` is a gRPC target ("host:port"); `timeout` the default deadline per call, in seconds."""
-        self._channel = open_channel(target, credentials=credentials, options=options)
-        self._stub = RenderServiceStub(self._channel)
+        """Connect to `target`, a gRPC target ("host:port", "dns:///name:port").
+
+        `timeout` is the default deadline of a unary call, in seconds.
+        `connections` opens that many HTTP/2 connections and spreads calls over
+        them: a server's worker processes each take whole connections, so a
+        client that alone should keep a server busy wants one per server core.
+        """
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections}")
+        self._channels = open_channels(target, connections, credentials=credentials, options=options)
+        self._stubs = [RenderServiceStub(channel) for channel in self._channels]
+        self._next_stub = itertools.cycle(self._stubs).__next__
         self._timeout = timeout
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
@@ -48,61 +64,52 @@ class RenderClient:
         """
         return RemoteRenderer(self, model, dict(chat_template_kwargs) if chat_template_kwargs else None)
 
-    def render_training_sample(
-        self,
-        model: str,
-        messages: Sequence[Message],
-        *,
-        role_to_mask: Callable[[Message], bool] | None = None,
-        tools: Sequence[Any] | None = None,
-        content_sft_roles: Iterable[str] | None = None,
-        ensure_final_stop: bool = False,
-        message_loss_mask: Sequence[bool | int] | None = None,
-        chat_template_kwargs: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> RenderedTrainingSample:
-        """`renderers.build_training_sample` on the server's `model`."""
-        request = encode_request(
-            model,
-            messages,
-            role_to_mask=role_to_mask,
-            tools=tools,
-            content_sft_roles=content_sft_roles,
-            ensure_final_stop=ensure_final_stop,
-            message_loss_mask=message_loss_mask,
-            chat_template_kwargs=chat_template_kwargs,
-        )
+    def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
+        """One build_training_sample call on the server (RenderTrainingSample)."""
         try:
-            response = self._stub.RenderTrainingSample(request, timeout=timeout or self._timeout)
+            response = self._next_stub().RenderTrainingSample(
+                encode_sample_request(request), timeout=timeout or self._timeout
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return decode_sample(response.sample)
 
+    def render_many(
+        self,
+        requests: Iterable[SampleRequest],
+        *,
+        concurrency: int = 16,
+        return_exceptions: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[RenderedTrainingSample | RenderError]:
+        """Render every request, yielding results in input order, at most `concurrency` in flight.
+
+        Requests go over RenderTrainingSamples streams, one per connection. A
+        request that fails raises its RenderError when its turn comes (ending
+        the iteration), or with `return_exceptions` is yielded in its place.
+        `timeout` bounds the whole iteration; by default it has none.
+        """
+        return render_many(
+            self._stubs, requests, concurrency=concurrency, timeout=timeout, return_exceptions=return_exceptions
+        )
+
     def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
         try:
-            response = self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self._timeout)
+            response = self._next_stub().ListModels(pb.ListModelsRequest(), timeout=timeout or self._timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return decode_models(response)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> RenderClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-@dataclass(frozen=True)
-class RemoteRenderer:
-    """A server model standing in for a local `renderers.Renderer`."""
-
-    client: RenderClient
-    model: str
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
 def build_training_sample(
@@ -120,13 +127,12 @@ def build_training_sample(
     Same signature and same result as the in-process call; `role_to_mask` may
     be any callable (the client evaluates it on each message and sends the answers).
     """
-    return renderer.client.render_training_sample(
-        renderer.model,
+    request = renderer.request(
         messages,
         role_to_mask=role_to_mask,
         tools=tools,
         content_sft_roles=content_sft_roles,
         ensure_final_stop=ensure_final_stop,
         message_loss_mask=message_loss_mask,
-        chat_template_kwargs=renderer.chat_template_kwargs,
     )
+    return renderer.client.render(request)

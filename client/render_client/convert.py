@@ -18,13 +18,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import numpy as np
 
 from ._pb import render_pb2 as pb
-from .errors import RenderError, invalid
+from .errors import RenderError, error_from_status, invalid
 from .jsonvalue import dump_json, load_json
 from .media import check_not_a_reference, media_bytes
-from .types import ModelInfo, MultiModalData, PlaceholderRange, RenderedTrainingSample, ServerModels
+from .types import (
+    ModelInfo,
+    MultiModalData,
+    PlaceholderRange,
+    RenderedTrainingSample,
+    SampleRequest,
+    ServerModels,
+)
 
 # Message keys with a field of their own in pb.Message besides role and content.
 _MESSAGE_TEXT_KEYS = ("tool_call_id", "name", "reasoning_content", "reasoning")
@@ -114,6 +122,20 @@ def encode_request(
             raise invalid("chat_template_kwargs", f"expected a mapping, got {type(chat_template_kwargs).__name__}")
         request.chat_template_kwargs_json = dump_json(dict(chat_template_kwargs), "chat_template_kwargs")
     return request
+
+
+def encode_sample_request(request: SampleRequest) -> pb.RenderTrainingSampleRequest:
+    """The request for a SampleRequest."""
+    return encode_request(
+        request.model,
+        request.messages,
+        role_to_mask=request.role_to_mask,
+        tools=request.tools,
+        content_sft_roles=request.content_sft_roles,
+        ensure_final_stop=request.ensure_final_stop,
+        message_loss_mask=request.message_loss_mask,
+        chat_template_kwargs=request.chat_template_kwargs,
+    )
 
 
 def _encode_message(message: Any, field: str, out: pb.Message) -> None:
@@ -419,6 +441,19 @@ def decode_sample(message: pb.RenderedTrainingSample) -> RenderedTrainingSample:
         ),
         mm_token_type_ids=list(message.mm_token_type_ids.ids) if message.HasField("mm_token_type_ids") else None,
     )
+
+
+def decode_result(message: pb.RenderTrainingSampleResult) -> RenderedTrainingSample | RenderError:
+    """The sample, or the error, one RenderTrainingSamples result carries."""
+    if message.HasField("sample"):
+        return decode_sample(message.sample)
+    error = message.error
+    return error_from_status(
+        _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error.error_type or None
+    )
+
+
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _decode_multi_modal_data(message: pb.MultiModalData) -> MultiModalData:

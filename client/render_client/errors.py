@@ -89,12 +89,8 @@ def invalid(field: str, problem: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"{field}: {problem}")
 
 
-def error_from_status(code: grpc.StatusCode, details: str | None, trailing_metadata: object = None) -> RenderError:
+def error_from_status(code: grpc.StatusCode, details: str | None, error_type: str | None = None) -> RenderError:
     """The RenderError for a status the server answered with."""
-    error_type = None
-    for key, value in trailing_metadata or ():
-        if key == ERROR_TYPE_KEY:
-            error_type = value
     cls = _BY_CODE.get(code)
     if cls is None:
         error = RenderError(details or code.name, error_type=error_type)
@@ -106,4 +102,8 @@ def error_from_status(code: grpc.StatusCode, details: str | None, trailing_metad
 def error_from_rpc(exc: grpc.RpcError) -> RenderError:
     """The RenderError for a failed call (sync or asyncio)."""
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
-    return error_from_status(code, exc.details(), exc.trailing_metadata())
+    error_type = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_TYPE_KEY:
+            error_type = value
+    return error_from_status(code, exc.details(), error_type)

@@ -1,4 +1,4 @@
-"""The results a client hands back: mirrors of the renderers dataclasses.
+"""The client's value types: requests for render_many, and results mirroring renderers'.
 
 They hold the same values, in the same Python types, as the dataclasses
 `renderers.build_training_sample` returns in-process, so trainer code reads them
@@ -8,10 +8,15 @@ without a copy, so they are read-only: call `.copy()` to write to one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .aio import AsyncRenderClient
+    from .client import RenderClient
 
 
 @dataclass
@@ -74,3 +79,55 @@ class ServerModels:
             if model.id == model_id:
                 return model
         raise KeyError(model_id)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """The arguments of one build_training_sample call, for `render_many`.
+
+    Make one with `RemoteRenderer.request(messages, ...)`.
+    """
+
+    model: str
+    messages: Sequence[Mapping[str, Any]]
+    role_to_mask: Callable[[Mapping[str, Any]], bool] | None = None
+    tools: Sequence[Any] | None = None
+    content_sft_roles: Iterable[str] | None = None
+    ensure_final_stop: bool = False
+    message_loss_mask: Sequence[bool | int] | None = None
+    chat_template_kwargs: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RemoteRenderer:
+    """A server model standing in for a local `renderers.Renderer`.
+
+    From `RenderClient.renderer(...)` or `AsyncRenderClient.renderer(...)`; pass
+    it to `build_training_sample` (render_client or render_client.aio to match).
+    """
+
+    client: RenderClient | AsyncRenderClient
+    model: str
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def request(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        role_to_mask: Callable[[Mapping[str, Any]], bool] | None = None,
+        tools: Sequence[Any] | None = None,
+        content_sft_roles: Iterable[str] | None = None,
+        ensure_final_stop: bool = False,
+        message_loss_mask: Sequence[bool | int] | None = None,
+    ) -> SampleRequest:
+        """A build_training_sample call on this model, e.g. for `render_many`."""
+        return SampleRequest(
+            self.model,
+            messages,
+            role_to_mask=role_to_mask,
+            tools=tools,
+            content_sft_roles=content_sft_roles,
+            ensure_final_stop=ensure_final_stop,
+            message_loss_mask=message_loss_mask,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )

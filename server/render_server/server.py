@@ -22,8 +22,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RenderService"].full_name
 class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 50051
-    threads: int = 8  # handler threads; renders themselves take turns (rendering.py)
+    threads: int = 32  # handler threads; a stream holds one. Renders take turns (rendering.py)
     max_request_bytes: int = 64 * 1024 * 1024
+    reuse_port: bool = False  # let worker processes share the port (workers.py)
 
 
 @dataclass
@@ -45,8 +46,8 @@ def start_server(registry: ModelRegistry, options: ServerOptions) -> RunningServ
         options=[
             ("grpc.max_receive_message_length", options.max_request_bytes),
             ("grpc.max_send_message_length", -1),
-            # One process per port unless workers share it on purpose.
-            ("grpc.so_reuseport", 0),
+            # Only workers share a port, on purpose; otherwise a clash is an error.
+            ("grpc.so_reuseport", int(options.reuse_port)),
         ],
     )
     pb_grpc.add_RenderServiceServicer_to_server(RenderService(registry), server)

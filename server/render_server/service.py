@@ -7,6 +7,7 @@ anything unexpected is logged here and answered INTERNAL without a traceback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import NoReturn
 
 import grpc
@@ -29,20 +30,43 @@ class RenderService(pb_grpc.RenderServiceServicer):
     def RenderTrainingSample(
         self, request: pb.RenderTrainingSampleRequest, context: grpc.ServicerContext
     ) -> pb.RenderTrainingSampleResponse:
+        response = pb.RenderTrainingSampleResponse()
         try:
-            arguments = decode_request(request)
-            sample = render_sample(self._registry.get(arguments.model), arguments)
-            response = pb.RenderTrainingSampleResponse()
-            encode_sample(sample, response.sample)
-            return response
-        except RenderError as exc:
-            abort(context, exc)
-        except Exception:
-            log.exception("RenderTrainingSample failed")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+            self._render_into(request, response.sample)
+        except Exception as exc:
+            abort(context, as_render_error(exc))
+        return response
+
+    def RenderTrainingSamples(
+        self, requests: Iterator[pb.RenderTrainingSampleRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.RenderTrainingSampleResult]:
+        for index, request in enumerate(requests):
+            result = pb.RenderTrainingSampleResult(index=index)
+            try:
+                self._render_into(request, result.sample)
+            except Exception as exc:
+                error = as_render_error(exc)
+                # Setting the error clears whatever part of the sample was filled.
+                result.error.code = error.code.value[0]
+                result.error.message = error.details
+                result.error.error_type = error.error_type or ""
+            yield result
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         return encode_models(self._registry.describe())
+
+    def _render_into(self, request: pb.RenderTrainingSampleRequest, out: pb.RenderedTrainingSample) -> None:
+        arguments = decode_request(request)
+        sample = render_sample(self._registry.get(arguments.model), arguments)
+        encode_sample(sample, out)
+
+
+def as_render_error(exc: Exception) -> RenderError:
+    """The status to answer `exc` with; unexpected exceptions are logged and INTERNAL."""
+    if isinstance(exc, RenderError):
+        return exc
+    log.exception("unexpected error rendering a request")
+    return RenderError("internal error; the server log has the details")
 
 
 def abort(context: grpc.ServicerContext, error: RenderError) -> NoReturn:

@@ -18,6 +18,7 @@ from render_client import (
     InvalidArgumentError,
     ModelNotFoundError,
     RenderClient,
+    SampleRequest,
     UnimplementedError,
     aio,
     build_training_sample,
@@ -69,7 +70,7 @@ def test_images_as_bytes_data_uris_and_pil_images_render_alike(client: RenderCli
 
 def test_errors_are_the_exceptions_trainer_code_catches(client: RenderClient) -> None:
     with pytest.raises(ModelNotFoundError):
-        client.render_training_sample("nope", [{"role": "user", "content": "hi"}])
+        client.render(SampleRequest("nope", [{"role": "user", "content": "hi"}]))
     with pytest.raises(ValueError, match="role_to_mask is required") as caught:
         build_training_sample(client.renderer("qwen3-template"), [{"role": "user", "content": "hi"}])
     assert isinstance(caught.value, InvalidArgumentError) and caught.value.error_type == "ValueError"
@@ -97,7 +98,7 @@ def test_the_asyncio_client_renders_what_the_blocking_one_does(server: ServerPro
             remote = async_client.renderer("qwen3", chat_template_kwargs={"enable_thinking": False})
             assert (await async_client.list_models()).get("qwen3").id == "qwen3"
             with pytest.raises(ModelNotFoundError):
-                await async_client.render_training_sample("nope", [{"role": "user", "content": "x"}])
+                await async_client.render(SampleRequest("nope", [{"role": "user", "content": "x"}]))
             return await asyncio.gather(
                 *(aio.build_training_sample(remote, c["messages"], tools=c.get("tools")) for c in conversations)
             )

@@ -6,7 +6,6 @@ import grpc
 import pytest
 
 from render_client.errors import (
-    ERROR_TYPE_KEY,
     InvalidArgumentError,
     ModelNotFoundError,
     RenderError,
@@ -26,7 +25,7 @@ from render_client.errors import (
     ],
 )
 def test_each_status_has_its_exception(code: grpc.StatusCode, cls: type, builtin: type) -> None:
-    error = error_from_status(code, "details", ((ERROR_TYPE_KEY, "ValueError"),))
+    error = error_from_status(code, "details", "ValueError")
     assert type(error) is cls and isinstance(error, builtin)
     assert error.code == code and error.details == "details" and str(error) == "details"
     assert error.error_type == "ValueError"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16render/v1/render.proto\x12\trender.v1\"\xf6\x01\n\x1bRenderTrainingSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.render.v1.Message\x12\x17\n\ntools_json\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x19\n\x11\x63ontent_sft_roles\x18\x04 \x03(\t\x12\x19\n\x11\x65nsure_final_stop\x18\x05 \x01(\x08\x12&\n\x19\x63hat_template_kwargs_json\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0b_tools_jsonB\x1c\n\x1a_chat_template_kwargs_json\"\xc1\x03\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\x05parts\x18\x03 \x01(\x0b\x32\x17.render.v1.ContentPartsH\x00\x12(\n\ntool_calls\x18\x04 \x01(\x0b\x32\x14.render.v1.ToolCalls\x12\x19\n\x0ctool_call_id\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x11\n\x04name\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x1e\n\x11reasoning_content\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x16\n\treasoning\x18\x08 \x01(\tH\x04\x88\x01\x01\x12\x11\n\tnull_keys\x18\t \x03(\t\x12\x17\n\nextra_json\x18\n \x01(\tH\x05\x88\x01\x01\x12\x16\n\ttrainable\x18\x0b \x01(\x08H\x06\x88\x01\x01\x12\x1e\n\x11message_loss_mask\x18\x0c \x01(\x08H\x07\x88\x01\x01\x42\t\n\x07\x63ontentB\x0f\n\r_tool_call_idB\x07\n\x05_nameB\x14\n\x12_reasoning_contentB\x0c\n\n_reasoningB\r\n\x0b_extra_jsonB\x0c\n\n_trainableB\x14\n\x12_message_loss_mask\"5\n\x0c\x43ontentParts\x12%\n\x05parts\x18\x01 \x03(\x0b\x32\x16.render.v1.ContentPart\"\x9a\x01\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x12\n\x08thinking\x18\x02 \x01(\tH\x00\x12%\n\x05image\x18\x03 \x01(\x0b\x32\x14.render.v1.MediaPartH\x00\x12%\n\x05video\x18\x04 \x01(\x0b\x32\x14.render.v1.MediaPartH\x00\x12\x11\n\tnull_keys\x18\x05 \x03(\tB\x06\n\x04part\"\'\n\tMediaPart\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04type\x18\x02 \x01(\t\"/\n\tToolCalls\x12\"\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x13.render.v1.ToolCall\"m\n\x08ToolCall\x12\x0f\n\x02id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04type\x18\x02 \x01(\tH\x01\x88\x01\x01\x12-\n\x08\x66unction\x18\x03 \x01(\x0b\x32\x1b.render.v1.ToolCallFunctionB\x05\n\x03_idB\x07\n\x05_type\"o\n\x10ToolCallFunction\x12\x11\n\x04name\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x0e\x61rguments_json\x18\x02 \x01(\tH\x00\x12\x18\n\x0e\x61rguments_text\x18\x03 \x01(\tH\x00\x42\x0b\n\targumentsB\x07\n\x05_name\"Q\n\x1cRenderTrainingSampleResponse\x12\x31\n\x06sample\x18\x01 \x01(\x0b\x32!.render.v1.RenderedTrainingSample\"\xa7\x01\n\x16RenderedTrainingSample\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x11\n\tloss_mask\x18\x02 \x03(\x08\x12\x33\n\x10multi_modal_data\x18\x03 \x01(\x0b\x32\x19.render.v1.MultiModalData\x12\x32\n\x11mm_token_type_ids\x18\x04 \x01(\x0b\x32\x17.render.v1.TokenTypeIds\"\x1b\n\x0cTokenTypeIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa4\x01\n\x0eMultiModalData\x12,\n\tmm_hashes\x18\x01 \x03(\x0b\x32\x19.render.v1.ModalityHashes\x12\x38\n\x0fmm_placeholders\x18\x02 \x03(\x0b\x32\x1f.render.v1.ModalityPlaceholders\x12*\n\x08mm_items\x18\x03 \x03(\x0b\x32\x18.render.v1.ModalityItems\"2\n\x0eModalityHashes\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\t\"U\n\x14ModalityPlaceholders\x12\x10\n\x08modality\x18\x01 \x01(\t\x12+\n\x06ranges\x18\x02 \x03(\x0b\x32\x1b.render.v1.PlaceholderRange\"2\n\x10PlaceholderRange\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06length\x18\x02 \x01(\x03\"K\n\rModalityItems\x12\x10\n\x08modality\x18\x01 \x01(\t\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.render.v1.MultiModalItem\"8\n\x0eMultiModalItem\x12&\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x16.render.v1.NamedTensor\">\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06tensor\x18\x02 \x01(\x0b\x32\x11.render.v1.Tensor\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"s\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.render.v1.ModelInfo\x12\x19\n\x11renderers_version\x18\x02 \x01(\t\x12\x1c\n\x14transformers_version\x18\x03 \x01(\t\"\x8d\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08renderer\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pts_images\x18\x03 \x01(\x08\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\r\n\x05roles\x18\x05 \x03(\t\x12\x1c\n\x14renderer_config_json\x18\x06 \x01(\t2\xc3\x01\n\rRenderService\x12g\n\x14RenderTrainingSample\x12&.render.v1.RenderTrainingSampleRequest\x1a\'.render.v1.RenderTrainingSampleResponse\x12I\n\nListModels\x12\x1c.render.v1.ListModelsRequest\x1a\x1d.render.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16render/v1/render.proto\x12\trender.v1\"\xf6\x01\n\x1bRenderTrainingSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.render.v1.Message\x12\x17\n\ntools_json\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x19\n\x11\x63ontent_sft_roles\x18\x04 \x03(\t\x12\x19\n\x11\x65nsure_final_stop\x18\x05 \x01(\x08\x12&\n\x19\x63hat_template_kwargs_json\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0b_tools_jsonB\x1c\n\x1a_chat_template_kwargs_json\"\xc1\x03\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\x05parts\x18\x03 \x01(\x0b\x32\x17.render.v1.ContentPartsH\x00\x12(\n\ntool_calls\x18\x04 \x01(\x0b\x32\x14.render.v1.ToolCalls\x12\x19\n\x0ctool_call_id\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x11\n\x04name\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x1e\n\x11reasoning_content\x18\x07 \x01(\tH\x03\x88\x01\x01\x12\x16\n\treasoning\x18\x08 \x01(\tH\x04\x88\x01\x01\x12\x11\n\tnull_keys\x18\t \x03(\t\x12\x17\n\nextra_json\x18\n \x01(\tH\x05\x88\x01\x01\x12\x16\n\ttrainable\x18\x0b \x01(\x08H\x06\x88\x01\x01\x12\x1e\n\x11message_loss_mask\x18\x0c \x01(\x08H\x07\x88\x01\x01\x42\t\n\x07\x63ontentB\x0f\n\r_tool_call_idB\x07\n\x05_nameB\x14\n\x12_reasoning_contentB\x0c\n\n_reasoningB\r\n\x0b_extra_jsonB\x0c\n\n_trainableB\x14\n\x12_message_loss_mask\"5\n\x0c\x43ontentParts\x12%\n\x05parts\x18\x01 \x03(\x0b\x32\x16.render.v1.ContentPart\"\x9a\x01\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x12\n\x08thinking\x18\x02 \x01(\tH\x00\x12%\n\x05image\x18\x03 \x01(\x0b\x32\x14.render.v1.MediaPartH\x00\x12%\n\x05video\x18\x04 \x01(\x0b\x32\x14.render.v1.MediaPartH\x00\x12\x11\n\tnull_keys\x18\x05 \x03(\tB\x06\n\x04part\"\'\n\tMediaPart\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04type\x18\x02 \x01(\t\"/\n\tToolCalls\x12\"\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x13.render.v1.ToolCall\"m\n\x08ToolCall\x12\x0f\n\x02id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04type\x18\x02 \x01(\tH\x01\x88\x01\x01\x12-\n\x08\x66unction\x18\x03 \x01(\x0b\x32\x1b.render.v1.ToolCallFunctionB\x05\n\x03_idB\x07\n\x05_type\"o\n\x10ToolCallFunction\x12\x11\n\x04name\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x0e\x61rguments_json\x18\x02 \x01(\tH\x00\x12\x18\n\x0e\x61rguments_text\x18\x03 \x01(\tH\x00\x42\x0b\n\targumentsB\x07\n\x05_name\"Q\n\x1cRenderTrainingSampleResponse\x12\x31\n\x06sample\x18\x01 \x01(\x0b\x32!.render.v1.RenderedTrainingSample\"\x8d\x01\n\x1aRenderTrainingSampleResult\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x33\n\x06sample\x18\x02 \x01(\x0b\x32!.render.v1.RenderedTrainingSampleH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.render.v1.ErrorH\x00\x42\x08\n\x06result\":\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nerror_type\x18\x03 \x01(\t\"\xa7\x01\n\x16RenderedTrainingSample\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x11\n\tloss_mask\x18\x02 \x03(\x08\x12\x33\n\x10multi_modal_data\x18\x03 \x01(\x0b\x32\x19.render.v1.MultiModalData\x12\x32\n\x11mm_token_type_ids\x18\x04 \x01(\x0b\x32\x17.render.v1.TokenTypeIds\"\x1b\n\x0cTokenTypeIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa4\x01\n\x0eMultiModalData\x12,\n\tmm_hashes\x18\x01 \x03(\x0b\x32\x19.render.v1.ModalityHashes\x12\x38\n\x0fmm_placeholders\x18\x02 \x03(\x0b\x32\x1f.render.v1.ModalityPlaceholders\x12*\n\x08mm_items\x18\x03 \x03(\x0b\x32\x18.render.v1.ModalityItems\"2\n\x0eModalityHashes\x12\x10\n\x08modality\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\t\"U\n\x14ModalityPlaceholders\x12\x10\n\x08modality\x18\x01 \x01(\t\x12+\n\x06ranges\x18\x02 \x03(\x0b\x32\x1b.render.v1.PlaceholderRange\"2\n\x10PlaceholderRange\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06length\x18\x02 \x01(\x03\"K\n\rModalityItems\x12\x10\n\x08modality\x18\x01 \x01(\t\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.render.v1.MultiModalItem\"8\n\x0eMultiModalItem\x12&\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x16.render.v1.NamedTensor\">\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06tensor\x18\x02 \x01(\x0b\x32\x11.render.v1.Tensor\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"s\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.render.v1.ModelInfo\x12\x19\n\x11renderers_version\x18\x02 \x01(\t\x12\x1c\n\x14transformers_version\x18\x03 \x01(\t\"\x8d\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08renderer\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pts_images\x18\x03 \x01(\x08\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\r\n\x05roles\x18\x05 \x03(\t\x12\x1c\n\x14renderer_config_json\x18\x06 \x01(\t2\xaf\x02\n\rRenderService\x12g\n\x14RenderTrainingSample\x12&.render.v1.RenderTrainingSampleRequest\x1a\'.render.v1.RenderTrainingSampleResponse\x12j\n\x15RenderTrainingSamples\x12&.render.v1.RenderTrainingSampleRequest\x1a%.render.v1.RenderTrainingSampleResult(\x01\x30\x01\x12I\n\nListModels\x12\x1c.render.v1.ListModelsRequest\x1a\x1d.render.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,32 +50,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLCALLFUNCTION']._serialized_end=1262
   _globals['_RENDERTRAININGSAMPLERESPONSE']._serialized_start=1264
   _globals['_RENDERTRAININGSAMPLERESPONSE']._serialized_end=1345
-  _globals['_RENDEREDTRAININGSAMPLE']._serialized_start=1348
-  _globals['_RENDEREDTRAININGSAMPLE']._serialized_end=1515
-  _globals['_TOKENTYPEIDS']._serialized_start=1517
-  _globals['_TOKENTYPEIDS']._serialized_end=1544
-  _globals['_MULTIMODALDATA']._serialized_start=1547
-  _globals['_MULTIMODALDATA']._serialized_end=1711
-  _globals['_MODALITYHASHES']._serialized_start=1713
-  _globals['_MODALITYHASHES']._serialized_end=1763
-  _globals['_MODALITYPLACEHOLDERS']._serialized_start=1765
-  _globals['_MODALITYPLACEHOLDERS']._serialized_end=1850
-  _globals['_PLACEHOLDERRANGE']._serialized_start=1852
-  _globals['_PLACEHOLDERRANGE']._serialized_end=1902
-  _globals['_MODALITYITEMS']._serialized_start=1904
-  _globals['_MODALITYITEMS']._serialized_end=1979
-  _globals['_MULTIMODALITEM']._serialized_start=1981
-  _globals['_MULTIMODALITEM']._serialized_end=2037
-  _globals['_NAMEDTENSOR']._serialized_start=2039
-  _globals['_NAMEDTENSOR']._serialized_end=2101
-  _globals['_TENSOR']._serialized_start=2103
-  _globals['_TENSOR']._serialized_end=2155
-  _globals['_LISTMODELSREQUEST']._serialized_start=2157
-  _globals['_LISTMODELSREQUEST']._serialized_end=2176
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2178
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2293
-  _globals['_MODELINFO']._serialized_start=2296
-  _globals['_MODELINFO']._serialized_end=2437
-  _globals['_RENDERSERVICE']._serialized_start=2440
-  _globals['_RENDERSERVICE']._serialized_end=2635
+  _globals['_RENDERTRAININGSAMPLERESULT']._serialized_start=1348
+  _globals['_RENDERTRAININGSAMPLERESULT']._serialized_end=1489
+  _globals['_ERROR']._serialized_start=1491
+  _globals['_ERROR']._serialized_end=1549
+  _globals['_RENDEREDTRAININGSAMPLE']._serialized_start=1552
+  _globals['_RENDEREDTRAININGSAMPLE']._serialized_end=1719
+  _globals['_TOKENTYPEIDS']._serialized_start=1721
+  _globals['_TOKENTYPEIDS']._serialized_end=1748
+  _globals['_MULTIMODALDATA']._serialized_start=1751
+  _globals['_MULTIMODALDATA']._serialized_end=1915
+  _globals['_MODALITYHASHES']._serialized_start=1917
+  _globals['_MODALITYHASHES']._serialized_end=1967
+  _globals['_MODALITYPLACEHOLDERS']._serialized_start=1969
+  _globals['_MODALITYPLACEHOLDERS']._serialized_end=2054
+  _globals['_PLACEHOLDERRANGE']._serialized_start=2056
+  _globals['_PLACEHOLDERRANGE']._serialized_end=2106
+  _globals['_MODALITYITEMS']._serialized_start=2108
+  _globals['_MODALITYITEMS']._serialized_end=2183
+  _globals['_MULTIMODALITEM']._serialized_start=2185
+  _globals['_MULTIMODALITEM']._serialized_end=2241
+  _globals['_NAMEDTENSOR']._serialized_start=2243
+  _globals['_NAMEDTENSOR']._serialized_end=2305
+  _globals['_TENSOR']._serialized_start=2307
+  _globals['_TENSOR']._serialized_end=2359
+  _globals['_LISTMODELSREQUEST']._serialized_start=2361
+  _globals['_LISTMODELSREQUEST']._serialized_end=2380
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2382
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2497
+  _globals['_MODELINFO']._serialized_start=2500
+  _globals['_MODELINFO']._serialized_end=2641
+  _globals['_RENDERSERVICE']._serialized_start=2644
+  _globals['_RENDERSERVICE']._serialized_end=2947
 # @@protoc_insertion_point(module_scope)

@@ -111,6 +111,26 @@ class RenderTrainingSampleResponse(_message.Message):
     sample: RenderedTrainingSample
     def __init__(self, sample: _Optional[_Union[RenderedTrainingSample, _Mapping]] = ...) -> None: ...
 
+class RenderTrainingSampleResult(_message.Message):
+    __slots__ = ("index", "sample", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    sample: RenderedTrainingSample
+    error: Error
+    def __init__(self, index: _Optional[int] = ..., sample: _Optional[_Union[RenderedTrainingSample, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "error_type")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    error_type: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., error_type: _Optional[str] = ...) -> None: ...
+
 class RenderedTrainingSample(_message.Message):
     __slots__ = ("token_ids", "loss_mask", "multi_modal_data", "mm_token_type_ids")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]

@@ -41,6 +41,11 @@ class RenderServiceStub:
                 request_serializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleRequest.SerializeToString,
                 response_deserializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleResponse.FromString,
                 _registered_method=True)
+        self.RenderTrainingSamples = channel.stream_stream(
+                '/render.v1.RenderService/RenderTrainingSamples',
+                request_serializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleRequest.SerializeToString,
+                response_deserializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleResult.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/render.v1.RenderService/ListModels',
                 request_serializer=render_dot_v1_dot_render__pb2.ListModelsRequest.SerializeToString,
@@ -55,6 +60,16 @@ class RenderServiceServicer:
     def RenderTrainingSample(self, request, context):
         """Renders one conversation into one training sample
         (renderers.build_training_sample).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenderTrainingSamples(self, request_iterator, context):
+        """Renders a stream of conversations, for datasets: each request in, one
+        result out, tagged with the request's index in the stream (0, 1, 2, ...).
+        A request that fails gets a result carrying its own error status; the
+        stream goes on. Results come back in request order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +90,11 @@ def add_RenderServiceServicer_to_server(servicer, server):
                     servicer.RenderTrainingSample,
                     request_deserializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleRequest.FromString,
                     response_serializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleResponse.SerializeToString,
+            ),
+            'RenderTrainingSamples': grpc.stream_stream_rpc_method_handler(
+                    servicer.RenderTrainingSamples,
+                    request_deserializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleRequest.FromString,
+                    response_serializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleResult.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -110,6 +130,33 @@ class RenderService:
             '/render.v1.RenderService/RenderTrainingSample',
             render_dot_v1_dot_render__pb2.RenderTrainingSampleRequest.SerializeToString,
             render_dot_v1_dot_render__pb2.RenderTrainingSampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenderTrainingSamples(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/render.v1.RenderService/RenderTrainingSamples',
+            render_dot_v1_dot_render__pb2.RenderTrainingSampleRequest.SerializeToString,
+            render_dot_v1_dot_render__pb2.RenderTrainingSampleResult.FromString,
             options,
             channel_credentials,
             insecure,

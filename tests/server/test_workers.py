@@ -1,0 +1,67 @@
+"""Worker processes under a supervisor: one port, restarts, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from render_client import RenderClient, build_training_sample
+from tests.support import ROOT, corpus, running_server
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_workers_share_one_port_and_a_dead_worker_is_replaced() -> None:
+    conversation = corpus()[0]
+    with running_server("--workers", "2") as server:
+        workers = server.workers()
+        assert len(workers) == 2
+        with RenderClient(server.target, timeout=60, connections=4) as client:
+            expected = build_training_sample(client.renderer("qwen3"), conversation["messages"])
+            os.kill(workers[0], signal.SIGKILL)
+            wait_for(lambda: len(server.workers()) == 2 and workers[0] not in server.workers())
+            assert workers[1] in server.workers()
+            # Fresh connections reach the new worker, which serves the same samples.
+            with RenderClient(server.target, timeout=60, connections=4) as fresh:
+                for _ in range(8):
+                    assert build_training_sample(fresh.renderer("qwen3"), conversation["messages"]) == expected
+        assert "died: killed by SIGKILL; starting it again" in server.log()
+    assert server.process.returncode == 0
+
+
+def test_sigterm_stops_every_worker_and_exits_zero() -> None:
+    with running_server("--workers", "2") as server:
+        workers = server.workers()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_port_in_use_is_an_error_not_a_shared_port() -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "render_server", "--port", str(port), "--workers", "1"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert result.returncode != 0
+    assert "Address already in use" in result.stderr
