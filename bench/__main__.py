@@ -76,7 +76,7 @@ def working_set(model: str) -> list[dict[str, Any]]:
 
 
 def in_process(model: str, conversations: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """The anchor: build_training_sample in this process, one core."""
+    """The anchor: build_training_sample in this process, on one core, for `seconds`."""
     renderer = reference_renderer(model)
     latencies: list[float] = []
     tokens = 0
@@ -92,9 +92,12 @@ def in_process(model: str, conversations: list[dict[str, Any]], seconds: float) 
         )
         latencies.append((time.perf_counter() - begun) * 1e3)
         tokens += len(sample.token_ids)
-    elapsed = time.perf_counter() - started
-    return summarize(len(latencies), tokens, elapsed, latencies) | {
-        "cpu_per_sample_ms": (time.process_time() - cpu) / len(latencies) * 1e3
+    return {
+        "samples": len(latencies),
+        "tokens": tokens,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu,
+        "latencies_ms": latencies,
     }
 
 
@@ -108,70 +111,92 @@ def summarize(samples: int, tokens: int, seconds: float, latencies: list[float])
     }
 
 
-def server_cpu(server: ServerProcess) -> float:
-    """CPU seconds the supervisor and its live workers have used."""
-    total = 0.0
-    for pid in [server.process.pid, *server.workers()]:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+class LoadProcess:
+    """A bench.load process driving one model on a server, command by command."""
+
+    def __init__(self, server: ServerProcess, model: str, connections: int, requests_file: Path) -> None:
+        command = [
+            sys.executable, "-m", "bench.load", "--target", server.target, "--model", model,
+            "--connections", str(connections), "--requests", str(requests_file),
+            "--server-pid", str(server.process.pid),
+        ]  # fmt: skip
+        self._process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert json.loads(self._readline())["ready"]
+
+    def _readline(self) -> str:
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError("bench.load died")
+        return line
+
+    def run(self, mode: str, concurrency: int, seconds: float) -> dict[str, Any]:
+        assert self._process.stdin is not None
+        self._process.stdin.write(json.dumps({"mode": mode, "concurrency": concurrency, "seconds": seconds}) + "\n")
+        self._process.stdin.flush()
+        return json.loads(self._readline())
+
+    def close(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        self._process.wait(timeout=60)
 
 
-def through_service(
-    server: ServerProcess,
-    workers: int,
-    model: str,
-    requests_file: Path,
-    mode: str,
-    concurrency: int,
-    seconds: float,
-) -> dict[str, Any]:
-    before = server_cpu(server)
-    command = [
-        sys.executable, "-m", "bench.load", "--target", server.target, "--model", model, "--mode", mode,
-        "--concurrency", str(concurrency), "--connections", str(workers), "--seconds", str(seconds),
-        "--requests", str(requests_file),
-    ]  # fmt: skip
-    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-    load = json.loads(finished.stdout)
-    cpu = server_cpu(server) - before
-    result = summarize(load["samples"], load["tokens"], load["seconds"], load["latencies_ms"])
-    result["errors"] = load["errors"]
-    result["server_cpu_per_sample_ms"] = cpu / max(load["samples"], 1) * 1e3
-    result["client_cpu_per_sample_ms"] = load["client_cpu_seconds"] / max(load["samples"], 1) * 1e3
-    return result
+def combine(service_blocks: list[dict[str, Any]], anchor_blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from alternating blocks: pooled rates, median per-block ratios."""
+    samples = sum(block["samples"] for block in service_blocks)
+    seconds = sum(block["seconds"] for block in service_blocks)
+    latencies = [ms for block in service_blocks for ms in block["latencies_ms"]]
+    service = summarize(samples, sum(block["tokens"] for block in service_blocks), seconds, latencies)
+    service["errors"] = sum(block["errors"] for block in service_blocks)
+    service["server_cpu_per_sample_ms"] = sum(b["server_cpu_seconds"] for b in service_blocks) / max(samples, 1) * 1e3
+    service["client_cpu_per_sample_ms"] = sum(b["client_cpu_seconds"] for b in service_blocks) / max(samples, 1) * 1e3
+    anchor_samples = sum(block["samples"] for block in anchor_blocks)
+    anchor = summarize(
+        anchor_samples,
+        sum(block["tokens"] for block in anchor_blocks),
+        sum(block["seconds"] for block in anchor_blocks),
+        [ms for block in anchor_blocks for ms in block["latencies_ms"]],
+    )
+    anchor["cpu_per_sample_ms"] = sum(block["cpu_seconds"] for block in anchor_blocks) / anchor_samples * 1e3
+    pairs = list(zip(service_blocks, anchor_blocks, strict=True))
+    return {
+        "in_process": anchor,
+        "service": service,
+        # Per pair of neighbouring blocks, then the median: robust to the machine's drift.
+        "throughput_ratio": statistics.median(
+            (s["samples"] / s["seconds"]) / (a["samples"] / a["seconds"]) for s, a in pairs
+        ),
+        "server_cpu_ratio": statistics.median(
+            (s["server_cpu_seconds"] / max(s["samples"], 1)) / (a["cpu_seconds"] / a["samples"]) for s, a in pairs
+        ),
+    }
 
 
-# ---------------------------------------------------------------------------
-# Parts
-# ---------------------------------------------------------------------------
-
-
-def throughput(quick: bool) -> list[dict[str, Any]]:
-    seconds = 2.0 if quick else 5.0
+def throughput(quick: bool, models: list[str]) -> list[dict[str, Any]]:
+    block, rounds = (1.0, 3) if quick else (1.5, 4)
     rows = []
-    sets = {model: working_set(model) for model in DEFAULT_MODELS}
+    sets = {model: working_set(model) for model in models}
     with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for model, conversations in sets.items():
-            files[model] = Path(tmp) / f"{model}.json"
-            files[model].write_text(json.dumps(conversations))
         for workers in sorted({1, CORES}):
             with running_server("--workers", str(workers)) as server:
-                for model in DEFAULT_MODELS:
+                for model in models:
+                    requests_file = Path(tmp) / f"{model}.json"
+                    requests_file.write_text(json.dumps(sets[model]))
+                    load = LoadProcess(server, model, workers, requests_file)
+                    load.run("unary", 8, 1.0)  # warm up connections, workers and caches
+                    in_process(model, sets[model], 0.5)
                     for mode in ("unary", "stream"):
                         for concurrency in (1, 8, 64):
-                            # The anchor, measured right before its service figure.
-                            anchor = in_process(model, sets[model], seconds)
-                            service = through_service(server, workers, model, files[model], mode, concurrency, seconds)
-                            row = {
-                                "model": model, "mode": mode, "workers": workers, "concurrency": concurrency,
-                                "in_process": anchor, "service": service,
-                                "throughput_ratio": service["samples_per_s"] / anchor["samples_per_s"],
-                                "server_cpu_ratio": service["server_cpu_per_sample_ms"] / anchor["cpu_per_sample_ms"],
-                            }  # fmt: skip
+                            anchors, services = [], []
+                            for _ in range(rounds):
+                                anchors.append(in_process(model, sets[model], block))
+                                services.append(load.run(mode, concurrency, block))
+                            row = {"model": model, "mode": mode, "workers": workers, "concurrency": concurrency}
+                            row |= combine(services, anchors)
                             rows.append(row)
                             print_row(row)
+                    load.close()
     return rows
 
 
@@ -340,6 +365,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated models (throughput)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     parts = set(args.only.split(","))
@@ -349,7 +375,7 @@ def main() -> None:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if "throughput" in parts:
-        results["throughput"] = throughput(args.quick)
+        results["throughput"] = throughput(args.quick, args.models.split(","))
     if parts & {"latency", "length", "images", "memory"}:
         with running_server("--workers", "1") as server, RenderClient(server.target, timeout=600) as client:
             if "memory" in parts:

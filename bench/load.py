@@ -1,10 +1,14 @@
-"""A load generator process: drives a server through render_client, reports JSON.
+"""A load generator process: drives a server through render_client on command.
 
-    python -m bench.load --target HOST:PORT --model qwen3 --mode unary|stream \
-        --concurrency 8 --connections 2 --seconds 5 --requests requests.json
+    python -m bench.load --target HOST:PORT --model qwen3 --connections 2 \
+        --requests requests.json --server-pid PID
 
-Runs in a process of its own so that its CPU is not the orchestrator's, and
-prints one JSON object: samples, tokens, seconds, latencies (ms), errors, cpu.
+It reads one JSON command per line on stdin, {"mode": "unary"|"stream",
+"concurrency": N, "seconds": S}, runs that load and answers one JSON line:
+samples, tokens, seconds, latencies (ms), errors, and the CPU seconds the
+server (the supervisor and its workers) and this process used in that window.
+Living on between commands keeps start-up cost out of the figures, and a
+process of its own keeps its CPU apart from the in-process anchor's.
 """
 
 from __future__ import annotations
@@ -12,43 +16,56 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from render_client import RenderClient, SampleRequest
+
+
+def assistant_only(message: dict[str, Any]) -> bool:
+    return message["role"] == "assistant"
+
+
+def process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(supervisor: int) -> float:
+    """CPU seconds of the supervisor and its live workers."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return sum(process_cpu(pid) for pid in [supervisor, *map(int, children)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--mode", choices=["unary", "stream"], required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--connections", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--requests", required=True, help="JSON list of {messages, tools}")
+    parser.add_argument("--server-pid", type=int, required=True)
     args = parser.parse_args()
-    with open(args.requests, encoding="utf-8") as file:
-        conversations = json.load(file)
+    conversations = json.loads(Path(args.requests).read_text(encoding="utf-8"))
     with RenderClient(args.target, timeout=600, connections=args.connections) as client:
         renderer = client.renderer(args.model)
         # Assistant-only masking, as the in-process anchor renders (qwen3-template needs a role_to_mask).
         requests = [
             renderer.request(c["messages"], tools=c.get("tools"), role_to_mask=assistant_only) for c in conversations
         ]
-        run = unary if args.mode == "unary" else stream
-        run(client, requests, args.concurrency, args.warmup)  # warm up connections and caches
-        cpu = time.process_time()
-        result = run(client, requests, args.concurrency, args.seconds)
-        result["client_cpu_seconds"] = time.process_time() - cpu
-    print(json.dumps(result))
-
-
-def assistant_only(message: dict[str, Any]) -> bool:
-    return message["role"] == "assistant"
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            command = json.loads(line)
+            run = unary if command["mode"] == "unary" else stream
+            server_before, client_before = server_cpu(args.server_pid), time.process_time()
+            result = run(client, requests, command["concurrency"], command["seconds"])
+            result["server_cpu_seconds"] = server_cpu(args.server_pid) - server_before
+            result["client_cpu_seconds"] = time.process_time() - client_before
+            print(json.dumps(result), flush=True)
 
 
 def unary(client: RenderClient, requests: list[SampleRequest], concurrency: int, seconds: float) -> dict[str, Any]:

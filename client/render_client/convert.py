@@ -268,7 +268,11 @@ def decode_request(request: pb.RenderTrainingSampleRequest) -> RenderArguments:
     if not request.model:
         raise invalid("model", "missing")
     media: list[MediaRef] = []
-    messages = [_decode_message(message, f"messages[{index}]", media) for index, message in enumerate(request.messages)]
+    messages = []
+    trainable: list[bool | None] = []
+    selected: list[bool | None] = []
+    for index, message in enumerate(request.messages):
+        messages.append(_decode_message(message, index, media, trainable, selected))
     tools = None
     if request.HasField("tools_json"):
         tools = load_json(request.tools_json, "tools_json")
@@ -283,8 +287,8 @@ def decode_request(request: pb.RenderTrainingSampleRequest) -> RenderArguments:
         model=request.model,
         messages=messages,
         tools=tools,
-        trainable=_per_message_flags(request.messages, "trainable"),
-        message_loss_mask=_per_message_flags(request.messages, "message_loss_mask"),
+        trainable=_all_or_none(trainable, "trainable"),
+        message_loss_mask=_all_or_none(selected, "message_loss_mask"),
         content_sft_roles=frozenset(request.content_sft_roles) or None,
         ensure_final_stop=request.ensure_final_stop,
         chat_template_kwargs=kwargs or None,
@@ -292,55 +296,74 @@ def decode_request(request: pb.RenderTrainingSampleRequest) -> RenderArguments:
     )
 
 
-def _per_message_flags(messages: Sequence[pb.Message], name: str) -> list[bool] | None:
-    present = [message.HasField(name) for message in messages]
-    if not any(present):
+def _all_or_none(flags: list[bool | None], name: str) -> list[bool] | None:
+    """A per-message flag's values: set on every message, or on none (None)."""
+    if None in flags:
+        if any(flag is not None for flag in flags):
+            raise invalid(
+                f"messages[{flags.index(None)}].{name}",
+                "unset here but set on other messages; set it on every message or none",
+            )
         return None
-    if not all(present):
-        index = present.index(False)
-        raise invalid(
-            f"messages[{index}].{name}", "unset here but set on other messages; set it on every message or none"
-        )
-    return [getattr(message, name) for message in messages]
+    return flags  # type: ignore[return-value]
 
 
-def _decode_message(message: pb.Message, field: str, media: list[MediaRef]) -> dict[str, Any]:
-    if not message.role:
-        raise invalid(f"{field}.role", "missing")
+def _decode_message(
+    message: pb.Message,
+    index: int,
+    media: list[MediaRef],
+    trainable: list[bool | None],
+    selected: list[bool | None],
+) -> dict[str, Any]:
+    # ListFields walks only the fields that are set, in one call: this runs
+    # for every message of every request, so no HasField per key.
     out: dict[str, Any] = {"role": message.role}
-    content_kind = message.WhichOneof("content")
-    if content_kind == "text":
-        out["content"] = message.text
-    elif content_kind == "parts":
-        out["content"] = [
-            _decode_part(part, f"{field}.content[{index}]", media) for index, part in enumerate(message.parts.parts)
-        ]
-    if message.HasField("tool_calls"):
-        out["tool_calls"] = [
-            _decode_tool_call(call, f"{field}.tool_calls[{index}]")
-            for index, call in enumerate(message.tool_calls.calls)
-        ]
-    for key in _MESSAGE_TEXT_KEYS:
-        if message.HasField(key):
-            out[key] = getattr(message, key)
-    for key in message.null_keys:
-        if key not in _NULLABLE_MESSAGE_KEYS:
-            raise invalid(f"{field}.null_keys", f"{key!r} is not one of {', '.join(sorted(_NULLABLE_MESSAGE_KEYS))}")
-        if key in out:
-            raise invalid(f"{field}.null_keys", f"{key!r} is both set and null")
-        out[key] = None
-    if message.HasField("extra_json"):
-        extra = load_json(message.extra_json, f"{field}.extra_json")
-        if type(extra) is not dict:
-            raise invalid(f"{field}.extra_json", "must be a JSON object")
-        for key in extra:
+    is_trainable = is_selected = nulls = extra = None
+    for descriptor, value in message.ListFields():
+        name = descriptor.name
+        if name == "text":
+            out["content"] = value
+        elif name == "parts":
+            out["content"] = [_decode_part(part, index, number, media) for number, part in enumerate(value.parts)]
+        elif name == "tool_calls":
+            out["tool_calls"] = [_decode_tool_call(call, index, number) for number, call in enumerate(value.calls)]
+        elif name in _MESSAGE_TEXT_KEYS:
+            out[name] = value
+        elif name == "trainable":
+            is_trainable = value
+        elif name == "message_loss_mask":
+            is_selected = value
+        elif name == "null_keys":
+            nulls = value
+        elif name == "extra_json":
+            extra = value
+    trainable.append(is_trainable)
+    selected.append(is_selected)
+    if not out["role"]:
+        raise invalid(f"messages[{index}].role", "missing")
+    if nulls:
+        for key in nulls:
+            if key not in _NULLABLE_MESSAGE_KEYS:
+                raise invalid(
+                    f"messages[{index}].null_keys",
+                    f"{key!r} is not one of {', '.join(sorted(_NULLABLE_MESSAGE_KEYS))}",
+                )
+            if key in out:
+                raise invalid(f"messages[{index}].null_keys", f"{key!r} is both set and null")
+            out[key] = None
+    if extra is not None:
+        values = load_json(extra, f"messages[{index}].extra_json")
+        if type(values) is not dict:
+            raise invalid(f"messages[{index}].extra_json", "must be a JSON object")
+        for key in values:
             if key in _MODELLED_MESSAGE_KEYS:
-                raise invalid(f"{field}.extra_json", f"key {key!r} has a field of its own")
-        out.update(extra)
+                raise invalid(f"messages[{index}].extra_json", f"key {key!r} has a field of its own")
+        out.update(values)
     return out
 
 
-def _decode_part(part: pb.ContentPart, field: str, media: list[MediaRef]) -> dict[str, Any]:
+def _decode_part(part: pb.ContentPart, message_index: int, index: int, media: list[MediaRef]) -> dict[str, Any]:
+    field = f"messages[{message_index}].content[{index}]"
     kind = part.WhichOneof("part")
     if kind == "text":
         out: dict[str, Any] = {"type": "text", "text": part.text}
@@ -363,7 +386,7 @@ def _decode_part(part: pb.ContentPart, field: str, media: list[MediaRef]) -> dic
     return out
 
 
-def _decode_tool_call(call: pb.ToolCall, field: str) -> dict[str, Any]:
+def _decode_tool_call(call: pb.ToolCall, message_index: int, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if call.HasField("id"):
         out["id"] = call.id
@@ -375,7 +398,9 @@ def _decode_tool_call(call: pb.ToolCall, field: str) -> dict[str, Any]:
             function["name"] = call.function.name
         arguments_kind = call.function.WhichOneof("arguments")
         if arguments_kind == "arguments_json":
-            function["arguments"] = load_json(call.function.arguments_json, f"{field}.function.arguments")
+            function["arguments"] = load_json(
+                call.function.arguments_json, f"messages[{message_index}].tool_calls[{index}].function.arguments"
+            )
         elif arguments_kind == "arguments_text":
             function["arguments"] = call.function.arguments_text
         out["function"] = function

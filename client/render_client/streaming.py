@@ -1,12 +1,14 @@
 """render_many: a dataset's requests through RenderTrainingSamples streams, results in input order.
 
-One stream per connection (see RenderClient's `connections`), so that a server's
-worker processes all get work; each request goes to the stream with the fewest
-unanswered requests. At most `concurrency` requests are in flight or waiting to
-be taken by the caller, so memory stays bounded however long the dataset.
-Every request yields exactly one result: its sample, or its own error. A
-stream that breaks (the server went away) answers each request it still owed
-with that error.
+One stream per connection (see RenderClient's `connections`), so that each of
+a server's worker processes gets work. Requests go in batches to the stream
+with the fewest unanswered requests; a batch holds whatever requests are
+ready, up to a size that keeps about two batches in flight per stream, so the
+server renders one while the other travels. At most `concurrency` requests are
+taken from the caller's iterable and not yet handed back, so memory stays
+bounded however long the dataset. Every request yields exactly one result: its
+sample or its own error. A stream that breaks (the server went away) answers
+every request it still owed with that error.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from .errors import RenderError, error_from_rpc
 from .types import RenderedTrainingSample, SampleRequest
 
 Result = RenderedTrainingSample | RenderError
+Item = SampleRequest | pb.RenderTrainingSampleRequest
+
+# Beyond this many requests per message, batching saves nothing measurable.
+_MAX_BATCH = 32
+_END = object()
 
 
 @dataclass(frozen=True)
@@ -58,21 +65,24 @@ class _InOrder:
             self.next += 1
 
 
-_END = object()
-
-
-async def _as_async(items: Iterable[Any]) -> AsyncIterator[Any]:
-    for item in items:
-        yield item
-
-
-def _encode(item: SampleRequest | pb.RenderTrainingSampleRequest) -> pb.RenderTrainingSampleRequest:
-    return item if isinstance(item, pb.RenderTrainingSampleRequest) else encode_sample_request(item)
-
-
-def _check(concurrency: int) -> None:
+def _batch_size(concurrency: int, streams: int) -> int:
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    return max(1, min(_MAX_BATCH, concurrency // (2 * streams)))
+
+
+def _encode(items: list[tuple[int, Item]], results: Any) -> tuple[list[int], list[pb.RenderTrainingSampleRequest]]:
+    """The batch's encodable requests; the others get their error as their result."""
+    positions, requests = [], []
+    for position, item in items:
+        try:
+            request = item if isinstance(item, pb.RenderTrainingSampleRequest) else encode_sample_request(item)
+        except RenderError as exc:
+            results.put_nowait((position, exc))
+        else:
+            positions.append(position)
+            requests.append(request)
+    return positions, requests
 
 
 def _outcome(result: Any, return_exceptions: bool) -> Result:
@@ -105,22 +115,24 @@ class _Stream:
     def unanswered(self) -> int:
         return len(self._positions) - self._answered
 
-    def send(self, position: int, request: pb.RenderTrainingSampleRequest) -> None:
+    def send(self, positions: list[int], requests: list[pb.RenderTrainingSampleRequest]) -> None:
         with self._lock:
             if self._failure is not None:
-                self._results.put((position, self._failure))
+                for position in positions:
+                    self._results.put((position, self._failure))
                 return
-            self._positions.append(position)
-        self._outbox.put(request)
+            self._positions.extend(positions)
+        self._outbox.put(pb.RenderTrainingSamplesRequest(requests=requests))
 
     def finish(self) -> None:
         self._outbox.put(None)
 
     def _read(self) -> None:
         try:
-            for result in self.call:
-                self._results.put((self._positions[result.index], decode_result(result)))
-                self._answered += 1
+            for response in self.call:
+                for result in response.results:
+                    self._results.put((self._positions[result.index], decode_result(result)))
+                    self._answered += 1
         except grpc.RpcError as exc:
             with self._lock:
                 self._failure = error_from_rpc(exc)
@@ -131,39 +143,47 @@ class _Stream:
 
 def render_many(
     stubs: Sequence[RenderServiceStub],
-    requests: Iterable[SampleRequest | pb.RenderTrainingSampleRequest],
+    requests: Iterable[Item],
     *,
     concurrency: int,
     timeout: float | None,
     return_exceptions: bool,
 ) -> Iterator[Result]:
-    _check(concurrency)
+    streams_wanted = min(len(stubs), concurrency) if concurrency > 0 else 1
+    batch_size = _batch_size(concurrency, streams_wanted)
     results: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    streams = [_Stream(stub, timeout, results) for stub in stubs[:concurrency]]
+    streams = [_Stream(stub, timeout, results) for stub in stubs[:streams_wanted]]
     slots = threading.Semaphore(concurrency)
     closed = threading.Event()
+
+    def take_slot() -> bool:
+        while not slots.acquire(timeout=0.1):
+            if closed.is_set():
+                return False
+        return not closed.is_set()
 
     def feed() -> None:
         position = 0
         items = iter(requests)
         try:
-            while True:
-                # Take a slot before taking the next request: nothing is read ahead.
-                while not slots.acquire(timeout=0.1):
-                    if closed.is_set():
-                        return
-                if closed.is_set():
-                    return
+            # A slot before each request taken: nothing is read ahead of the bound.
+            while take_slot():
                 item = next(items, _END)
                 if item is _END:
                     return
-                try:
-                    request = _encode(item)
-                except RenderError as exc:
-                    results.put((position, exc))
-                else:
-                    min(streams, key=lambda stream: stream.unanswered).send(position, request)
+                batch = [(position, item)]
                 position += 1
+                while len(batch) < batch_size and slots.acquire(blocking=False):
+                    item = next(items, _END)
+                    if item is _END:
+                        break
+                    batch.append((position, item))
+                    position += 1
+                positions, encoded = _encode(batch, results)
+                if encoded:
+                    min(streams, key=lambda stream: stream.unanswered).send(positions, encoded)
+                if item is _END:
+                    return
         except BaseException as exc:
             results.put((position, _Failed(exc)))
             position += 1
@@ -172,8 +192,7 @@ def render_many(
                 stream.finish()
             results.put(_Done(position))
 
-    feeder = threading.Thread(target=feed, daemon=True, name="render-many-feeder")
-    feeder.start()
+    threading.Thread(target=feed, daemon=True, name="render-many-feeder").start()
     in_order = _InOrder()
     total: int | None = None
     try:
@@ -212,16 +231,15 @@ class _AsyncStream:
     def unanswered(self) -> int:
         return len(self._positions) - self._answered
 
-    async def send(self, position: int, request: pb.RenderTrainingSampleRequest) -> None:
-        if self._failure is None:
-            self._positions.append(position)
-            try:
-                await self.call.write(request)
-                return
-            except (grpc.RpcError, asyncio.InvalidStateError):
-                # The reader reports the broken stream for every request it owed.
-                return
-        self._results.put_nowait((position, self._failure))
+    async def send(self, positions: list[int], requests: list[pb.RenderTrainingSampleRequest]) -> None:
+        if self._failure is not None:
+            for position in positions:
+                self._results.put_nowait((position, self._failure))
+            return
+        self._positions.extend(positions)
+        # A broken stream fails the write; the reader then answers what it owed.
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await self.call.write(pb.RenderTrainingSamplesRequest(requests=requests))
 
     async def finish(self) -> None:
         if self._failure is None:
@@ -230,12 +248,10 @@ class _AsyncStream:
 
     async def _read(self) -> None:
         try:
-            while True:
-                result = await self.call.read()
-                if result is grpc.aio.EOF:
-                    return
-                self._results.put_nowait((self._positions[result.index], decode_result(result)))
-                self._answered += 1
+            while (response := await self.call.read()) is not grpc.aio.EOF:
+                for result in response.results:
+                    self._results.put_nowait((self._positions[result.index], decode_result(result)))
+                    self._answered += 1
         except grpc.RpcError as exc:
             self._failure = error_from_rpc(exc)
             for position in self._positions[self._answered :]:
@@ -243,40 +259,48 @@ class _AsyncStream:
             self._answered = len(self._positions)
 
 
+async def _as_async(items: Iterable[Item]) -> AsyncIterator[Item]:
+    for item in items:
+        yield item
+
+
 async def render_many_async(
     stubs: Sequence[RenderServiceStub],
-    requests: Iterable[SampleRequest | pb.RenderTrainingSampleRequest]
-    | AsyncIterable[SampleRequest | pb.RenderTrainingSampleRequest],
+    requests: Iterable[Item] | AsyncIterable[Item],
     *,
     concurrency: int,
     timeout: float | None,
     return_exceptions: bool,
 ) -> AsyncIterator[Result]:
-    _check(concurrency)
+    streams_wanted = min(len(stubs), concurrency) if concurrency > 0 else 1
+    batch_size = _batch_size(concurrency, streams_wanted)
     results: asyncio.Queue[Any] = asyncio.Queue()
-    streams = [_AsyncStream(stub, timeout, results) for stub in stubs[:concurrency]]
+    streams = [_AsyncStream(stub, timeout, results) for stub in stubs[:streams_wanted]]
     slots = asyncio.Semaphore(concurrency)
-
-    if isinstance(requests, AsyncIterable):
-        items: AsyncIterator[Any] = aiter(requests)
-    else:
-        items = _as_async(requests)
+    items = aiter(requests) if isinstance(requests, AsyncIterable) else _as_async(requests)
 
     async def feed() -> None:
         position = 0
         try:
             while True:
-                await slots.acquire()  # before taking the next request: nothing is read ahead
+                await slots.acquire()  # a slot before each request taken
                 item = await anext(items, _END)
                 if item is _END:
                     return
-                try:
-                    request = _encode(item)
-                except RenderError as exc:
-                    results.put_nowait((position, exc))
-                else:
-                    await min(streams, key=lambda stream: stream.unanswered).send(position, request)
+                batch = [(position, item)]
                 position += 1
+                while len(batch) < batch_size and not slots.locked():
+                    await slots.acquire()
+                    item = await anext(items, _END)
+                    if item is _END:
+                        break
+                    batch.append((position, item))
+                    position += 1
+                positions, encoded = _encode(batch, results)
+                if encoded:
+                    await min(streams, key=lambda stream: stream.unanswered).send(positions, encoded)
+                if item is _END:
+                    return
         except Exception as exc:
             results.put_nowait((position, _Failed(exc)))
             position += 1
@@ -296,7 +320,6 @@ async def render_many_async(
                 continue
             for result in in_order.add(*message):
                 yield _outcome(result, return_exceptions)
-                # Only now, with the caller back for more, may another request start.
                 slots.release()
     finally:
         feeder.cancel()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -16,6 +18,34 @@ from .registry import ModelRegistry
 from .service import RenderService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RenderService"].full_name
+
+
+class MethodAwarePool:
+    """A descriptor pool that also finds the file of a method's full name.
+
+    Reflection clients may ask for "render.v1.RenderService.RenderTrainingSample"
+    (ghz does); protobuf's Python pool resolves services but not methods, so
+    grpcio-reflection would answer NOT_FOUND.
+    """
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                service = None
+            if service is None or method not in service.methods_by_name:
+                raise
+            return service.file
 
 
 @dataclass(frozen=True)
@@ -56,6 +86,7 @@ def start_server(registry: ModelRegistry, options: ServerOptions) -> RunningServ
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
+        pool=MethodAwarePool(descriptor_pool.Default()),
     )
     port = server.add_insecure_port(f"{options.host}:{options.port}")
     if port == 0:

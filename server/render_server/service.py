@@ -22,6 +22,9 @@ from .rendering import render_sample
 
 log = logging.getLogger(__name__)
 
+# A stream's answer to a batch is sent early once it holds this much.
+_RESPONSE_FLUSH_BYTES = 8 * 1024 * 1024
+
 
 class RenderService(pb_grpc.RenderServiceServicer):
     def __init__(self, registry: ModelRegistry) -> None:
@@ -38,19 +41,27 @@ class RenderService(pb_grpc.RenderServiceServicer):
         return response
 
     def RenderTrainingSamples(
-        self, requests: Iterator[pb.RenderTrainingSampleRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.RenderTrainingSampleResult]:
-        for index, request in enumerate(requests):
-            result = pb.RenderTrainingSampleResult(index=index)
-            try:
-                self._render_into(request, result.sample)
-            except Exception as exc:
-                error = as_render_error(exc)
-                # Setting the error clears whatever part of the sample was filled.
-                result.error.code = error.code.value[0]
-                result.error.message = error.details
-                result.error.error_type = error.error_type or ""
-            yield result
+        self, batches: Iterator[pb.RenderTrainingSamplesRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.RenderTrainingSamplesResponse]:
+        index = 0
+        for batch in batches:
+            response = pb.RenderTrainingSamplesResponse()
+            for request in batch.requests:
+                result = response.results.add(index=index)
+                index += 1
+                try:
+                    self._render_into(request, result.sample)
+                except Exception as exc:
+                    error = as_render_error(exc)
+                    # Setting the error clears whatever part of the sample was filled.
+                    result.error.code = error.code.value[0]
+                    result.error.message = error.details
+                    result.error.error_type = error.error_type or ""
+                if response.ByteSize() >= _RESPONSE_FLUSH_BYTES:
+                    yield response  # pixel tensors: do not pile up a batch of them
+                    response = pb.RenderTrainingSamplesResponse()
+            if response.results:
+                yield response
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         return encode_models(self._registry.describe())

@@ -16,6 +16,7 @@ supervisor exits 0 once all have.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -63,6 +64,10 @@ class Supervisor:
         """
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self._stopping.set())
+        # The loaded models live as long as the process: keep them out of the
+        # garbage collector's passes, which would otherwise walk them again and
+        # again while renders allocate, and would dirty the pages workers share.
+        gc.freeze()
         try:
             for slot in range(self._count):
                 self._fork(slot)

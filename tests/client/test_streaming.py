@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from PIL import Image
 
 from render_client import InvalidArgumentError, ModelNotFoundError, RenderClient, SampleRequest, build_training_sample
 from render_client._pb import render_pb2 as pb
 from render_client._pb.render_pb2_grpc import RenderServiceStub
 from render_client.aio import AsyncRenderClient
+from render_client.convert import encode_request
 from render_client.errors import RenderError
 from tests.support import ServerProcess, corpus
 
@@ -126,20 +129,44 @@ def test_async_render_many(server: ServerProcess, client: RenderClient) -> None:
 
 
 def test_the_stream_contract_tags_every_result_once(server: ServerProcess) -> None:
-    # Straight on the wire, as a non-Python caller would use it.
+    # Straight on the wire, as a non-Python caller would use it: batches of
+    # requests in, results tagged with their index in the stream out.
     sent = [
         pb.RenderTrainingSampleRequest(model="qwen3", messages=[pb.Message(role="user", text=f"hi {i}")])
         for i in range(25)
     ]
     sent[3] = pb.RenderTrainingSampleRequest(model="nope", messages=[pb.Message(role="user", text="x")])
     sent[8].messages[0].role = "wizard"
+    batches = [sent[:5], sent[5:6], [], sent[6:25]]
     with grpc.insecure_channel(server.target) as channel:
-        results = list(RenderServiceStub(channel).RenderTrainingSamples(iter(sent), timeout=120))
+        responses = list(
+            RenderServiceStub(channel).RenderTrainingSamples(
+                (pb.RenderTrainingSamplesRequest(requests=batch) for batch in batches), timeout=120
+            )
+        )
+    results = [result for response in responses for result in response.results]
     assert [result.index for result in results] == list(range(25))
     assert results[3].WhichOneof("result") == "error" and results[3].error.code == grpc.StatusCode.NOT_FOUND.value[0]
     assert results[8].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert results[8].error.message.startswith("messages[0].role:")
     assert all(results[i].WhichOneof("result") == "sample" for i in range(25) if i not in (3, 8))
+
+
+def test_large_answers_are_split_across_messages(server: ServerProcess) -> None:
+    # A 1024x1024 image has 24 MiB of pixel_values: a batch of three is answered
+    # in several messages rather than one of 72 MiB.
+    buffer = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (30, 60, 90)).save(buffer, format="PNG")
+    messages = [{"role": "user", "content": [{"type": "image", "image": buffer.getvalue()}]}]
+    request = encode_request("qwen3-vl", messages)
+    with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+        responses = list(
+            RenderServiceStub(channel).RenderTrainingSamples(
+                iter([pb.RenderTrainingSamplesRequest(requests=[request] * 3)]), timeout=120
+            )
+        )
+    assert [r.index for response in responses for r in response.results] == [0, 1, 2]
+    assert len(responses) == 3
 
 
 def test_render_many_rejects_a_silly_concurrency(client: RenderClient) -> None:

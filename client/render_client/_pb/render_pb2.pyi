@@ -111,6 +111,18 @@ class RenderTrainingSampleResponse(_message.Message):
     sample: RenderedTrainingSample
     def __init__(self, sample: _Optional[_Union[RenderedTrainingSample, _Mapping]] = ...) -> None: ...
 
+class RenderTrainingSamplesRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RenderTrainingSampleRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RenderTrainingSampleRequest, _Mapping]]] = ...) -> None: ...
+
+class RenderTrainingSamplesResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RenderTrainingSampleResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RenderTrainingSampleResult, _Mapping]]] = ...) -> None: ...
+
 class RenderTrainingSampleResult(_message.Message):
     __slots__ = ("index", "sample", "error")
     INDEX_FIELD_NUMBER: _ClassVar[int]

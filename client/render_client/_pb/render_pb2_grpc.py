@@ -43,8 +43,8 @@ class RenderServiceStub:
                 _registered_method=True)
         self.RenderTrainingSamples = channel.stream_stream(
                 '/render.v1.RenderService/RenderTrainingSamples',
-                request_serializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleRequest.SerializeToString,
-                response_deserializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleResult.FromString,
+                request_serializer=render_dot_v1_dot_render__pb2.RenderTrainingSamplesRequest.SerializeToString,
+                response_deserializer=render_dot_v1_dot_render__pb2.RenderTrainingSamplesResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/render.v1.RenderService/ListModels',
@@ -66,10 +66,12 @@ class RenderServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RenderTrainingSamples(self, request_iterator, context):
-        """Renders a stream of conversations, for datasets: each request in, one
-        result out, tagged with the request's index in the stream (0, 1, 2, ...).
-        A request that fails gets a result carrying its own error status; the
-        stream goes on. Results come back in request order.
+        """Renders a stream of conversations, for datasets. Requests travel in
+        batches, each request numbered by its position in the stream (0, 1, 2, ...
+        across batches); every request gets exactly one result, tagged with that
+        index, in request order. A request that fails gets a result carrying its
+        own error status, and the stream goes on. Batching spreads the cost of a
+        gRPC message over several samples.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,8 +95,8 @@ def add_RenderServiceServicer_to_server(servicer, server):
             ),
             'RenderTrainingSamples': grpc.stream_stream_rpc_method_handler(
                     servicer.RenderTrainingSamples,
-                    request_deserializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleRequest.FromString,
-                    response_serializer=render_dot_v1_dot_render__pb2.RenderTrainingSampleResult.SerializeToString,
+                    request_deserializer=render_dot_v1_dot_render__pb2.RenderTrainingSamplesRequest.FromString,
+                    response_serializer=render_dot_v1_dot_render__pb2.RenderTrainingSamplesResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -155,8 +157,8 @@ class RenderService:
             request_iterator,
             target,
             '/render.v1.RenderService/RenderTrainingSamples',
-            render_dot_v1_dot_render__pb2.RenderTrainingSampleRequest.SerializeToString,
-            render_dot_v1_dot_render__pb2.RenderTrainingSampleResult.FromString,
+            render_dot_v1_dot_render__pb2.RenderTrainingSamplesRequest.SerializeToString,
+            render_dot_v1_dot_render__pb2.RenderTrainingSamplesResponse.FromString,
             options,
             channel_credentials,
             insecure,
