@@ -183,7 +183,8 @@ def throughput(quick: bool, models: list[str]) -> list[dict[str, Any]]:
                 for model in models:
                     requests_file = Path(tmp) / f"{model}.json"
                     requests_file.write_text(json.dumps(sets[model]))
-                    load = LoadProcess(server, model, workers, requests_file)
+                    # Several connections per worker: the kernel assigns each to a worker at random.
+                    load = LoadProcess(server, model, 4 * workers, requests_file)
                     load.run("unary", 8, 1.0)  # warm up connections, workers and caches
                     in_process(model, sets[model], 0.5)
                     for mode in ("unary", "stream"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -57,26 +58,32 @@ class ServerProcess:
 
     process: subprocess.Popen[str]
     port: int
+    http_port: int | None
     output: list[str] = field(default_factory=list)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
     def log(self) -> str:
         return "".join(self.output)
 
     def workers(self) -> list[int]:
-        """The pids of the worker processes the supervisor runs now."""
+        """The pids of the gRPC worker processes the supervisor runs now (not the HTTP process)."""
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
-        return [int(pid) for pid in children.split()]
+        started = {int(pid) for pid in re.findall(r"worker \d+ serving \(pid (\d+)\)", self.log())}
+        return [int(pid) for pid in children.split() if int(pid) in started]
 
 
 @contextmanager
 def running_server(*args: str, timeout: float = 180.0, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    """Start `render-server --port 0 ARGS`, wait until it listens, stop it (SIGTERM) after."""
+    """Start `render-server --port 0 --http-port 0 ARGS`, wait until it listens, stop it (SIGTERM) after."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "render_server", "--port", "0", *args],
+        [sys.executable, "-m", "render_server", "--port", "0", "--http-port", "0", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -85,22 +92,25 @@ def running_server(*args: str, timeout: float = 180.0, env: dict[str, str] | Non
     )
     output: list[str] = []
     ready = threading.Event()
-    port: list[int] = []
+    ports: list[int | None] = []
 
     def pump() -> None:
         assert process.stdout is not None
         for line in process.stdout:
             output.append(line)
-            if line.startswith("render-server listening on ") and not port:
-                port.append(int(line.split()[3].rsplit(":", 1)[1]))
+            if line.startswith("render-server listening on ") and not ports:
+                # "render-server listening on HOST:PORT [http HOST:PORT] with models ..."
+                words = line.split()
+                ports.append(int(words[3].rsplit(":", 1)[1]))
+                ports.append(int(words[5].rsplit(":", 1)[1]) if words[4] == "http" else None)
                 ready.set()
         ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
     try:
-        if not ready.wait(timeout) or not port:
+        if not ready.wait(timeout) or not ports:
             raise RuntimeError("render-server did not start:\n" + "".join(output))
-        yield ServerProcess(process=process, port=port[0], output=output)
+        yield ServerProcess(process=process, port=ports[0], http_port=ports[1], output=output)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -5,8 +5,10 @@
 Needs only grpcio, protobuf and numpy (and pillow only to pass PIL images).
 """
 
+from .channel import target_for, tls_credentials
 from .client import RenderClient, build_training_sample
 from .errors import (
+    CallCancelledError,
     DeadlineExceededError,
     InvalidArgumentError,
     ModelNotFoundError,
@@ -28,6 +30,7 @@ from .types import (
 )
 
 __all__ = [
+    "CallCancelledError",
     "DeadlineExceededError",
     "InvalidArgumentError",
     "ModelInfo",
@@ -45,5 +48,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "build_training_sample",
+    "target_for",
+    "tls_credentials",
     "tokenizer_fingerprint",
 ]

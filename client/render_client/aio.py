@@ -18,7 +18,7 @@ import grpc
 
 from ._pb import render_pb2 as pb
 from ._pb.render_pb2_grpc import RenderServiceStub
-from .channel import ChannelOptions, open_aio_channels
+from .channel import ChannelOptions, auth_metadata, open_aio_channels, target_for
 from .convert import decode_models, decode_sample, encode_sample_request
 from .errors import RenderError, error_from_rpc
 from .streaming import render_many_async
@@ -32,20 +32,23 @@ class AsyncRenderClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = None,
         connections: int = 1,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
     ) -> None:
-        """As RenderClient: `timeout` per unary call, `connections` HTTP/2 connections."""
+        """As RenderClient: `timeout` per unary call, `connections` HTTP/2 connections, `token`, TLS."""
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
+        target = target_for(target)
         self._channels = open_aio_channels(target, connections, credentials=credentials, options=options)
         self._stubs = [RenderServiceStub(channel) for channel in self._channels]
         self._next_stub = itertools.cycle(self._stubs).__next__
         self._timeout = timeout
+        self._metadata = auth_metadata(token)
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
         """A handle on a server model, to pass to `build_training_sample`."""
@@ -55,7 +58,7 @@ class AsyncRenderClient:
         """One build_training_sample call on the server (RenderTrainingSample)."""
         try:
             response = await self._next_stub().RenderTrainingSample(
-                encode_sample_request(request), timeout=timeout or self._timeout
+                encode_sample_request(request), timeout=timeout or self._timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
@@ -71,13 +74,20 @@ class AsyncRenderClient:
     ) -> AsyncIterator[RenderedTrainingSample | RenderError]:
         """As RenderClient.render_many, as an async iterator."""
         return render_many_async(
-            self._stubs, requests, concurrency=concurrency, timeout=timeout, return_exceptions=return_exceptions
+            self._stubs,
+            requests,
+            concurrency=concurrency,
+            timeout=timeout,
+            metadata=self._metadata,
+            return_exceptions=return_exceptions,
         )
 
     async def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
         try:
-            response = await self._next_stub().ListModels(pb.ListModelsRequest(), timeout=timeout or self._timeout)
+            response = await self._next_stub().ListModels(
+                pb.ListModelsRequest(), timeout=timeout or self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return decode_models(response)

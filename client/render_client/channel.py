@@ -1,13 +1,23 @@
-"""How clients open channels to render-service.
+"""How clients open channels to render-service: resilient by default.
 
-Responses carry pixel tensors that can run to hundreds of MiB for a large
-image, so the message size limits are lifted on the client side (the server
-enforces its own request limit).
+- Retries: calls that fail UNAVAILABLE (a server restarting, a worker killed,
+  a replica going away) are retried with exponential backoff by gRPC itself,
+  through the retry policy in the service config below. Rendering has no side
+  effects, so a retry is always safe.
+- Load balancing: round_robin over every address the target resolves to
+  ("dns:///render-service.ns.svc:50051" behind a headless Service), or over
+  an explicit list of addresses (`target_for`).
+- Keepalive pings notice dead connections between calls.
+- Message size limits are lifted: responses carry pixel tensors that can run
+  to hundreds of MiB for a large image (the server enforces its request limit).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,10 +25,68 @@ import grpc.aio
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
+SERVICE = "render.v1.RenderService"
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2.0,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}],
+}
+_MiB = 1024 * 1024
+
 _DEFAULT_OPTIONS: dict[str, Any] = {
     "grpc.max_receive_message_length": -1,
     "grpc.max_send_message_length": -1,
+    "grpc.service_config": json.dumps(SERVICE_CONFIG),
+    "grpc.enable_retries": 1,
+    # A call can only be retried while its request is buffered; gRPC's default
+    # buffer (256 KiB) would leave requests with images out.
+    "grpc.per_rpc_retry_buffer_size": 64 * _MiB,
+    "grpc.retry_buffer_size": 256 * _MiB,
+    "grpc.keepalive_time_ms": 30_000,
+    "grpc.keepalive_timeout_ms": 10_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
 }
+
+
+def target_for(addresses: str | Sequence[str]) -> str:
+    """A gRPC target for one target string, or for a list of "ip:port" addresses.
+
+    A list becomes a static address list ("ipv4:10.0.0.1:50051,10.0.0.2:50051")
+    that round_robin spreads calls over; for names that resolve to several
+    addresses use "dns:///name:port" instead.
+    """
+    if isinstance(addresses, str):
+        return addresses
+    if not addresses:
+        raise ValueError("no addresses given")
+    hosts = [address.rsplit(":", 1) for address in addresses]
+    try:
+        ips = [ipaddress.ip_address(host.strip("[]")) for host, _ in hosts]
+    except ValueError:
+        raise ValueError('a list of addresses must be "ip:port"; for host names use "dns:///name:port"') from None
+    if all(ip.version == 4 for ip in ips):
+        return "ipv4:" + ",".join(addresses)
+    if all(ip.version == 6 for ip in ips):
+        return "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, (_, port) in zip(ips, hosts, strict=True))
+    raise ValueError("a list of addresses must be all IPv4 or all IPv6")
+
+
+def tls_credentials(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials: `ca` to trust the server (default: system roots); `cert` and `key` for mTLS."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes() if ca else None,
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
 
 
 def channel_options(options: ChannelOptions = (), *, own_connection: bool = False) -> list[tuple[str, Any]]:
@@ -42,7 +110,7 @@ def open_channels(
     credentials: grpc.ChannelCredentials | None = None,
     options: ChannelOptions = (),
 ) -> list[grpc.Channel]:
-    """`count` blocking channels to `target` ("host:port", "dns:///name:port", ...), one connection each."""
+    """`count` blocking channels to `target`, one connection (per address) each."""
     merged = channel_options(options, own_connection=count > 1)
     if credentials is None:
         return [grpc.insecure_channel(target, options=merged) for _ in range(count)]
@@ -56,8 +124,13 @@ def open_aio_channels(
     credentials: grpc.ChannelCredentials | None = None,
     options: ChannelOptions = (),
 ) -> list[grpc.aio.Channel]:
-    """`count` asyncio channels to `target`, one connection each."""
+    """`count` asyncio channels to `target`, one connection (per address) each."""
     merged = channel_options(options, own_connection=count > 1)
     if credentials is None:
         return [grpc.aio.insecure_channel(target, options=merged) for _ in range(count)]
     return [grpc.aio.secure_channel(target, credentials, options=merged) for _ in range(count)]
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata carrying a bearer token, if any."""
+    return (("authorization", f"Bearer {token}"),) if token else None

@@ -22,7 +22,7 @@ import grpc
 
 from ._pb import render_pb2 as pb
 from ._pb.render_pb2_grpc import RenderServiceStub
-from .channel import ChannelOptions, open_channels
+from .channel import ChannelOptions, auth_metadata, open_channels, target_for
 from .convert import decode_models, decode_sample, encode_sample_request
 from .errors import RenderError, error_from_rpc
 from .streaming import render_many
@@ -36,26 +36,34 @@ class RenderClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = None,
         connections: int = 1,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
     ) -> None:
-        """Connect to `target`, a gRPC target ("host:port", "dns:///name:port").
+        """Connect to `target`: a gRPC target ("host:port", "dns:///name:port"), or a list
+        of "ip:port" addresses to spread calls over (round_robin).
 
         `timeout` is the default deadline of a unary call, in seconds.
         `connections` opens that many HTTP/2 connections and spreads calls over
-        them: a server's worker processes each take whole connections, so a
-        client that alone should keep a server busy wants one per server core.
+        them: a server's worker processes each take whole connections, which the
+        kernel assigns at random, so a client that alone should keep a server busy
+        wants several per server core (4 x workers spreads well).
+        `token` is sent as `authorization: Bearer <token>` on every call;
+        `credentials` (e.g. `channel.tls_credentials(...)`) turns on TLS.
+        Calls that fail UNAVAILABLE are retried with backoff (channel.py).
         """
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
+        target = target_for(target)
         self._channels = open_channels(target, connections, credentials=credentials, options=options)
         self._stubs = [RenderServiceStub(channel) for channel in self._channels]
         self._next_stub = itertools.cycle(self._stubs).__next__
         self._timeout = timeout
+        self._metadata = auth_metadata(token)
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
         """A handle on a server model, to pass to `build_training_sample`.
@@ -68,7 +76,7 @@ class RenderClient:
         """One build_training_sample call on the server (RenderTrainingSample)."""
         try:
             response = self._next_stub().RenderTrainingSample(
-                encode_sample_request(request), timeout=timeout or self._timeout
+                encode_sample_request(request), timeout=timeout or self._timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
@@ -90,13 +98,20 @@ class RenderClient:
         `timeout` bounds the whole iteration; by default it has none.
         """
         return render_many(
-            self._stubs, requests, concurrency=concurrency, timeout=timeout, return_exceptions=return_exceptions
+            self._stubs,
+            requests,
+            concurrency=concurrency,
+            timeout=timeout,
+            metadata=self._metadata,
+            return_exceptions=return_exceptions,
         )
 
     def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
         try:
-            response = self._next_stub().ListModels(pb.ListModelsRequest(), timeout=timeout or self._timeout)
+            response = self._next_stub().ListModels(
+                pb.ListModelsRequest(), timeout=timeout or self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return decode_models(response)

@@ -64,6 +64,12 @@ class DeadlineExceededError(RenderError, TimeoutError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class CallCancelledError(RenderError):
+    """The call was cancelled, or its deadline passed, before the server answered."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class UnauthenticatedError(RenderError, PermissionError):
     """The call's credentials were missing or wrong."""
 
@@ -80,6 +86,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RenderError]] = {
         UnavailableError,
         DeadlineExceededError,
         UnauthenticatedError,
+        CallCancelledError,
     )
 }
 

@@ -6,9 +6,12 @@ with the fewest unanswered requests; a batch holds whatever requests are
 ready, up to a size that keeps about two batches in flight per stream, so the
 server renders one while the other travels. At most `concurrency` requests are
 taken from the caller's iterable and not yet handed back, so memory stays
-bounded however long the dataset. Every request yields exactly one result: its
-sample or its own error. A stream that breaks (the server went away) answers
-every request it still owed with that error.
+bounded however long the dataset.
+
+Every request yields exactly one result: its sample or its own error. A stream
+that breaks with UNAVAILABLE (a worker or replica went away) is opened again,
+with backoff, and the requests it had not answered are sent again (rendering
+has no side effects); after the last attempt each of them gets the error.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,15 +30,18 @@ import grpc
 
 from ._pb import render_pb2 as pb
 from ._pb.render_pb2_grpc import RenderServiceStub
+from .channel import RETRY_POLICY
 from .convert import decode_result, encode_sample_request
 from .errors import RenderError, error_from_rpc
 from .types import RenderedTrainingSample, SampleRequest
 
 Result = RenderedTrainingSample | RenderError
 Item = SampleRequest | pb.RenderTrainingSampleRequest
+Metadata = tuple[tuple[str, str], ...] | None
 
 # Beyond this many requests per message, batching saves nothing measurable.
 _MAX_BATCH = 32
+_ATTEMPTS = int(RETRY_POLICY["maxAttempts"])
 _END = object()
 
 
@@ -63,6 +71,45 @@ class _InOrder:
         while self.next in self._waiting:
             yield self._waiting.pop(self.next)
             self.next += 1
+
+
+class _Pending:
+    """The requests a stream has sent and not had answered, in the order sent."""
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[int, pb.RenderTrainingSampleRequest]] = deque()
+        self._first_index = 0  # index in the current call of the oldest unanswered request
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def sent(self, positions: list[int], requests: list[pb.RenderTrainingSampleRequest]) -> None:
+        self._items.extend(zip(positions, requests, strict=True))
+
+    def answered(self, index: int) -> int:
+        """The input position of the request at `index` in the call; it is no longer pending."""
+        # The server answers in request order, so the answer is to the oldest.
+        assert index == self._first_index, (index, self._first_index)
+        self._first_index += 1
+        return self._items.popleft()[0]
+
+    def restart(self) -> tuple[list[int], list[pb.RenderTrainingSampleRequest]]:
+        """Everything unanswered, to send again on a new call (whose indices start at 0)."""
+        self._first_index = 0
+        return [position for position, _ in self._items], [request for _, request in self._items]
+
+    def drain(self) -> list[int]:
+        positions = [position for position, _ in self._items]
+        self._items.clear()
+        return positions
+
+
+def _backoff(attempt: int) -> float:
+    return min(0.1 * 2**attempt, 2.0)
+
+
+def _retryable(error: RenderError, attempt: int) -> bool:
+    return error.code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < _ATTEMPTS
 
 
 def _batch_size(concurrency: int, streams: int) -> int:
@@ -99,21 +146,34 @@ def _outcome(result: Any, return_exceptions: bool) -> Result:
 
 
 class _Stream:
-    """One RenderTrainingSamples call and the input positions it carries."""
+    """A RenderTrainingSamples call (opened again if it breaks) and the requests it owes."""
 
-    def __init__(self, stub: RenderServiceStub, timeout: float | None, results: queue.SimpleQueue[Any]) -> None:
-        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    def __init__(
+        self, stub: RenderServiceStub, timeout: float | None, metadata: Metadata, results: queue.SimpleQueue[Any]
+    ) -> None:
+        self._stub, self._timeout, self._metadata = stub, timeout, metadata
         self._results = results
         self._lock = threading.Lock()
-        self._positions: list[int] = []  # input position of the k-th request sent here
-        self._answered = 0
+        self._pending = _Pending()
         self._failure: RenderError | None = None
-        self.call = stub.RenderTrainingSamples(iter(self._outbox.get, None), timeout=timeout)
-        threading.Thread(target=self._read, daemon=True, name="render-many-reader").start()
+        self._finished = False
+        self._call = self._new_call([])
+        threading.Thread(target=self._read, args=(self._call,), daemon=True, name="render-many-reader").start()
 
     @property
     def unanswered(self) -> int:
-        return len(self._positions) - self._answered
+        return len(self._pending)
+
+    def _new_call(self, requests: list[pb.RenderTrainingSampleRequest]) -> Any:
+        """A call whose request stream starts with `requests` (and ends if finished)."""
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        if requests:
+            self._outbox.put(pb.RenderTrainingSamplesRequest(requests=requests))
+        if self._finished:
+            self._outbox.put(None)
+        return self._stub.RenderTrainingSamples(
+            iter(self._outbox.get, None), timeout=self._timeout, metadata=self._metadata
+        )
 
     def send(self, positions: list[int], requests: list[pb.RenderTrainingSampleRequest]) -> None:
         with self._lock:
@@ -121,24 +181,48 @@ class _Stream:
                 for position in positions:
                     self._results.put((position, self._failure))
                 return
-            self._positions.extend(positions)
-        self._outbox.put(pb.RenderTrainingSamplesRequest(requests=requests))
+            self._pending.sent(positions, requests)
+            self._outbox.put(pb.RenderTrainingSamplesRequest(requests=requests))
 
     def finish(self) -> None:
-        self._outbox.put(None)
+        with self._lock:
+            self._finished = True
+            self._outbox.put(None)
 
-    def _read(self) -> None:
-        try:
-            for response in self.call:
-                for result in response.results:
-                    self._results.put((self._positions[result.index], decode_result(result)))
-                    self._answered += 1
-        except grpc.RpcError as exc:
+    def cancel(self) -> None:
+        with self._lock:
+            self._finished = True
+            self._failure = self._failure or RenderError("render_many was closed")
+            call = self._call
+        call.cancel()
+
+    def _read(self, call: Any) -> None:
+        attempt = 0
+        while True:
+            try:
+                for response in call:
+                    attempt = 0
+                    for result in response.results:
+                        with self._lock:
+                            position = self._pending.answered(result.index)
+                        self._results.put((position, decode_result(result)))
+                return
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+            if self._failure is None and _retryable(error, attempt):
+                time.sleep(_backoff(attempt))
+                attempt += 1
+                with self._lock:
+                    if self._failure is None:  # not closed meanwhile
+                        # Open the call again and send what it owed; read on from the new one.
+                        _, owed = self._pending.restart()
+                        call = self._call = self._new_call(owed)
+                        continue
             with self._lock:
-                self._failure = error_from_rpc(exc)
-                for position in self._positions[self._answered :]:
+                self._failure = self._failure or error
+                for position in self._pending.drain():
                     self._results.put((position, self._failure))
-                self._answered = len(self._positions)
+            return
 
 
 def render_many(
@@ -147,12 +231,13 @@ def render_many(
     *,
     concurrency: int,
     timeout: float | None,
+    metadata: Metadata,
     return_exceptions: bool,
 ) -> Iterator[Result]:
     streams_wanted = min(len(stubs), concurrency) if concurrency > 0 else 1
     batch_size = _batch_size(concurrency, streams_wanted)
     results: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    streams = [_Stream(stub, timeout, results) for stub in stubs[:streams_wanted]]
+    streams = [_Stream(stub, timeout, metadata, results) for stub in stubs[:streams_wanted]]
     slots = threading.Semaphore(concurrency)
     closed = threading.Event()
 
@@ -208,7 +293,7 @@ def render_many(
     finally:
         closed.set()
         for stream in streams:
-            stream.call.cancel()
+            stream.cancel()
 
 
 # ---------------------------------------------------------------------------
@@ -217,46 +302,77 @@ def render_many(
 
 
 class _AsyncStream:
-    """One asyncio RenderTrainingSamples call and the input positions it carries."""
+    """An asyncio RenderTrainingSamples call (opened again if it breaks) and the requests it owes."""
 
-    def __init__(self, stub: RenderServiceStub, timeout: float | None, results: asyncio.Queue[Any]) -> None:
+    def __init__(
+        self, stub: RenderServiceStub, timeout: float | None, metadata: Metadata, results: asyncio.Queue[Any]
+    ) -> None:
+        self._stub, self._timeout, self._metadata = stub, timeout, metadata
         self._results = results
-        self._positions: list[int] = []
-        self._answered = 0
+        self._pending = _Pending()
         self._failure: RenderError | None = None
-        self.call = stub.RenderTrainingSamples(timeout=timeout)
+        self._finished = False
+        self._ready = asyncio.Event()  # set while self.call accepts writes
+        self.call = self._stub.RenderTrainingSamples(timeout=timeout, metadata=metadata)
+        self._ready.set()
         self.reader = asyncio.ensure_future(self._read())
 
     @property
     def unanswered(self) -> int:
-        return len(self._positions) - self._answered
+        return len(self._pending)
 
     async def send(self, positions: list[int], requests: list[pb.RenderTrainingSampleRequest]) -> None:
         if self._failure is not None:
             for position in positions:
                 self._results.put_nowait((position, self._failure))
             return
-        self._positions.extend(positions)
-        # A broken stream fails the write; the reader then answers what it owed.
+        self._pending.sent(positions, requests)
+        await self._ready.wait()
+        # A broken call fails the write; the reader opens a new one and sends these again.
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
             await self.call.write(pb.RenderTrainingSamplesRequest(requests=requests))
 
     async def finish(self) -> None:
-        if self._failure is None:
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await self.call.done_writing()
+        self._finished = True
+        await self._ready.wait()
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await self.call.done_writing()
+
+    def cancel(self) -> None:
+        self._failure = self._failure or RenderError("render_many was closed")
+        self.call.cancel()
+        self.reader.cancel()
 
     async def _read(self) -> None:
-        try:
-            while (response := await self.call.read()) is not grpc.aio.EOF:
-                for result in response.results:
-                    self._results.put_nowait((self._positions[result.index], decode_result(result)))
-                    self._answered += 1
-        except grpc.RpcError as exc:
-            self._failure = error_from_rpc(exc)
-            for position in self._positions[self._answered :]:
+        attempt = 0
+        while True:
+            try:
+                while (response := await self.call.read()) is not grpc.aio.EOF:
+                    attempt = 0
+                    for result in response.results:
+                        self._results.put_nowait((self._pending.answered(result.index), decode_result(result)))
+                return
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+            if self._failure is None and _retryable(error, attempt):
+                self._ready.clear()
+                await asyncio.sleep(_backoff(attempt))
+                attempt += 1
+                # Open the call again and send what it owed.
+                _, requests = self._pending.restart()
+                self.call = self._stub.RenderTrainingSamples(timeout=self._timeout, metadata=self._metadata)
+                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                    if requests:
+                        await self.call.write(pb.RenderTrainingSamplesRequest(requests=requests))
+                    if self._finished:
+                        await self.call.done_writing()
+                self._ready.set()
+                continue
+            self._failure = self._failure or error
+            for position in self._pending.drain():
                 self._results.put_nowait((position, self._failure))
-            self._answered = len(self._positions)
+            self._ready.set()
+            return
 
 
 async def _as_async(items: Iterable[Item]) -> AsyncIterator[Item]:
@@ -270,12 +386,13 @@ async def render_many_async(
     *,
     concurrency: int,
     timeout: float | None,
+    metadata: Metadata,
     return_exceptions: bool,
 ) -> AsyncIterator[Result]:
     streams_wanted = min(len(stubs), concurrency) if concurrency > 0 else 1
     batch_size = _batch_size(concurrency, streams_wanted)
     results: asyncio.Queue[Any] = asyncio.Queue()
-    streams = [_AsyncStream(stub, timeout, results) for stub in stubs[:streams_wanted]]
+    streams = [_AsyncStream(stub, timeout, metadata, results) for stub in stubs[:streams_wanted]]
     slots = asyncio.Semaphore(concurrency)
     items = aiter(requests) if isinstance(requests, AsyncIterable) else _as_async(requests)
 
@@ -324,5 +441,4 @@ async def render_many_async(
     finally:
         feeder.cancel()
         for stream in streams:
-            stream.call.cancel()
-            stream.reader.cancel()
+            stream.cancel()

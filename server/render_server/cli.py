@@ -1,86 +1,180 @@
-"""`render-server`: load the registry, serve until SIGTERM or Ctrl-C."""
+"""`render-server`: flags, start-up, and the hand-over to the supervisor (workers.py)."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
-from .registry import ModelRegistry
-from .server import ServerOptions
-from .workers import Supervisor, reserved_port
+from .limits import Limits, MiB
+
+if TYPE_CHECKING:
+    from .server import TlsFiles
 
 log = logging.getLogger("render_server")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = ServerOptions()
+    limits = Limits()
     parser = argparse.ArgumentParser(
         prog="render-server", description="Serve renderers.build_training_sample over gRPC."
     )
-    parser.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG_PATH, help="model registry TOML (default: the embedded registry)"
-    )
-    parser.add_argument(
-        "--host", default=defaults.host, help="address to listen on (default: %(default)s; 0.0.0.0 for all)"
-    )
-    parser.add_argument(
-        "--port", type=int, default=defaults.port, help="gRPC port; 0 picks a free one (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=available_cpus(), help="worker processes, one per core (default: %(default)s)"
-    )
-    parser.add_argument("--threads", type=int, default=defaults.threads, help="handler threads (default: %(default)s)")
-    parser.add_argument(
-        "--max-request-mb",
-        type=float,
-        default=defaults.max_request_bytes / 2**20,
-        help="largest request accepted, MiB (default: %(default)s)",
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="model registry TOML (default: the embedded registry)")
+    add("--host", default="127.0.0.1", help="gRPC address to listen on (default: %(default)s; 0.0.0.0 for all)")
+    add("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: %(default)s)")
+    add("--http-host", help="HTTP address (health, metrics, JSON render); default: --host")
+    add("--http-port", type=int, default=8080, help="HTTP port; 0 picks a free one (default: %(default)s)")
+    add("--no-http", action="store_true", help="serve no HTTP port")
+    add("--workers", type=int, default=available_cpus(), help="worker processes, one per core (default: %(default)s)")
+    add("--threads", type=int, default=32, help="handler threads per worker; a stream holds one (default: %(default)s)")
+    add(
         "--grace",
         type=float,
         default=10.0,
-        help="seconds in-flight calls get to finish on shutdown (default: %(default)s)",
+        help="seconds in-flight calls get to finish on SIGTERM (default: %(default)s)",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    add("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    group = parser.add_argument_group("limits")
+    group.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=limits.max_request_bytes / MiB,
+        help="largest request, MiB (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-messages", type=int, default=limits.max_messages, help="messages per request (default: %(default)s)"
+    )
+    group.add_argument(
+        "--max-images", type=int, default=limits.max_images, help="images per request (default: %(default)s)"
+    )
+    group.add_argument(
+        "--max-image-mb",
+        type=float,
+        default=limits.max_image_bytes / MiB,
+        help="encoded size per image, MiB (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=limits.max_image_pixels,
+        help="width x height per image, checked before decoding (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-tokens", type=int, default=limits.max_tokens, help="rendered tokens per sample (default: %(default)s)"
+    )
+    group.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=limits.max_concurrent_rpcs,
+        help="calls per worker at once; more get RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
+    group = parser.add_argument_group("security")
+    group.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC and HTTP over TLS")
+    group.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    group.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates it signed (mTLS)")
+    group.add_argument(
+        "--auth-tokens-file", type=Path, help="bearer tokens, one per line (also: $RENDER_SERVICE_TOKENS)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Tokenizers' own thread pool only helps batch encodes; renders are single calls.
+    # Tokenizers' own thread pool only helps batch encodes; renders are single calls (and we fork).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    prepare_metrics_dir()
+    # Imported only now: prometheus_client chooses multiprocess mode when imported.
+    from .auth import load_tokens
+    from .registry import ModelRegistry
+    from .server import ServerOptions
+    from .workers import Supervisor, listening_socket, reserved_port
+
     started = time.perf_counter()
+    try:
+        tls = _tls_files(args)
+        tokens = load_tokens(args.auth_tokens_file)
+    except (OSError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    limits = Limits(
+        max_request_bytes=int(args.max_request_mb * MiB),
+        max_messages=args.max_messages,
+        max_images=args.max_images,
+        max_image_bytes=int(args.max_image_mb * MiB),
+        max_image_pixels=args.max_image_pixels,
+        max_tokens=args.max_tokens,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+    )
     with contextlib.ExitStack() as stack:
+        http_host = args.http_host or args.host
         try:
-            # Hold the port first: a clash fails at once, not after loading the models.
+            # Hold the ports first: a clash fails at once, not after loading the models.
             port = stack.enter_context(reserved_port(args.host, args.port))
+            http_socket = None if args.no_http else stack.enter_context(listening_socket(http_host, args.http_port))
         except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror or exc)
+            log.error("cannot listen: %s", exc.strerror or exc)
             return 2
         try:
             registry = ModelRegistry.load(load_config(args.config))
         except ConfigError as exc:
             log.error("bad model registry: %s", exc)
             return 2
-        options = ServerOptions(
-            host=args.host, port=port, threads=args.threads, max_request_bytes=int(args.max_request_mb * 2**20)
-        )
+        options = ServerOptions(host=args.host, port=port, threads=args.threads, limits=limits, tls=tls, tokens=tokens)
         models = ", ".join(model.id for model in registry.describe().models)
+        http = "" if http_socket is None else f" http {http_host}:{http_socket.getsockname()[1]}"
 
         def on_ready() -> None:
-            # Tests and scripts wait for this line: every worker is loaded and listening.
-            print(f"render-server listening on {args.host}:{port} with models {models}", flush=True)
+            # Tests and scripts wait for this line: every process is loaded and listening.
+            print(f"render-server listening on {args.host}:{port}{http} with models {models}", flush=True)
             log.info("ready in %.1fs with %d workers", time.perf_counter() - started, args.workers)
 
-        return Supervisor(registry, options, workers=args.workers, grace=args.grace).run(on_ready)
+        supervisor = Supervisor(registry, options, workers=args.workers, grace=args.grace, http_socket=http_socket)
+        return supervisor.run(on_ready)
+
+
+def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    from .server import TlsFiles
+
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    for flag, path in (
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+        ("--tls-client-ca", args.tls_client_ca),
+    ):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag}: not a readable file")
+    return TlsFiles(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+
+
+def prepare_metrics_dir() -> None:
+    """Give prometheus_client's multiprocess mode an empty directory for this server's lifetime."""
+    existing = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if existing:
+        # An operator's directory: stale files from an earlier run would add to ours.
+        for stale in Path(existing).glob("*.db"):
+            stale.unlink()
+        return
+    directory = tempfile.mkdtemp(prefix="render-server-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    pid = os.getpid()
+    # Only the supervisor removes it: forked children run no atexit handlers (os._exit).
+    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(directory, ignore_errors=True))
 
 
 def available_cpus() -> int:

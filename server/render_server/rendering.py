@@ -9,12 +9,15 @@ cores with worker processes instead.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import renderers
 
 from render_client.convert import RenderArguments
 from render_client.errors import (
+    CallCancelledError,
     InvalidArgumentError,
     RenderError,
     ResourceExhaustedError,
@@ -22,23 +25,34 @@ from render_client.errors import (
     invalid,
 )
 
+from .limits import Limits, check_tokens
 from .media import decode_images
+from .metrics import RENDER_CPU
 from .registry import LoadedModel
 
 _render_lock = threading.Lock()
 
 
-def render_sample(model: LoadedModel, arguments: RenderArguments) -> Any:
+def render_sample(
+    model: LoadedModel,
+    arguments: RenderArguments,
+    limits: Limits,
+    is_cancelled: Callable[[], bool] = lambda: False,
+) -> Any:
     """renderers.build_training_sample for a decoded request; a RenderError if it fails."""
     _check_roles(model, arguments)
     if model.accepts_images:
         # Text renderers ignore images in-process, undecoded; so do we.
-        decode_images(arguments.media)
+        decode_images(arguments.media, limits)
     role_to_mask = _role_to_mask(arguments)
     with _render_lock:
+        # Waiting for the lock can outlast a caller: then skip the work.
+        if is_cancelled():
+            raise CallCancelledError("the call was cancelled or its deadline passed before rendering")
+        started = time.thread_time()
         try:
             renderer = model.renderer_for(arguments.chat_template_kwargs)
-            return renderers.build_training_sample(
+            sample = renderers.build_training_sample(
                 renderer,
                 arguments.messages,
                 role_to_mask=role_to_mask,
@@ -49,6 +63,10 @@ def render_sample(model: LoadedModel, arguments: RenderArguments) -> Any:
             )
         except Exception as exc:  # the renderer rejected the conversation
             raise renderer_error(exc) from exc
+        finally:
+            RENDER_CPU.labels(model.info.id).inc(time.thread_time() - started)
+    check_tokens(len(sample.token_ids), limits)
+    return sample
 
 
 def renderer_error(exc: Exception) -> RenderError:

@@ -1,9 +1,11 @@
-"""The gRPC server: the render service plus standard health checking and reflection."""
+"""One gRPC server: the render service, standard health checking and reflection,
+with optional TLS / mutual TLS and bearer-token authentication."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,13 +13,30 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from render_client._pb import render_pb2 as pb
-from render_client._pb import render_pb2_grpc as pb_grpc
-
+from .auth import AuthInterceptor, TokenCheck
+from .limits import Limits
 from .registry import ModelRegistry
-from .service import RenderService
+from .service import SERVICE_NAME, RenderService
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RenderService"].full_name
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for TLS; with `client_ca`, clients must present a certificate it signed (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    threads: int = 32  # handler threads; a stream holds one. Renders take turns (rendering.py)
+    limits: Limits = field(default_factory=Limits)
+    tls: TlsFiles | None = None
+    tokens: frozenset[str] = frozenset()
+    reuse_port: bool = False  # let worker processes share the port (workers.py)
 
 
 class MethodAwarePool:
@@ -48,15 +67,6 @@ class MethodAwarePool:
             return service.file
 
 
-@dataclass(frozen=True)
-class ServerOptions:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    threads: int = 32  # handler threads; a stream holds one. Renders take turns (rendering.py)
-    max_request_bytes: int = 64 * 1024 * 1024
-    reuse_port: bool = False  # let worker processes share the port (workers.py)
-
-
 @dataclass
 class RunningServer:
     server: grpc.Server
@@ -71,16 +81,25 @@ class RunningServer:
 
 def start_server(registry: ModelRegistry, options: ServerOptions) -> RunningServer:
     """Bind, start and mark healthy a server for `registry`."""
+    check = TokenCheck(options.tokens)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="render"),
+        interceptors=[AuthInterceptor(check)] if check else [],
+        # Past this many calls at once the server answers RESOURCE_EXHAUSTED at
+        # once, instead of queueing without bound.
+        maximum_concurrent_rpcs=options.limits.max_concurrent_rpcs,
         options=[
-            ("grpc.max_receive_message_length", options.max_request_bytes),
+            ("grpc.max_receive_message_length", options.limits.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             # Only workers share a port, on purpose; otherwise a clash is an error.
             ("grpc.so_reuseport", int(options.reuse_port)),
+            # Clients keep idle connections alive with pings (channel.py); allow them.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    pb_grpc.add_RenderServiceServicer_to_server(RenderService(registry), server)
+    service = RenderService(registry, options.limits)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, service.handlers()),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -88,10 +107,23 @@ def start_server(registry: ModelRegistry, options: ServerOptions) -> RunningServ
         server,
         pool=MethodAwarePool(descriptor_pool.Default()),
     )
-    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    address = f"{options.host}:{options.port}"
+    if options.tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, server_credentials(options.tls))
     if port == 0:
-        raise OSError(f"cannot listen on {options.host}:{options.port}")
+        raise OSError(f"cannot listen on {address}")
     server.start()
     running = RunningServer(server=server, health=health_servicer, port=port)
     running.set_serving(True)
     return running
+
+
+def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    client_ca = tls.client_ca.read_bytes() if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )

@@ -1,58 +1,116 @@
-"""The gRPC servicer: request -> convert -> render -> convert -> response.
+"""The render service: request -> convert -> render -> convert -> response.
 
-Every answer is either a response or a status from render_client.errors;
-anything unexpected is logged here and answered INTERNAL without a traceback.
+`RenderService.render_into` is the one path every render takes, whatever it
+came by (unary call, stream item, HTTP POST): limits, metrics and error
+handling live there. Every answer is a response or a status from
+render_client.errors; anything unexpected is logged here and answered
+INTERNAL, without a traceback on the wire.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import NoReturn
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from render_client._pb import render_pb2 as pb
-from render_client._pb import render_pb2_grpc as pb_grpc
 from render_client.convert import decode_request, encode_models, encode_sample
-from render_client.errors import ERROR_TYPE_KEY, RenderError
+from render_client.errors import ERROR_TYPE_KEY, InvalidArgumentError, RenderError
 
+from .limits import Limits, check_request
+from .metrics import IMAGES, IN_FLIGHT, LATENCY, REQUESTS, TOKENS, UNKNOWN_MODEL
 from .registry import ModelRegistry
 from .rendering import render_sample
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RenderService"].full_name
 # A stream's answer to a batch is sent early once it holds this much.
 _RESPONSE_FLUSH_BYTES = 8 * 1024 * 1024
 
 
-class RenderService(pb_grpc.RenderServiceServicer):
-    def __init__(self, registry: ModelRegistry) -> None:
+class Malformed:
+    """What a request deserializes to when its bytes are not the message they should be."""
+
+    def __init__(self, message_type: str) -> None:
+        self.message_type = message_type
+
+
+class RenderService:
+    def __init__(self, registry: ModelRegistry, limits: Limits) -> None:
         self._registry = registry
+        self._limits = limits
+
+    # -- the one render path --------------------------------------------------
+
+    def render_into(
+        self,
+        request: pb.RenderTrainingSampleRequest,
+        out: pb.RenderedTrainingSample,
+        *,
+        method: str,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Render `request` into `out`, or raise the RenderError to answer with."""
+        started = time.perf_counter()
+        model_label, code = UNKNOWN_MODEL, grpc.StatusCode.OK
+        in_flight = IN_FLIGHT.labels(method)
+        in_flight.inc()
+        try:
+            arguments = decode_request(request)
+            model = self._registry.get(arguments.model)
+            model_label = model.info.id
+            check_request(arguments, self._limits)
+            sample = render_sample(model, arguments, self._limits, is_cancelled)
+            encode_sample(sample, out)
+            TOKENS.labels(model_label).inc(len(sample.token_ids))
+            if model.accepts_images:
+                IMAGES.labels(model_label).inc(sum(ref.kind == "image" for ref in arguments.media))
+        except Exception as exc:
+            error = as_render_error(exc)
+            code = error.code
+            raise error from None
+        finally:
+            in_flight.dec()
+            REQUESTS.labels(method, model_label, code.name).inc()
+            LATENCY.labels(method, model_label).observe(time.perf_counter() - started)
+
+    # -- gRPC methods ------------------------------------------------------------
 
     def RenderTrainingSample(
-        self, request: pb.RenderTrainingSampleRequest, context: grpc.ServicerContext
+        self, request: pb.RenderTrainingSampleRequest | Malformed, context: grpc.ServicerContext
     ) -> pb.RenderTrainingSampleResponse:
         response = pb.RenderTrainingSampleResponse()
         try:
-            self._render_into(request, response.sample)
-        except Exception as exc:
-            abort(context, as_render_error(exc))
+            self.render_into(
+                _well_formed(request), response.sample, method="RenderTrainingSample", is_cancelled=_gone(context)
+            )
+        except RenderError as exc:
+            abort(context, exc)
         return response
 
     def RenderTrainingSamples(
-        self, batches: Iterator[pb.RenderTrainingSamplesRequest], context: grpc.ServicerContext
+        self, batches: Iterator[pb.RenderTrainingSamplesRequest | Malformed], context: grpc.ServicerContext
     ) -> Iterator[pb.RenderTrainingSamplesResponse]:
         index = 0
+        is_cancelled = _gone(context)
         for batch in batches:
+            if isinstance(batch, Malformed):
+                # Its requests cannot be counted, so no later index would be right.
+                abort(context, InvalidArgumentError(f"request batch after index {index}: {_malformed(batch)}"))
             response = pb.RenderTrainingSamplesResponse()
             for request in batch.requests:
+                if is_cancelled():
+                    return
                 result = response.results.add(index=index)
                 index += 1
                 try:
-                    self._render_into(request, result.sample)
-                except Exception as exc:
-                    error = as_render_error(exc)
+                    self.render_into(request, result.sample, method="RenderTrainingSamples", is_cancelled=is_cancelled)
+                except RenderError as error:
                     # Setting the error clears whatever part of the sample was filled.
                     result.error.code = error.code.value[0]
                     result.error.message = error.details
@@ -63,13 +121,64 @@ class RenderService(pb_grpc.RenderServiceServicer):
             if response.results:
                 yield response
 
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+    def ListModels(
+        self, request: pb.ListModelsRequest | Malformed, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
         return encode_models(self._registry.describe())
 
-    def _render_into(self, request: pb.RenderTrainingSampleRequest, out: pb.RenderedTrainingSample) -> None:
-        arguments = decode_request(request)
-        sample = render_sample(self._registry.get(arguments.model), arguments)
-        encode_sample(sample, out)
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """The service's method handlers, with deserializers that do not fail on bad bytes.
+
+        gRPC would answer a request that does not parse with INTERNAL; parsing
+        leniently lets the handler answer INVALID_ARGUMENT instead.
+        """
+        return {
+            "RenderTrainingSample": grpc.unary_unary_rpc_method_handler(
+                self.RenderTrainingSample,
+                request_deserializer=_lenient(pb.RenderTrainingSampleRequest),
+                response_serializer=pb.RenderTrainingSampleResponse.SerializeToString,
+            ),
+            "RenderTrainingSamples": grpc.stream_stream_rpc_method_handler(
+                self.RenderTrainingSamples,
+                request_deserializer=_lenient(pb.RenderTrainingSamplesRequest),
+                response_serializer=pb.RenderTrainingSamplesResponse.SerializeToString,
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                self.ListModels,
+                request_deserializer=_lenient(pb.ListModelsRequest),
+                response_serializer=pb.ListModelsResponse.SerializeToString,
+            ),
+        }
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return Malformed(message_class.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def _malformed(request: Malformed) -> str:
+    return f"not a valid {request.message_type} protobuf message"
+
+
+def _well_formed(request: Any) -> Any:
+    if isinstance(request, Malformed):
+        raise InvalidArgumentError(f"request: {_malformed(request)}")
+    return request
+
+
+def _gone(context: grpc.ServicerContext) -> Callable[[], bool]:
+    """Whether the caller has cancelled or run out of time."""
+
+    def is_cancelled() -> bool:
+        remaining = context.time_remaining()
+        return not context.is_active() or (remaining is not None and remaining <= 0)
+
+    return is_cancelled
 
 
 def as_render_error(exc: Exception) -> RenderError:

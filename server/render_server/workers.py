@@ -1,16 +1,18 @@
-"""Worker processes: one gRPC server per core, all on one port, under a supervisor.
+"""Processes: gRPC workers on one shared port and an HTTP process, under a supervisor.
 
-One Python process renders on one core, so the server forks N workers, each a
-complete gRPC server (service, health, reflection) bound to the same port with
-SO_REUSEPORT; the kernel spreads incoming connections across them. This is
-gRPC Python's own multiprocessing pattern. The supervisor loads the models
-before forking, so workers start (and restart) without loading anything and
-share the loaded pages copy-on-write. It never touches gRPC itself: gRPC must
-not be initialised before a fork.
+One Python process renders on one core, so the supervisor forks N workers,
+each a complete gRPC server (service, health, reflection) bound to the same
+port with SO_REUSEPORT; the kernel spreads incoming connections across them.
+This is gRPC Python's own multiprocessing pattern. One more child serves the
+HTTP port (http_app.py). The supervisor loads the models before forking, so
+children start (and restart) without loading anything and share the loaded
+pages copy-on-write. It never touches gRPC itself: gRPC must not be
+initialised before a fork.
 
-A worker that dies is forked again. On SIGTERM or SIGINT the supervisor passes
-the signal on, every worker stops gracefully (see server.py), and the
-supervisor exits 0 once all have.
+A child that dies is forked again. On SIGTERM or SIGINT the supervisor marks
+itself draining (/readyz answers 503), passes the signal to the workers, which
+report NOT_SERVING, refuse new calls and give in-flight ones the grace period,
+then stops the HTTP process, and exits 0 once all children have.
 """
 
 from __future__ import annotations
@@ -27,38 +29,52 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+from . import metrics
+from .auth import TokenCheck
+from .http_app import HttpApp, serve_http
 from .registry import ModelRegistry
 from .server import ServerOptions, start_server
+from .service import RenderService
+from .status import SharedStatus
 
 log = logging.getLogger(__name__)
 
-# A worker that keeps dying is forked again at most this often.
+# A child that keeps dying is forked again at most this often.
 _RESTART_INTERVAL = 1.0
 _READY_TIMEOUT = 60.0
+HTTP = "http"  # the HTTP child's slot
 
 
 @dataclass
-class _Worker:
-    slot: int
+class _Child:
+    slot: int | str  # a worker's index, or HTTP
     pid: int
     started: float
 
 
 class Supervisor:
-    """Forks, watches and stops the worker processes."""
+    """Forks, watches and stops the child processes."""
 
-    def __init__(self, registry: ModelRegistry, options: ServerOptions, workers: int, grace: float) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        options: ServerOptions,
+        workers: int,
+        grace: float,
+        http_socket: socket.socket | None = None,
+    ) -> None:
         self._registry = registry
         self._options = options
-        self._count = workers
         self._grace = grace
-        self._workers: dict[int, _Worker] = {}
-        self._missing: dict[int, float] = {}  # slot -> when its worker last started
+        self._http_socket = http_socket
+        self._slots: list[int | str] = [*range(workers), *([HTTP] if http_socket else [])]
+        self._children: dict[int, _Child] = {}
+        self._missing: dict[int | str, float] = {}  # slot -> when its child last started
         self._stopping = threading.Event()
-        self.restarts = 0
+        self.status = SharedStatus(workers)
 
     def run(self, on_ready: Callable[[], None]) -> int:
-        """Serve until told to stop; `on_ready()` once every worker listens. Returns the exit code.
+        """Serve until told to stop; `on_ready()` once every child listens. Returns the exit code.
 
         The options' port must be held by `reserved_port` meanwhile.
         """
@@ -66,10 +82,10 @@ class Supervisor:
             signal.signal(signum, lambda *_: self._stopping.set())
         # The loaded models live as long as the process: keep them out of the
         # garbage collector's passes, which would otherwise walk them again and
-        # again while renders allocate, and would dirty the pages workers share.
+        # again while renders allocate, and would dirty the pages children share.
         gc.freeze()
         try:
-            for slot in range(self._count):
+            for slot in self._slots:
                 self._fork(slot)
         except RuntimeError:
             self._stop()
@@ -78,63 +94,106 @@ class Supervisor:
         self._watch()
         return self._stop()
 
-    def _fork(self, slot: int) -> None:
+    def _fork(self, slot: int | str) -> None:
         read_end, write_end = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the worker
+        if pid == 0:  # the child
             os.close(read_end)
             code = 1
             try:
-                code = _serve_worker(self._registry, self._options, self._grace, write_end)
+                code = self._serve_child(slot, write_end)
             except BaseException:
-                log.exception("worker %d failed", slot)
+                log.exception("%s failed", _name(slot))
             finally:
                 os._exit(code)
         os.close(write_end)
         with os.fdopen(read_end, "rb") as ready:
-            # The worker writes one byte once it listens; EOF means it died first.
+            # The child writes one byte once it listens; EOF means it died first.
             if not _wait_readable(ready.fileno(), _READY_TIMEOUT) or ready.read(1) != b"1":
-                raise RuntimeError(f"worker {slot} did not start (pid {pid})")
-        self._workers[pid] = _Worker(slot=slot, pid=pid, started=time.monotonic())
-        log.info("worker %d serving (pid %d)", slot, pid)
+                raise RuntimeError(f"{_name(slot)} did not start (pid {pid})")
+        self._children[pid] = _Child(slot=slot, pid=pid, started=time.monotonic())
+        self._update_status()
+        log.info("%s serving (pid %d)", _name(slot), pid)
+
+    def _serve_child(self, slot: int | str, ready_fd: int) -> int:
+        if slot == HTTP:
+            return self._serve_http(ready_fd)
+        return _serve_worker(self._registry, self._options, self._grace, ready_fd)
+
+    def _serve_http(self, ready_fd: int) -> int:
+        assert self._http_socket is not None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)  # uvicorn installs its own
+        app = HttpApp(
+            RenderService(self._registry, self._options.limits),
+            self.status,
+            TokenCheck(self._options.tokens),
+            self._options.limits.max_request_bytes,
+        )
+        os.write(ready_fd, b"1")  # the socket already listens
+        os.close(ready_fd)
+        serve_http(app, self._http_socket, self._options.tls, self._grace)
+        return 0
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):
             for pid, status in _reaped():
-                worker = self._workers.pop(pid, None)
-                if worker is not None:
-                    log.error("worker %d (pid %d) died: %s; starting it again", worker.slot, pid, _describe(status))
-                    self._missing[worker.slot] = worker.started
+                child = self._children.pop(pid, None)
+                if child is not None:
+                    log.error("%s (pid %d) died: %s; starting it again", _name(child.slot), pid, _describe(status))
+                    metrics.process_died(pid)
+                    self._missing[child.slot] = child.started
+                    self._update_status()
             for slot, started in list(self._missing.items()):
                 if time.monotonic() - started < _RESTART_INTERVAL:
                     continue
                 del self._missing[slot]
-                self.restarts += 1
+                metrics.WORKER_RESTARTS.inc()
                 try:
                     self._fork(slot)
                 except RuntimeError:
-                    log.exception("worker %d did not start again; retrying", slot)
+                    log.exception("%s did not start again; retrying", _name(slot))
                     self._missing[slot] = time.monotonic()
 
+    def _update_status(self) -> None:
+        self.status.set_serving(sum(child.slot != HTTP for child in self._children.values()))
+
     def _stop(self) -> int:
-        log.info("stopping %d workers (grace %.0fs)", len(self._workers), self._grace)
-        for pid in self._workers:
+        self.status.start_draining()
+        workers = [child for child in self._children.values() if child.slot != HTTP]
+        log.info("draining %d workers (grace %.0fs)", len(workers), self._grace)
+        failed = self._terminate(workers)
+        # The HTTP process goes last, so that /readyz says "draining" meanwhile.
+        failed |= self._terminate(list(self._children.values()))
+        return 1 if failed else 0
+
+    def _terminate(self, children: list[_Child]) -> bool:
+        """SIGTERM `children` and wait for them; True if any failed or had to be killed."""
+        for child in children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                os.kill(child.pid, signal.SIGTERM)
+        waiting = {child.pid for child in children}
         deadline = time.monotonic() + self._grace + 10
         failed = False
-        while self._workers and time.monotonic() < deadline:
+        while waiting and time.monotonic() < deadline:
             for pid, status in _reaped():
-                if self._workers.pop(pid, None) is not None and os.waitstatus_to_exitcode(status) != 0:
-                    failed = True
+                child = self._children.pop(pid, None)
+                if child is not None:
+                    waiting.discard(pid)
+                    # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully.
+                    stopped = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+                    if os.waitstatus_to_exitcode(status) != 0 and not stopped:
+                        log.error("%s exited badly: %s", _name(child.slot), _describe(status))
+                        failed = True
             time.sleep(0.05)
-        for pid in self._workers:
-            log.error("worker pid %d did not stop in time; killing it", pid)
+        for pid in waiting:
+            log.error("pid %d did not stop in time; killing it", pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+            self._children.pop(pid, None)
             failed = True
-        return 1 if failed else 0
+        return failed
 
 
 def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float, ready_fd: int) -> int:
@@ -170,6 +229,17 @@ def reserved_port(host: str, port: int) -> Iterator[int]:
         sock.close()
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for the HTTP process (bound here, so a restart keeps the port)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
 def _reaped() -> Iterator[tuple[int, int]]:
     """(pid, wait status) of every child that has exited, without blocking."""
     while True:
@@ -185,6 +255,10 @@ def _reaped() -> Iterator[tuple[int, int]]:
 def _wait_readable(fd: int, timeout: float) -> bool:
     readable, _, _ = select.select([fd], [], [], timeout)
     return bool(readable)
+
+
+def _name(slot: int | str) -> str:
+    return "the HTTP process" if slot == HTTP else f"worker {slot}"
 
 
 def _describe(status: int) -> str:

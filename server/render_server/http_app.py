@@ -1,0 +1,177 @@
+"""The HTTP port, served by uvicorn in a process of its own beside the gRPC workers.
+
+    GET  /healthz                   200 while the process runs
+    GET  /readyz                    200 when every worker serves and the server is not draining, else 503
+    GET  /metrics                   Prometheus text, all processes added up
+    POST /v1/render_training_sample a RenderTrainingSampleRequest in the protobuf JSON mapping;
+                                    answers {"sample": ...} or {"code": ..., "message": ...}
+
+Renders take the same path as gRPC calls (RenderService.render_into), with the
+same limits, metrics and bearer-token check; health and metrics stay open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import uvicorn
+from google.protobuf import json_format
+
+from render_client._pb import render_pb2 as pb
+from render_client.errors import RenderError
+
+from .auth import REFUSAL, TokenCheck
+from .metrics import exposition
+from .server import TlsFiles
+from .service import RenderService
+from .status import SharedStatus
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# gRPC status -> HTTP status, for the render endpoint's errors.
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+class HttpApp:
+    """A small ASGI application; no framework, four routes."""
+
+    def __init__(self, service: RenderService, status: SharedStatus, check: TokenCheck, max_body_bytes: int) -> None:
+        self._service = service
+        self._status = status
+        self._check = check
+        self._max_body_bytes = max_body_bytes
+        # Renders take turns within a process anyway (rendering.py); one thread keeps the loop free.
+        self._renders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-render")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        route = (scope["method"], scope["path"])
+        if route == ("GET", "/healthz"):
+            await _respond(send, 200, b"ok\n")
+        elif route == ("GET", "/readyz"):
+            ready, reason = self._status.readiness()
+            await _respond(send, 200 if ready else 503, (reason + "\n").encode())
+        elif route == ("GET", "/metrics"):
+            body, content_type = exposition()
+            await _respond(send, 200, body, content_type)
+        elif scope["path"] == "/v1/render_training_sample":
+            if scope["method"] != "POST":
+                await _respond(send, 405, b"use POST\n", headers=[(b"allow", b"POST")])
+            else:
+                await self._render(scope, receive, send)
+        else:
+            await _respond(send, 404, b"not found\n")
+
+    async def _render(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        if not self._check.allows(authorization):
+            await _error(send, grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
+            return
+        body = await _read_body(receive, self._max_body_bytes)
+        if body is None:
+            await _error(
+                send,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request body exceeds the limit of {self._max_body_bytes} bytes (--max-request-mb)",
+            )
+            return
+        request = pb.RenderTrainingSampleRequest()
+        try:
+            json_format.Parse(body, request)
+        except (json_format.ParseError, UnicodeDecodeError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else "not valid JSON"
+            await _error(send, grpc.StatusCode.INVALID_ARGUMENT, f"request: {message}")
+            return
+        response = pb.RenderTrainingSampleResponse()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._renders,
+                lambda: self._service.render_into(request, response.sample, method="http:RenderTrainingSample"),
+            )
+        except RenderError as exc:
+            await _error(send, exc.code, exc.details, exc.error_type)
+            return
+        text = json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
+        await _respond(send, 200, text.encode(), "application/json")
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _error(send: Send, code: grpc.StatusCode, message: str, error_type: str | None = None) -> None:
+    body = {"code": code.name, "message": message}
+    if error_type:
+        body["error_type"] = error_type
+    await _respond(send, _HTTP_STATUS.get(code, 500), json.dumps(body).encode(), "application/json")
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type.encode()), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def serve_http(app: HttpApp, sock: socket.socket, tls: TlsFiles | None, grace: float) -> None:
+    """Run uvicorn on the already-bound `sock` until SIGTERM; blocks."""
+    tls_options: dict[str, Any] = {}
+    if tls is not None:
+        tls_options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+        if tls.client_ca is not None:
+            tls_options |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(grace)),
+        **tls_options,
+    )
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,107 @@
+"""The HTTP port: health, readiness, Prometheus metrics added up across workers, and JSON renders."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from typing import Any
+
+import renderers
+
+from render_client import RenderClient, build_training_sample
+from tests.reference import reference_renderer
+from tests.support import ServerProcess, corpus
+
+
+def get(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
+    request = urllib.request.Request(
+        url, data=data, headers=headers or {}, method="POST" if data is not None else "GET"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read(), response.headers.get("content-type", "")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers.get("content-type", "")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match and all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def test_health_and_readiness(server: ServerProcess) -> None:
+    assert get(f"{server.http}/healthz")[:2] == (200, b"ok\n")
+    status, body, _ = get(f"{server.http}/readyz")
+    assert status == 200 and body.startswith(b"ready: 2 workers serving")
+    assert get(f"{server.http}/nope")[0] == 404
+    assert get(f"{server.http}/v1/render_training_sample")[0] == 405
+
+
+def test_metrics_add_up_across_workers(server: ServerProcess) -> None:
+    before = get(f"{server.http}/metrics")[1].decode()
+    conversation = corpus()[1]
+    sent = 40
+    # Eight connections: the kernel spreads them over both workers.
+    with RenderClient(server.target, connections=8, timeout=60) as client:
+        samples = [build_training_sample(client.renderer("qwen3"), conversation["messages"]) for _ in range(sent)]
+        image = next(c for c in corpus() if "images" in c["tags"])
+        build_training_sample(client.renderer("qwen3-vl"), image["messages"])
+    status, body, content_type = get(f"{server.http}/metrics")
+    after = body.decode()
+    assert status == 200 and content_type.startswith("text/plain")
+    counted = metric(after, "render_requests_total", method="RenderTrainingSample", model="qwen3", code="OK")
+    assert (
+        counted - metric(before, "render_requests_total", method="RenderTrainingSample", model="qwen3", code="OK")
+        == sent
+    )
+    tokens = metric(after, "render_tokens_total", model="qwen3") - metric(before, "render_tokens_total", model="qwen3")
+    assert tokens == sent * len(samples[0].token_ids)
+    images = sum(
+        1 for m in image["messages"] if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image_url"
+    )
+    assert (
+        metric(after, "render_images_total", model="qwen3-vl") - metric(before, "render_images_total", model="qwen3-vl")
+        == images
+    )
+    assert metric(after, "render_request_duration_seconds_count", method="RenderTrainingSample", model="qwen3") >= sent
+    assert "render_requests_in_flight" in after and "render_worker_restarts_total" in after
+
+
+def test_json_render_matches_in_process(server: ServerProcess) -> None:
+    body = {
+        "model": "qwen3",
+        "messages": [
+            {"role": "user", "text": "What is 2 + 2?"},
+            {"role": "assistant", "text": "4", "reasoning_content": "Add."},
+        ],
+    }
+    status, answer, content_type = get(f"{server.http}/v1/render_training_sample", data=json.dumps(body).encode())
+    assert status == 200 and content_type == "application/json"
+    sample: dict[str, Any] = json.loads(answer)["sample"]
+    expected = renderers.build_training_sample(
+        reference_renderer("qwen3"),
+        [
+            {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "Add."},
+        ],
+    )
+    assert sample["token_ids"] == expected.token_ids and sample["loss_mask"] == expected.loss_mask
+
+
+def test_json_errors_carry_the_grpc_code(server: ServerProcess) -> None:
+    url = f"{server.http}/v1/render_training_sample"
+    status, answer, _ = get(url, data=b'{"model": "nope", "messages": [{"role": "user", "text": "x"}]}')
+    assert status == 404 and json.loads(answer)["code"] == "NOT_FOUND"
+    status, answer, _ = get(url, data=b'{"model": ')
+    assert status == 400 and json.loads(answer)["message"].startswith("request: ")
+    status, answer, _ = get(url, data=b'{"model": "qwen3", "colour": 1}')
+    assert status == 400 and "colour" in json.loads(answer)["message"]
+    status, answer, _ = get(url, data=b'{"model": "qwen3-template", "messages": [{"role": "user", "text": "x"}]}')
+    assert status == 400 and json.loads(answer)["error_type"] == "ValueError"
