@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from render_client import RenderClient, RenderError, SampleRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_ENV = "RENDER_SERVICE_CORPUS"
@@ -72,6 +75,11 @@ class ServerProcess:
     def log(self) -> str:
         return "".join(self.output)
 
+    def kill(self) -> None:
+        """SIGKILL the supervisor and every child: a replica lost without warning."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
     def workers(self) -> list[int]:
         """The pids of the gRPC worker processes the supervisor runs now (not the HTTP process)."""
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
@@ -89,6 +97,7 @@ def running_server(*args: str, timeout: float = 180.0, env: dict[str, str] | Non
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, **(env or {})},
+        start_new_session=True,  # a process group of its own, which kill() ends at once
     )
     output: list[str] = []
     ready = threading.Event()
@@ -119,3 +128,47 @@ def running_server(*args: str, timeout: float = 180.0, env: dict[str, str] | Non
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@dataclass
+class Outcome:
+    """One call of a Load: when it started and ended, and its error if it failed."""
+
+    started: float
+    finished: float
+    error: RenderError | None
+
+
+@dataclass
+class Load:
+    """Threads calling a server in a loop until stopped, each call's outcome recorded."""
+
+    client: RenderClient
+    requests: list[SampleRequest]
+    threads: int
+    outcomes: list[Outcome] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> Load:
+        self._threads = [threading.Thread(target=self._run, args=(n,)) for n in range(self.threads)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _run(self, n: int) -> None:
+        index = n
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                self.client.render(self.requests[index % len(self.requests)])
+                error = None
+            except RenderError as exc:
+                error = exc
+            self.outcomes.append(Outcome(started, time.monotonic(), error))
+            index += self.threads
+
+    def join(self) -> list[Outcome]:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+        return self.outcomes

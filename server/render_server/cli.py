@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--workers", type=int, default=available_cpus(), help="worker processes, one per core (default: %(default)s)")
     add("--threads", type=int, default=32, help="handler threads per worker; a stream holds one (default: %(default)s)")
     add(
+        "--max-connection-age",
+        type=float,
+        default=300.0,
+        help="seconds before a client connection is closed, so clients find new replicas; 0: never (default: %(default)s)",
+    )
+    add(
         "--grace",
         type=float,
         default=10.0,
@@ -130,7 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             log.error("bad model registry: %s", exc)
             return 2
-        options = ServerOptions(host=args.host, port=port, threads=args.threads, limits=limits, tls=tls, tokens=tokens)
+        options = ServerOptions(
+            host=args.host,
+            port=port,
+            threads=args.threads,
+            limits=limits,
+            tls=tls,
+            tokens=tokens,
+            max_connection_age=args.max_connection_age,
+        )
         models = ", ".join(model.id for model in registry.describe().models)
         http = "" if http_socket is None else f" http {http_host}:{http_socket.getsockname()[1]}"
 

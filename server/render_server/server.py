@@ -36,6 +36,10 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
     tls: TlsFiles | None = None
     tokens: frozenset[str] = frozenset()
+    # Connections are closed (GOAWAY) after this long, so that clients resolve
+    # again and spread onto replicas added since; calls get max_connection_grace more.
+    max_connection_age: float = 300.0
+    max_connection_grace: float = 600.0
     reuse_port: bool = False  # let worker processes share the port (workers.py)
 
 
@@ -96,6 +100,7 @@ def start_server(registry: ModelRegistry, options: ServerOptions) -> RunningServ
             # Clients keep idle connections alive with pings (channel.py); allow them.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            *_connection_age(options),
         ],
     )
     service = RenderService(registry, options.limits)
@@ -118,6 +123,15 @@ def start_server(registry: ModelRegistry, options: ServerOptions) -> RunningServ
     running = RunningServer(server=server, health=health_servicer, port=port)
     running.set_serving(True)
     return running
+
+
+def _connection_age(options: ServerOptions) -> list[tuple[str, int]]:
+    if options.max_connection_age <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(options.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(options.max_connection_grace * 1000)),
+    ]
 
 
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:

@@ -79,7 +79,7 @@ class Supervisor:
         The options' port must be held by `reserved_port` meanwhile.
         """
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self._stopping.set())
+            signal.signal(signum, self._on_stop_signal)
         # The loaded models live as long as the process: keep them out of the
         # garbage collector's passes, which would otherwise walk them again and
         # again while renders allocate, and would dirty the pages children share.
@@ -93,6 +93,10 @@ class Supervisor:
         on_ready()
         self._watch()
         return self._stop()
+
+    def _on_stop_signal(self, *_: object) -> None:
+        self.status.start_draining()  # /readyz says so at once
+        self._stopping.set()
 
     def _fork(self, slot: int | str) -> None:
         read_end, write_end = os.pipe()

@@ -9,7 +9,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from render_client import RenderClient, RenderError, SampleRequest
-from tests.support import ServerProcess, corpus, running_server
+from tests.support import Load, Outcome, ServerProcess, corpus, running_server
 
 
 def image_messages(side: int, seed: int) -> list[dict]:
@@ -34,48 +33,6 @@ def image_messages(side: int, seed: int) -> list[dict]:
     ]
 
 
-@dataclass
-class Outcome:
-    started: float
-    finished: float
-    error: RenderError | None
-
-
-@dataclass
-class Load:
-    """Threads calling the server in a loop, each call's outcome recorded."""
-
-    client: RenderClient
-    requests: list[SampleRequest]
-    threads: int
-    outcomes: list[Outcome] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> Load:
-        self._threads = [threading.Thread(target=self._run, args=(n,)) for n in range(self.threads)]
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def _run(self, n: int) -> None:
-        index = n
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                self.client.render(self.requests[index % len(self.requests)])
-                error = None
-            except RenderError as exc:
-                error = exc
-            self.outcomes.append(Outcome(started, time.monotonic(), error))
-            index += self.threads
-
-    def join(self) -> list[Outcome]:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(timeout=120)
-        return self.outcomes
-
-
 def readyz(server: ServerProcess) -> int:
     try:
         with urllib.request.urlopen(f"{server.http}/readyz", timeout=5) as response:
@@ -87,26 +44,33 @@ def readyz(server: ServerProcess) -> int:
 def test_sigterm_drains_without_losing_an_accepted_request() -> None:
     with running_server("--workers", "2", "--grace", "60") as server:
         client = RenderClient(server.target, connections=8, timeout=120)
-        requests = [SampleRequest("qwen3-vl", image_messages(768, seed)) for seed in range(16)]
-        load = Load(client, requests, threads=12).start()
+        requests = [SampleRequest("qwen3-vl", image_messages(1024, seed)) for seed in range(16)]
+        load = Load(client, requests, threads=16).start()
         time.sleep(3)
+        assert readyz(server) == 200
         with grpc.insecure_channel(server.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             assert (
                 health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
                 == health_pb2.HealthCheckResponse.SERVING
             )
-            assert readyz(server) == 200
             sigterm_at = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            # Draining: not ready, not serving (or already gone).
-            assert readyz(server) == 503
+            time.sleep(0.1)
             try:
                 status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
                 assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE  # this worker already stopped listening
+        # While the workers drain, the HTTP process says so; it stops last.
+        readiness = []
+        while server.process.poll() is None:
+            try:
+                readiness.append(readyz(server))
+            except OSError:
+                break
+            time.sleep(0.05)
+        assert readiness and set(readiness) == {503}, readiness
         assert server.process.wait(timeout=120) == 0
         outcomes = load.join()
         client.close()
