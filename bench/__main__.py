@@ -12,7 +12,8 @@ because this class of machine changes speed from minute to minute.
 Parts:
 - throughput: per model, in-process build_training_sample on one core (the
   anchor) beside the service through render_client, unary and streaming,
-  workers 1 and all cores, concurrency 1, 8 and 64; server CPU per sample.
+  workers 1 and all cores, concurrency 1, 8 and 64; server CPU per sample, over
+  the anchor's and over the server's own render CPU (drift-free).
 - latency: added latency at concurrency 1 for a sample of about 1k tokens.
 - length: time per token for samples of about 1k, 4k, 16k and 64k tokens.
 - images: time per pixel for qwen3-vl images from 256x256 to 4096x4096.
@@ -118,7 +119,7 @@ class LoadProcess:
         command = [
             sys.executable, "-m", "bench.load", "--target", server.target, "--model", model,
             "--connections", str(connections), "--requests", str(requests_file),
-            "--server-pid", str(server.process.pid),
+            "--server-pid", str(server.process.pid), "--metrics-url", f"{server.http}/metrics",
         ]  # fmt: skip
         self._process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert json.loads(self._readline())["ready"]
@@ -151,6 +152,11 @@ def combine(service_blocks: list[dict[str, Any]], anchor_blocks: list[dict[str, 
     service["errors"] = sum(block["errors"] for block in service_blocks)
     service["server_cpu_per_sample_ms"] = sum(b["server_cpu_seconds"] for b in service_blocks) / max(samples, 1) * 1e3
     service["client_cpu_per_sample_ms"] = sum(b["client_cpu_seconds"] for b in service_blocks) / max(samples, 1) * 1e3
+    # Server CPU over the CPU its renders took, both read from the same processes in the
+    # same windows: the service's own cost, free of the machine's drift.
+    service["overhead_ratio"] = sum(b["server_cpu_seconds"] for b in service_blocks) / max(
+        sum(b["renderer_cpu_seconds"] for b in service_blocks), 1e-9
+    )
     anchor_samples = sum(block["samples"] for block in anchor_blocks)
     anchor = summarize(
         anchor_samples,
@@ -208,7 +214,7 @@ def print_row(row: dict[str, Any]) -> None:
         f"{service['samples_per_s']:7.1f}/s {service['tokens_per_s']:9.0f} tok/s "
         f"p50 {service['p50_ms']:7.2f} p99 {service['p99_ms']:8.2f} ms | in-process {anchor['samples_per_s']:6.1f}/s "
         f"| ratio {row['throughput_ratio']:.2f} | server CPU/sample x{row['server_cpu_ratio']:.2f} "
-        f"| errors {service['errors']}",
+        f"(x{service['overhead_ratio']:.2f} of its render CPU) | errors {service['errors']}",
         flush=True,
     )
 

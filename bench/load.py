@@ -17,9 +17,11 @@ import argparse
 import itertools
 import json
 import os
+import re
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,13 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def renderer_cpu(metrics_url: str) -> float:
+    """CPU seconds the server's processes spent inside build_training_sample (from /metrics)."""
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:
+        text = response.read().decode()
+    return sum(float(value) for value in re.findall(r"^render_renderer_cpu_seconds_total\{[^}]*\} (\S+)$", text, re.M))
+
+
 def server_cpu(supervisor: int) -> float:
     """CPU seconds of the supervisor and its live workers."""
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
@@ -49,6 +58,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--requests", required=True, help="JSON list of {messages, tools}")
     parser.add_argument("--server-pid", type=int, required=True)
+    parser.add_argument("--metrics-url", required=True)
     args = parser.parse_args()
     conversations = json.loads(Path(args.requests).read_text(encoding="utf-8"))
     with RenderClient(args.target, timeout=600, connections=args.connections) as client:
@@ -62,8 +72,10 @@ def main() -> None:
             command = json.loads(line)
             run = unary if command["mode"] == "unary" else stream
             server_before, client_before = server_cpu(args.server_pid), time.process_time()
+            renderer_before = renderer_cpu(args.metrics_url)
             result = run(client, requests, command["concurrency"], command["seconds"])
             result["server_cpu_seconds"] = server_cpu(args.server_pid) - server_before
+            result["renderer_cpu_seconds"] = renderer_cpu(args.metrics_url) - renderer_before
             result["client_cpu_seconds"] = time.process_time() - client_before
             print(json.dumps(result), flush=True)
 

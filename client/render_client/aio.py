@@ -10,15 +10,13 @@ async with AsyncRenderClient("render-service:50051") as client:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from ._pb import render_pb2 as pb
-from ._pb.render_pb2_grpc import RenderServiceStub
-from .channel import ChannelOptions, auth_metadata, open_aio_channels, target_for
+from .channel import ChannelOptions, Connection
 from .convert import decode_models, decode_sample, encode_sample_request
 from .errors import RenderError, error_from_rpc
 from .streaming import render_many_async
@@ -41,14 +39,10 @@ class AsyncRenderClient:
         options: ChannelOptions = (),
     ) -> None:
         """As RenderClient: `timeout` per unary call, `connections` HTTP/2 connections, `token`, TLS."""
-        if connections < 1:
-            raise ValueError(f"connections must be at least 1, got {connections}")
-        target = target_for(target)
-        self._channels = open_aio_channels(target, connections, credentials=credentials, options=options)
-        self._stubs = [RenderServiceStub(channel) for channel in self._channels]
-        self._next_stub = itertools.cycle(self._stubs).__next__
+        self._connection = Connection(
+            target, connections=connections, token=token, credentials=credentials, options=options, asyncio=True
+        )
         self._timeout = timeout
-        self._metadata = auth_metadata(token)
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
         """A handle on a server model, to pass to `build_training_sample`."""
@@ -57,8 +51,8 @@ class AsyncRenderClient:
     async def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
         try:
-            response = await self._next_stub().RenderTrainingSample(
-                encode_sample_request(request), timeout=timeout or self._timeout, metadata=self._metadata
+            response = await self._connection.next_stub().RenderTrainingSample(
+                encode_sample_request(request), timeout=timeout or self._timeout, metadata=self._connection.metadata
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
@@ -74,26 +68,26 @@ class AsyncRenderClient:
     ) -> AsyncIterator[RenderedTrainingSample | RenderError]:
         """As RenderClient.render_many, as an async iterator."""
         return render_many_async(
-            self._stubs,
+            self._connection.stubs,
             requests,
             concurrency=concurrency,
             timeout=timeout,
-            metadata=self._metadata,
+            metadata=self._connection.metadata,
             return_exceptions=return_exceptions,
         )
 
     async def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
         try:
-            response = await self._next_stub().ListModels(
-                pb.ListModelsRequest(), timeout=timeout or self._timeout, metadata=self._metadata
+            response = await self._connection.next_stub().ListModels(
+                pb.ListModelsRequest(), timeout=timeout or self._timeout, metadata=self._connection.metadata
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return decode_models(response)
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._connection.channels:
             await channel.close()
 
     async def __aenter__(self) -> AsyncRenderClient:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
+from ._pb.render_pb2_grpc import RenderServiceStub
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -134,3 +137,26 @@ def open_aio_channels(
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     """The call metadata carrying a bearer token, if any."""
     return (("authorization", f"Bearer {token}"),) if token else None
+
+
+class Connection:
+    """What a client calls through: its channels, a stub per channel, and the call metadata."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        connections: int,
+        token: str | None,
+        credentials: grpc.ChannelCredentials | None,
+        options: ChannelOptions,
+        asyncio: bool,
+    ) -> None:
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections}")
+        open_ = open_aio_channels if asyncio else open_channels
+        self.channels = open_(target_for(target), connections, credentials=credentials, options=options)
+        self.stubs = [RenderServiceStub(channel) for channel in self.channels]
+        # Unary calls take the connections in turn.
+        self.next_stub = itertools.cycle(self.stubs).__next__
+        self.metadata = auth_metadata(token)

@@ -14,15 +14,13 @@ for sample in client.render_many(requests, concurrency=32):
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from ._pb import render_pb2 as pb
-from ._pb.render_pb2_grpc import RenderServiceStub
-from .channel import ChannelOptions, auth_metadata, open_channels, target_for
+from .channel import ChannelOptions, Connection
 from .convert import decode_models, decode_sample, encode_sample_request
 from .errors import RenderError, error_from_rpc
 from .streaming import render_many
@@ -56,14 +54,10 @@ class RenderClient:
         `credentials` (e.g. `channel.tls_credentials(...)`) turns on TLS.
         Calls that fail UNAVAILABLE are retried with backoff (channel.py).
         """
-        if connections < 1:
-            raise ValueError(f"connections must be at least 1, got {connections}")
-        target = target_for(target)
-        self._channels = open_channels(target, connections, credentials=credentials, options=options)
-        self._stubs = [RenderServiceStub(channel) for channel in self._channels]
-        self._next_stub = itertools.cycle(self._stubs).__next__
+        self._connection = Connection(
+            target, connections=connections, token=token, credentials=credentials, options=options, asyncio=False
+        )
         self._timeout = timeout
-        self._metadata = auth_metadata(token)
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
         """A handle on a server model, to pass to `build_training_sample`.
@@ -75,8 +69,8 @@ class RenderClient:
     def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
         try:
-            response = self._next_stub().RenderTrainingSample(
-                encode_sample_request(request), timeout=timeout or self._timeout, metadata=self._metadata
+            response = self._connection.next_stub().RenderTrainingSample(
+                encode_sample_request(request), timeout=timeout or self._timeout, metadata=self._connection.metadata
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
@@ -98,26 +92,26 @@ class RenderClient:
         `timeout` bounds the whole iteration; by default it has none.
         """
         return render_many(
-            self._stubs,
+            self._connection.stubs,
             requests,
             concurrency=concurrency,
             timeout=timeout,
-            metadata=self._metadata,
+            metadata=self._connection.metadata,
             return_exceptions=return_exceptions,
         )
 
     def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
         try:
-            response = self._next_stub().ListModels(
-                pb.ListModelsRequest(), timeout=timeout or self._timeout, metadata=self._metadata
+            response = self._connection.next_stub().ListModels(
+                pb.ListModelsRequest(), timeout=timeout or self._timeout, metadata=self._connection.metadata
             )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return decode_models(response)
 
     def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._connection.channels:
             channel.close()
 
     def __enter__(self) -> RenderClient:
