@@ -15,7 +15,7 @@ scripts/setup.sh test >/dev/null
 
 duration="${DURATION:-60s}"
 concurrency="${CONCURRENCY:-64}"
-connections="${CONNECTIONS:-$(nproc)}"
+connections="${CONNECTIONS:-$((4 * $(nproc)))}"  # several per worker: each takes whole connections
 data="$(mktemp -t ghz-requests.XXXXXX.json)"
 trap 'rm -f "$data"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null; true' EXIT
 .venv/bin/python -m bench.ghz_data --out "$data" >&2
