@@ -206,7 +206,9 @@ class _Stream:
                         with self._lock:
                             position = self._pending.answered(result.index)
                         self._results.put((position, decode_result(result)))
-                return
+                if not len(self._pending):
+                    return  # ended normally, everything answered
+                error = RenderError("the stream ended without answering every request")
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             if self._failure is None and _retryable(error, attempt):
@@ -322,12 +324,14 @@ class _AsyncStream:
         return len(self._pending)
 
     async def send(self, positions: list[int], requests: list[pb.RenderTrainingSampleRequest]) -> None:
+        # Not while the reader reopens the call: it sends what was pending then, and
+        # these would go twice.
+        await self._ready.wait()
         if self._failure is not None:
             for position in positions:
                 self._results.put_nowait((position, self._failure))
             return
         self._pending.sent(positions, requests)
-        await self._ready.wait()
         # A broken call fails the write; the reader opens a new one and sends these again.
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
             await self.call.write(pb.RenderTrainingSamplesRequest(requests=requests))
@@ -351,7 +355,9 @@ class _AsyncStream:
                     attempt = 0
                     for result in response.results:
                         self._results.put_nowait((self._pending.answered(result.index), decode_result(result)))
-                return
+                if not len(self._pending):
+                    return  # ended normally, everything answered
+                error = RenderError("the stream ended without answering every request")
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             if self._failure is None and _retryable(error, attempt):
