@@ -110,13 +110,7 @@ def unary(client: RenderClient, requests: list[SampleRequest], concurrency: int,
         thread.start()
     for thread in threads:
         thread.join()
-    return {
-        "samples": len(latencies),
-        "tokens": tokens,
-        "errors": errors,
-        "seconds": time.perf_counter() - started,
-        "latencies_ms": latencies,
-    }
+    return _result(latencies, tokens, errors, started)
 
 
 def stream(client: RenderClient, requests: list[SampleRequest], concurrency: int, seconds: float) -> dict[str, Any]:
@@ -140,6 +134,10 @@ def stream(client: RenderClient, requests: list[SampleRequest], concurrency: int
             tokens += len(result.token_ids)
         if now >= deadline:
             break
+    return _result(latencies, tokens, errors, started)
+
+
+def _result(latencies: list[float], tokens: int, errors: int, started: float) -> dict[str, Any]:
     return {
         "samples": len(latencies),
         "tokens": tokens,

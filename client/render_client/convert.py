@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
@@ -125,17 +125,8 @@ def encode_request(
 
 
 def encode_sample_request(request: SampleRequest) -> pb.RenderTrainingSampleRequest:
-    """The request for a SampleRequest."""
-    return encode_request(
-        request.model,
-        request.messages,
-        role_to_mask=request.role_to_mask,
-        tools=request.tools,
-        content_sft_roles=request.content_sft_roles,
-        ensure_final_stop=request.ensure_final_stop,
-        message_loss_mask=request.message_loss_mask,
-        chat_template_kwargs=request.chat_template_kwargs,
-    )
+    """The request for a SampleRequest (its fields are encode_request's arguments)."""
+    return encode_request(**{field.name: getattr(request, field.name) for field in fields(request)})
 
 
 def _encode_message(message: Any, field: str, out: pb.Message) -> None:
