@@ -10,14 +10,15 @@ async with AsyncRenderClient("render-service:50051") as client:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from ._pb import render_pb2 as pb
-from .channel import ChannelOptions, Connection
-from .convert import decode_models, decode_sample, encode_sample_request
+from .channel import ChannelOptions, Connection, deadline_for, remaining, resend_delay
+from .convert import decode_models, decode_response, encode_sample_request
 from .errors import RenderError, error_from_rpc
 from .streaming import render_many_async
 from .types import RemoteRenderer, RenderedTrainingSample, SampleRequest, ServerModels
@@ -50,13 +51,22 @@ class AsyncRenderClient:
 
     async def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
-        try:
-            response = await self._connection.next_stub().RenderTrainingSample(
-                encode_sample_request(request), timeout=timeout or self._timeout, metadata=self._connection.metadata
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
-        return decode_sample(response.sample)
+        encoded = encode_sample_request(request)
+        deadline = deadline_for(timeout or self._timeout)
+        attempt = 0
+        while True:
+            try:
+                response = await self._connection.next_stub().RenderTrainingSample(
+                    encoded, timeout=remaining(deadline), metadata=self._connection.metadata
+                )
+                return decode_response(response)
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+            delay = resend_delay(error, attempt, deadline)
+            if delay is None:
+                raise error
+            await asyncio.sleep(delay)
+            attempt += 1
 
     def render_many(
         self,

@@ -1,9 +1,11 @@
 """How clients open channels to render-service: resilient by default.
 
 - Retries: calls that fail UNAVAILABLE (a server restarting, a worker killed,
-  a replica going away) are retried with exponential backoff by gRPC itself,
-  through the retry policy in the service config below. Rendering has no side
-  effects, so a retry is always safe.
+  a replica going away) or that a shutting-down server CANCELLED before taking
+  them up are retried with exponential backoff by gRPC itself, through the
+  retry policy in the service config below, and sent again by the clients
+  (`resend_delay`) when gRPC gives up on a broken connection. Rendering has no
+  side effects, so a retry is always safe.
 - Load balancing: round_robin over every address the target resolves to
   ("dns:///render-service.ns.svc:50051" behind a headless Service), or over
   an explicit list of addresses (`target_for`).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from ._pb import render_pb2 as pb
 from ._pb.render_pb2_grpc import RenderServiceStub
 
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -34,8 +38,40 @@ RETRY_POLICY = {
     "initialBackoff": "0.1s",
     "maxBackoff": "2s",
     "backoffMultiplier": 2.0,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    # CANCELLED: a server that shuts down cancels the calls it had received
+    # but not yet handed to a handler. gRPC never retries a call its caller
+    # cancelled, and the client cancels unary calls only by closing.
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
 }
+_RESENT_CODES = frozenset(grpc.StatusCode[name] for name in RETRY_POLICY["retryableStatusCodes"])
+# gRPC's own retries do not cover every broken connection: a call in flight when
+# its connection is reset can fail UNAVAILABLE ("Stream removed") without a
+# retry. Clients therefore send such calls again themselves, on the same policy.
+
+
+def resend_delay(error: Exception, attempt: int, deadline: float | None = None) -> float | None:
+    """Seconds to wait before sending a call again after it failed with `error`, or None to give up.
+
+    `attempt` counts from 0; `deadline` is a time.monotonic() the call must end by.
+    """
+    if getattr(error, "code", None) not in _RESENT_CODES or attempt + 1 >= RETRY_POLICY["maxAttempts"]:
+        return None
+    delay = min(0.1 * 2**attempt, 2.0)
+    if deadline is not None and time.monotonic() + delay >= deadline:
+        return None
+    return delay
+
+
+def deadline_for(timeout: float | None) -> float | None:
+    """The time.monotonic() a call with `timeout` must end by."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def remaining(deadline: float | None) -> float | None:
+    """The timeout left to a call that must end by `deadline`."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}],
@@ -139,6 +175,28 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
+class RenderStub(RenderServiceStub):
+    """The generated stub, except that the render methods answer with the serialised bytes.
+
+    convert.decode_response and decode_results read them so that pixel tensors
+    are views of the received bytes rather than copies.
+    """
+
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
+        super().__init__(channel)
+        self.RenderTrainingSample = channel.unary_unary(
+            _METHOD_PATH.format("RenderTrainingSample"),
+            request_serializer=pb.RenderTrainingSampleRequest.SerializeToString,
+        )
+        self.RenderTrainingSamples = channel.stream_stream(
+            _METHOD_PATH.format("RenderTrainingSamples"),
+            request_serializer=pb.RenderTrainingSamplesRequest.SerializeToString,
+        )
+
+
+_METHOD_PATH = "/" + pb.DESCRIPTOR.services_by_name["RenderService"].full_name + "/{}"
+
+
 class Connection:
     """What a client calls through: its channels, a stub per channel, and the call metadata."""
 
@@ -156,7 +214,7 @@ class Connection:
             raise ValueError(f"connections must be at least 1, got {connections}")
         open_ = open_aio_channels if asyncio else open_channels
         self.channels = open_(target_for(target), connections, credentials=credentials, options=options)
-        self.stubs = [RenderServiceStub(channel) for channel in self.channels]
+        self.stubs = [RenderStub(channel) for channel in self.channels]
         # Unary calls take the connections in turn.
         self.next_stub = itertools.cycle(self.stubs).__next__
         self.metadata = auth_metadata(token)

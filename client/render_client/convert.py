@@ -1,7 +1,7 @@
 """The one conversion layer between the protobuf contract and Python values.
 
 Client side, `encode_request` turns `build_training_sample`'s arguments into a
-request and `decode_sample` turns the answer into a RenderedTrainingSample.
+request and `decode_response` turns the answer into a RenderedTrainingSample.
 Server side, `decode_request` turns a request back into the arguments
 renderers takes and `encode_sample` turns renderers' result into the answer.
 Both directions live here so that they cannot drift apart.
@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ._pb import render_pb2 as pb
 from .errors import RenderError, error_from_status, invalid
@@ -33,6 +34,7 @@ from .types import (
     SampleRequest,
     ServerModels,
 )
+from .wire import WireFormatError, WireMessage, byte_view, merged, split_field
 
 # Message keys with a field of their own in pb.Message besides role and content.
 _MESSAGE_TEXT_KEYS = ("tool_call_id", "name", "reasoning_content", "reasoning")
@@ -403,43 +405,82 @@ def _decode_tool_call(call: pb.ToolCall, message_index: int, index: int) -> dict
 # ---------------------------------------------------------------------------
 
 
-def encode_sample(sample: Any, out: pb.RenderedTrainingSample) -> None:
-    """Fill `out` from a renderers.RenderedTrainingSample (or a mirror of one).
+def encode_sample(sample: Any) -> WireMessage:
+    """A renderers.RenderedTrainingSample (or a mirror of one) as a RenderedTrainingSample message.
 
-    Filled in place so that a response's pixel bytes are written once, not copied
-    from a standalone message into the response.
+    Its arrays stay in place until the message is joined (see wire.py).
     """
-    out.token_ids.extend(sample.token_ids)
-    out.loss_mask.extend(sample.loss_mask)
+    message = WireMessage(
+        pb.RenderedTrainingSample(token_ids=sample.token_ids, loss_mask=sample.loss_mask).SerializeToString()
+    )
     if sample.multi_modal_data is not None:
-        _encode_multi_modal_data(sample.multi_modal_data, out.multi_modal_data)
+        message.append_message_field(
+            pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER, _encode_multi_modal_data(sample.multi_modal_data)
+        )
     if sample.mm_token_type_ids is not None:
-        out.mm_token_type_ids.SetInParent()
-        out.mm_token_type_ids.ids.extend(sample.mm_token_type_ids)
+        message.append_message_field(
+            pb.RenderedTrainingSample.MM_TOKEN_TYPE_IDS_FIELD_NUMBER,
+            WireMessage(pb.TokenTypeIds(ids=sample.mm_token_type_ids).SerializeToString()),
+        )
+    return message
 
 
-def _encode_multi_modal_data(data: Any, out: pb.MultiModalData) -> None:
-    out.SetInParent()
-    for modality, hashes in data.mm_hashes.items():
-        out.mm_hashes.add(modality=modality, hashes=hashes)
-    for modality, ranges in data.mm_placeholders.items():
-        entry = out.mm_placeholders.add(modality=modality)
-        for placeholder in ranges:
-            entry.ranges.add(offset=placeholder.offset, length=placeholder.length)
+def encode_response(sample: WireMessage) -> bytes:
+    """A RenderTrainingSampleResponse carrying `sample`, serialised."""
+    response = WireMessage()
+    response.append_message_field(pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER, sample)
+    return response.join()
+
+
+def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage:
+    """One `results` entry of a RenderTrainingSamplesResponse: the sample or the error of request `index`.
+
+    A response is its entries one after another (WireMessage.extend).
+    """
+    if isinstance(outcome, RenderError):
+        error = pb.Error(code=outcome.code.value[0], message=outcome.details, error_type=outcome.error_type or "")
+        result = WireMessage(pb.RenderTrainingSampleResult(index=index, error=error).SerializeToString())
+    else:
+        result = WireMessage(pb.RenderTrainingSampleResult(index=index).SerializeToString())
+        result.append_message_field(pb.RenderTrainingSampleResult.SAMPLE_FIELD_NUMBER, outcome)
+    entry = WireMessage()
+    entry.append_message_field(pb.RenderTrainingSamplesResponse.RESULTS_FIELD_NUMBER, result)
+    return entry
+
+
+def _encode_multi_modal_data(data: Any) -> WireMessage:
+    message = WireMessage(
+        pb.MultiModalData(
+            mm_hashes=[pb.ModalityHashes(modality=m, hashes=hashes) for m, hashes in data.mm_hashes.items()],
+            mm_placeholders=[
+                pb.ModalityPlaceholders(
+                    modality=m, ranges=[pb.PlaceholderRange(offset=r.offset, length=r.length) for r in ranges]
+                )
+                for m, ranges in data.mm_placeholders.items()
+            ],
+        ).SerializeToString()
+    )
     for modality, items in data.mm_items.items():
-        entry = out.mm_items.add(modality=modality)
+        entry = WireMessage(pb.ModalityItems(modality=modality).SerializeToString())
         for item in items:
-            encoded = entry.items.add()
+            encoded_item = WireMessage()
             for name, value in item.items():
-                _encode_tensor(value, encoded.fields.add(name=name).tensor)
+                named = WireMessage(pb.NamedTensor(name=name).SerializeToString())
+                named.append_message_field(pb.NamedTensor.TENSOR_FIELD_NUMBER, _encode_tensor(value))
+                encoded_item.append_message_field(pb.MultiModalItem.FIELDS_FIELD_NUMBER, named)
+            entry.append_message_field(pb.ModalityItems.ITEMS_FIELD_NUMBER, encoded_item)
+        message.append_message_field(pb.MultiModalData.MM_ITEMS_FIELD_NUMBER, entry)
+    return message
 
 
-def _encode_tensor(value: Any, out: pb.Tensor) -> None:
+def _encode_tensor(value: Any) -> WireMessage:
     if not isinstance(value, np.ndarray) or value.dtype.hasobject:
         raise TypeError(f"mm_items values must be numeric numpy arrays, got {type(value).__name__}")
-    out.dtype = value.dtype.str
-    out.shape.extend(value.shape)
-    out.data = value.tobytes()  # C order whatever the array's layout
+    tensor = WireMessage(pb.Tensor(dtype=value.dtype.str, shape=value.shape).SerializeToString())
+    data = byte_view(value)  # C order whatever the array's layout
+    if len(data):  # proto3 leaves an empty bytes field out
+        tensor.append_bytes_field(pb.Tensor.DATA_FIELD_NUMBER, data)
+    return tensor
 
 
 # ---------------------------------------------------------------------------
@@ -447,54 +488,90 @@ def _encode_tensor(value: Any, out: pb.Tensor) -> None:
 # ---------------------------------------------------------------------------
 
 
-def decode_sample(message: pb.RenderedTrainingSample) -> RenderedTrainingSample:
-    """The RenderedTrainingSample a response carries."""
-    return RenderedTrainingSample(
-        token_ids=list(message.token_ids),
-        loss_mask=list(message.loss_mask),
-        multi_modal_data=(
-            _decode_multi_modal_data(message.multi_modal_data) if message.HasField("multi_modal_data") else None
-        ),
-        mm_token_type_ids=list(message.mm_token_type_ids.ids) if message.HasField("mm_token_type_ids") else None,
-    )
+def decode_response(data: bytes) -> RenderedTrainingSample:
+    """The RenderedTrainingSample a serialised RenderTrainingSampleResponse carries."""
+    try:
+        _, samples = split_field(memoryview(data), pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER)
+        return _decode_sample(merged(samples) if samples else memoryview(b""))
+    except (WireFormatError, DecodeError) as exc:
+        raise RenderError(f"malformed response: {exc}") from None
 
 
-def decode_result(message: pb.RenderTrainingSampleResult) -> RenderedTrainingSample | RenderError:
-    """The sample, or the error, one RenderTrainingSamples result carries."""
-    if message.HasField("sample"):
-        return decode_sample(message.sample)
-    error = message.error
-    return error_from_status(
-        _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error.error_type or None
-    )
+def decode_results(data: bytes) -> list[tuple[int, RenderedTrainingSample | RenderError]]:
+    """Each (index, sample or error) a serialised RenderTrainingSamplesResponse carries."""
+    try:
+        _, results = split_field(memoryview(data), pb.RenderTrainingSamplesResponse.RESULTS_FIELD_NUMBER)
+        return [_decode_result(result) for result in results]
+    except (WireFormatError, DecodeError) as exc:
+        raise RenderError(f"malformed response: {exc}") from None
+
+
+# Decoding walks the wire format down to each Tensor.data and shares its bytes
+# (wire.split_field); everything else is parsed by upb.
+
+
+def _decode_result(data: memoryview) -> tuple[int, RenderedTrainingSample | RenderError]:
+    rest, samples = split_field(data, pb.RenderTrainingSampleResult.SAMPLE_FIELD_NUMBER)
+    result = pb.RenderTrainingSampleResult.FromString(rest)
+    if samples and result.HasField("error"):
+        # Valid protobuf (the last one wins) but never sent: refuse rather than guess.
+        raise WireFormatError(f"result {result.index} carries both a sample and an error")
+    if samples:
+        return result.index, _decode_sample(merged(samples))
+    error = result.error
+    status = _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
+    return result.index, error_from_status(status, error.message, error.error_type or None)
 
 
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def _decode_multi_modal_data(message: pb.MultiModalData) -> MultiModalData:
+def _decode_sample(data: memoryview) -> RenderedTrainingSample:
+    rest, media = split_field(data, pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER)
+    message = pb.RenderedTrainingSample.FromString(rest)
+    return RenderedTrainingSample(
+        token_ids=list(message.token_ids),
+        loss_mask=list(message.loss_mask),
+        multi_modal_data=_decode_multi_modal_data(merged(media)) if media else None,
+        mm_token_type_ids=list(message.mm_token_type_ids.ids) if message.HasField("mm_token_type_ids") else None,
+    )
+
+
+def _decode_multi_modal_data(data: memoryview) -> MultiModalData:
+    rest, entries = split_field(data, pb.MultiModalData.MM_ITEMS_FIELD_NUMBER)
+    message = pb.MultiModalData.FromString(rest)
+    mm_items: dict[str, list[dict[str, np.ndarray]]] = {}
+    for entry in entries:
+        entry_rest, items = split_field(entry, pb.ModalityItems.ITEMS_FIELD_NUMBER)
+        mm_items[pb.ModalityItems.FromString(entry_rest).modality] = [_decode_item(item) for item in items]
     return MultiModalData(
         mm_hashes={entry.modality: list(entry.hashes) for entry in message.mm_hashes},
         mm_placeholders={
             entry.modality: [PlaceholderRange(offset=r.offset, length=r.length) for r in entry.ranges]
             for entry in message.mm_placeholders
         },
-        mm_items={
-            entry.modality: [
-                {named.name: _decode_tensor(named.tensor) for named in item.fields} for item in entry.items
-            ]
-            for entry in message.mm_items
-        },
+        mm_items=mm_items,
     )
 
 
-def _decode_tensor(tensor: pb.Tensor) -> np.ndarray:
+def _decode_item(data: memoryview) -> dict[str, np.ndarray]:
+    _, fields = split_field(data, pb.MultiModalItem.FIELDS_FIELD_NUMBER)
+    item = {}
+    for field in fields:
+        rest, tensors = split_field(field, pb.NamedTensor.TENSOR_FIELD_NUMBER)
+        item[pb.NamedTensor.FromString(rest).name] = _decode_tensor(merged(tensors) if tensors else memoryview(b""))
+    return item
+
+
+def _decode_tensor(data: memoryview) -> np.ndarray:
+    rest, payloads = split_field(data, pb.Tensor.DATA_FIELD_NUMBER)
+    tensor = pb.Tensor.FromString(rest)
     try:
         dtype = np.dtype(tensor.dtype)
         if dtype.hasobject:
             raise TypeError("object arrays are not accepted")
-        # frombuffer shares the response's bytes: no copy, read-only.
-        return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
+        # A view of the response's bytes (the last occurrence wins): no copy, read-only.
+        return np.frombuffer(payloads[-1] if payloads else b"", dtype=dtype).reshape(tuple(tensor.shape))
     except (TypeError, ValueError) as exc:
         raise RenderError(f"malformed tensor in response (dtype {tensor.dtype!r}): {exc}") from None
 

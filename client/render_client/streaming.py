@@ -9,9 +9,10 @@ taken from the caller's iterable and not yet handed back, so memory stays
 bounded however long the dataset.
 
 Every request yields exactly one result: its sample or its own error. A stream
-that breaks with UNAVAILABLE (a worker or replica went away) is opened again,
-with backoff, and the requests it had not answered are sent again (rendering
-has no side effects); after the last attempt each of them gets the error.
+that breaks with UNAVAILABLE (a worker or replica went away), or that a
+shutting-down server CANCELLED, is opened again, with backoff, and the requests
+it had not answered are sent again (rendering has no side effects); after the
+last attempt each of them gets the error.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ from typing import Any
 import grpc
 
 from ._pb import render_pb2 as pb
-from ._pb.render_pb2_grpc import RenderServiceStub
-from .channel import RETRY_POLICY
-from .convert import decode_result, encode_sample_request
+from .channel import RenderStub, resend_delay
+from .convert import decode_results, encode_sample_request
 from .errors import RenderError, error_from_rpc
 from .types import RenderedTrainingSample, SampleRequest
 
@@ -41,7 +41,6 @@ Metadata = tuple[tuple[str, str], ...] | None
 
 # Beyond this many requests per message, batching saves nothing measurable.
 _MAX_BATCH = 32
-_ATTEMPTS = int(RETRY_POLICY["maxAttempts"])
 _END = object()
 
 
@@ -104,14 +103,6 @@ class _Pending:
         return positions
 
 
-def _backoff(attempt: int) -> float:
-    return min(0.1 * 2**attempt, 2.0)
-
-
-def _retryable(error: RenderError, attempt: int) -> bool:
-    return error.code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < _ATTEMPTS
-
-
 def _batch_size(concurrency: int, streams: int) -> int:
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -149,7 +140,7 @@ class _Stream:
     """A RenderTrainingSamples call (opened again if it breaks) and the requests it owes."""
 
     def __init__(
-        self, stub: RenderServiceStub, timeout: float | None, metadata: Metadata, results: queue.SimpleQueue[Any]
+        self, stub: RenderStub, timeout: float | None, metadata: Metadata, results: queue.SimpleQueue[Any]
     ) -> None:
         self._stub, self._timeout, self._metadata = stub, timeout, metadata
         self._results = results
@@ -202,17 +193,20 @@ class _Stream:
             try:
                 for response in call:
                     attempt = 0
-                    for result in response.results:
+                    for index, outcome in decode_results(response):
                         with self._lock:
-                            position = self._pending.answered(result.index)
-                        self._results.put((position, decode_result(result)))
+                            position = self._pending.answered(index)
+                        self._results.put((position, outcome))
                 if not len(self._pending):
                     return  # ended normally, everything answered
                 error = RenderError("the stream ended without answering every request")
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
-            if self._failure is None and _retryable(error, attempt):
-                time.sleep(_backoff(attempt))
+            except RenderError as exc:  # a response that does not decode
+                error = exc
+            delay = resend_delay(error, attempt)
+            if self._failure is None and delay is not None:
+                time.sleep(delay)
                 attempt += 1
                 with self._lock:
                     if self._failure is None:  # not closed meanwhile
@@ -228,7 +222,7 @@ class _Stream:
 
 
 def render_many(
-    stubs: Sequence[RenderServiceStub],
+    stubs: Sequence[RenderStub],
     requests: Iterable[Item],
     *,
     concurrency: int,
@@ -307,7 +301,7 @@ class _AsyncStream:
     """An asyncio RenderTrainingSamples call (opened again if it breaks) and the requests it owes."""
 
     def __init__(
-        self, stub: RenderServiceStub, timeout: float | None, metadata: Metadata, results: asyncio.Queue[Any]
+        self, stub: RenderStub, timeout: float | None, metadata: Metadata, results: asyncio.Queue[Any]
     ) -> None:
         self._stub, self._timeout, self._metadata = stub, timeout, metadata
         self._results = results
@@ -353,16 +347,19 @@ class _AsyncStream:
             try:
                 while (response := await self.call.read()) is not grpc.aio.EOF:
                     attempt = 0
-                    for result in response.results:
-                        self._results.put_nowait((self._pending.answered(result.index), decode_result(result)))
+                    for index, outcome in decode_results(response):
+                        self._results.put_nowait((self._pending.answered(index), outcome))
                 if not len(self._pending):
                     return  # ended normally, everything answered
                 error = RenderError("the stream ended without answering every request")
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
-            if self._failure is None and _retryable(error, attempt):
+            except RenderError as exc:  # a response that does not decode
+                error = exc
+            delay = resend_delay(error, attempt)
+            if self._failure is None and delay is not None:
                 self._ready.clear()
-                await asyncio.sleep(_backoff(attempt))
+                await asyncio.sleep(delay)
                 attempt += 1
                 # Open the call again and send what it owed.
                 _, requests = self._pending.restart()
@@ -387,7 +384,7 @@ async def _as_async(items: Iterable[Item]) -> AsyncIterator[Item]:
 
 
 async def render_many_async(
-    stubs: Sequence[RenderServiceStub],
+    stubs: Sequence[RenderStub],
     requests: Iterable[Item] | AsyncIterable[Item],
     *,
     concurrency: int,

@@ -6,7 +6,7 @@
     POST /v1/render_training_sample a RenderTrainingSampleRequest in the protobuf JSON mapping;
                                     answers {"sample": ...} or {"code": ..., "message": ...}
 
-Renders take the same path as gRPC calls (RenderService.render_into), with the
+Renders take the same path as gRPC calls (RenderService.render), with the
 same limits, metrics and bearer-token check; health and metrics stay open.
 """
 
@@ -25,6 +25,7 @@ import uvicorn
 from google.protobuf import json_format
 
 from render_client._pb import render_pb2 as pb
+from render_client.convert import encode_response
 from render_client.errors import RenderError
 
 from .auth import REFUSAL, TokenCheck
@@ -102,15 +103,14 @@ class HttpApp:
             message = str(exc).splitlines()[0] if str(exc) else "not valid JSON"
             await _error(send, grpc.StatusCode.INVALID_ARGUMENT, f"request: {message}")
             return
-        response = pb.RenderTrainingSampleResponse()
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._renders,
-                lambda: self._service.render_into(request, response.sample, method="http:RenderTrainingSample"),
+            sample = await asyncio.get_running_loop().run_in_executor(
+                self._renders, lambda: self._service.render(request, method="http:RenderTrainingSample")
             )
         except RenderError as exc:
             await _error(send, exc.code, exc.details, exc.error_type)
             return
+        response = pb.RenderTrainingSampleResponse.FromString(encode_response(sample))
         text = json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
         await _respond(send, 200, text.encode(), "application/json")
 

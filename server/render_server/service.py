@@ -1,6 +1,6 @@
 """The render service: request -> convert -> render -> convert -> response.
 
-`RenderService.render_into` is the one path every render takes, whatever it
+`RenderService.render` is the one path every render takes, whatever it
 came by (unary call, stream item, HTTP POST): limits, metrics and error
 handling live there. Every answer is a response or a status from
 render_client.errors; anything unexpected is logged here and answered
@@ -18,8 +18,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from render_client._pb import render_pb2 as pb
-from render_client.convert import decode_request, encode_models, encode_sample
+from render_client.convert import decode_request, encode_models, encode_response, encode_result, encode_sample
 from render_client.errors import ERROR_TYPE_KEY, InvalidArgumentError, RenderError
+from render_client.wire import WireMessage
 
 from .limits import Limits, check_request
 from .metrics import IMAGES, IN_FLIGHT, LATENCY, REQUESTS, TOKENS, UNKNOWN_MODEL
@@ -47,15 +48,14 @@ class RenderService:
 
     # -- the one render path --------------------------------------------------
 
-    def render_into(
+    def render(
         self,
         request: pb.RenderTrainingSampleRequest,
-        out: pb.RenderedTrainingSample,
         *,
         method: str,
         is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> None:
-        """Render `request` into `out`, or raise the RenderError to answer with."""
+    ) -> WireMessage:
+        """`request`'s sample as a RenderedTrainingSample message, or raise the RenderError to answer with."""
         started = time.perf_counter()
         model_label, code = UNKNOWN_MODEL, grpc.StatusCode.OK
         in_flight = IN_FLIGHT.labels(method)
@@ -66,10 +66,11 @@ class RenderService:
             model_label = model.info.id
             check_request(arguments, self._limits)
             sample = render_sample(model, arguments, self._limits, is_cancelled)
-            encode_sample(sample, out)
+            encoded = encode_sample(sample)
             TOKENS.labels(model_label).inc(len(sample.token_ids))
             if model.accepts_images:
                 IMAGES.labels(model_label).inc(sum(ref.kind == "image" for ref in arguments.media))
+            return encoded
         except Exception as exc:
             error = as_render_error(exc)
             code = error.code
@@ -83,43 +84,38 @@ class RenderService:
 
     def RenderTrainingSample(
         self, request: pb.RenderTrainingSampleRequest | Malformed, context: grpc.ServicerContext
-    ) -> pb.RenderTrainingSampleResponse:
-        response = pb.RenderTrainingSampleResponse()
+    ) -> bytes:
         try:
-            self.render_into(
-                _well_formed(request), response.sample, method="RenderTrainingSample", is_cancelled=_gone(context)
-            )
+            sample = self.render(_well_formed(request), method="RenderTrainingSample", is_cancelled=_gone(context))
         except RenderError as exc:
             abort(context, exc)
-        return response
+        return encode_response(sample)
 
     def RenderTrainingSamples(
         self, batches: Iterator[pb.RenderTrainingSamplesRequest | Malformed], context: grpc.ServicerContext
-    ) -> Iterator[pb.RenderTrainingSamplesResponse]:
+    ) -> Iterator[bytes]:
         index = 0
         is_cancelled = _gone(context)
         for batch in batches:
             if isinstance(batch, Malformed):
                 # Its requests cannot be counted, so no later index would be right.
                 abort(context, InvalidArgumentError(f"request batch after index {index}: {_malformed(batch)}"))
-            response = pb.RenderTrainingSamplesResponse()
+            response = WireMessage()  # a RenderTrainingSamplesResponse
             for request in batch.requests:
                 if is_cancelled():
                     return
-                result = response.results.add(index=index)
-                index += 1
+                outcome: WireMessage | RenderError
                 try:
-                    self.render_into(request, result.sample, method="RenderTrainingSamples", is_cancelled=is_cancelled)
+                    outcome = self.render(request, method="RenderTrainingSamples", is_cancelled=is_cancelled)
                 except RenderError as error:
-                    # Setting the error clears whatever part of the sample was filled.
-                    result.error.code = error.code.value[0]
-                    result.error.message = error.details
-                    result.error.error_type = error.error_type or ""
-                if response.ByteSize() >= _RESPONSE_FLUSH_BYTES:
-                    yield response  # pixel tensors: do not pile up a batch of them
-                    response = pb.RenderTrainingSamplesResponse()
-            if response.results:
-                yield response
+                    outcome = error
+                response.extend(encode_result(index, outcome))
+                index += 1
+                if response.size >= _RESPONSE_FLUSH_BYTES:
+                    yield response.join()  # pixel tensors: do not pile up a batch of them
+                    response = WireMessage()
+            if response.pieces:
+                yield response.join()
 
     def ListModels(
         self, request: pb.ListModelsRequest | Malformed, context: grpc.ServicerContext
@@ -130,18 +126,17 @@ class RenderService:
         """The service's method handlers, with deserializers that do not fail on bad bytes.
 
         gRPC would answer a request that does not parse with INTERNAL; parsing
-        leniently lets the handler answer INVALID_ARGUMENT instead.
+        leniently lets the handler answer INVALID_ARGUMENT instead. The render
+        methods answer with bytes they serialised themselves (convert.encode_sample).
         """
         return {
             "RenderTrainingSample": grpc.unary_unary_rpc_method_handler(
                 self.RenderTrainingSample,
                 request_deserializer=_lenient(pb.RenderTrainingSampleRequest),
-                response_serializer=pb.RenderTrainingSampleResponse.SerializeToString,
             ),
             "RenderTrainingSamples": grpc.stream_stream_rpc_method_handler(
                 self.RenderTrainingSamples,
                 request_deserializer=_lenient(pb.RenderTrainingSamplesRequest),
-                response_serializer=pb.RenderTrainingSamplesResponse.SerializeToString,
             ),
             "ListModels": grpc.unary_unary_rpc_method_handler(
                 self.ListModels,

@@ -18,6 +18,7 @@ then stops the HTTP process, and exits 0 once all children have.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -100,11 +101,13 @@ class Supervisor:
 
     def _fork(self, slot: int | str) -> None:
         read_end, write_end = os.pipe()
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child
             os.close(read_end)
             code = 1
             try:
+                _stop_with(supervisor)
                 code = self._serve_child(slot, write_end)
             except BaseException:
                 log.exception("%s failed", _name(slot))
@@ -213,6 +216,23 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
     running.set_serving(False)
     running.server.stop(grace).wait()
     return 0
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _stop_with(supervisor: int) -> None:
+    """Have the kernel SIGTERM this child when the supervisor dies, however it dies.
+
+    Otherwise a supervisor killed outright would leave its workers serving the
+    port on their own, unsupervised. (The signal is tied to the forking thread,
+    which lives as long as the supervisor serves.)
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != supervisor:  # it died before the prctl took hold
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from render_client._pb import render_pb2 as pb
-from render_client.convert import decode_request, decode_sample, encode_request, encode_sample
+from render_client.convert import decode_request, decode_response, encode_request, encode_response, encode_sample
 from render_client.errors import InvalidArgumentError
 from render_client.types import MultiModalData, PlaceholderRange, RenderedTrainingSample
 from tests.support import corpus
@@ -238,9 +238,7 @@ def test_samples_cross_the_wire_exactly() -> None:
         ),
         mm_token_type_ids=[0, 0, 1, 1, 0],
     )
-    response = pb.RenderTrainingSampleResponse()
-    encode_sample(sample, response.sample)
-    decoded = decode_sample(pb.RenderTrainingSampleResponse.FromString(response.SerializeToString()).sample)
+    decoded = decode_response(encode_response(encode_sample(sample)))
     assert decoded.token_ids == sample.token_ids and decoded.loss_mask == sample.loss_mask
     assert decoded.mm_token_type_ids == sample.mm_token_type_ids
     assert decoded.multi_modal_data.mm_hashes == {"image": ["abc"]}
@@ -258,9 +256,7 @@ def test_absent_media_fields_stay_none_and_empty_ones_stay_empty() -> None:
         RenderedTrainingSample(token_ids=[1], loss_mask=[True]),
         RenderedTrainingSample(token_ids=[], loss_mask=[], multi_modal_data=MultiModalData(), mm_token_type_ids=[]),
     ):
-        response = pb.RenderTrainingSampleResponse()
-        encode_sample(sample, response.sample)
-        decoded = decode_sample(pb.RenderTrainingSampleResponse.FromString(response.SerializeToString()).sample)
+        decoded = decode_response(encode_response(encode_sample(sample)))
         assert decoded == sample
 
 
@@ -269,7 +265,6 @@ def test_non_contiguous_arrays_are_sent_in_c_order() -> None:
     sample = RenderedTrainingSample(
         token_ids=[1], loss_mask=[True], multi_modal_data=MultiModalData(mm_items={"image": [{"x": array}]})
     )
-    response = pb.RenderTrainingSampleResponse()
-    encode_sample(sample, response.sample)
-    decoded = decode_sample(response.sample).multi_modal_data.mm_items["image"][0]["x"]
+    decoded = decode_response(encode_response(encode_sample(sample)))
+    decoded = decoded.multi_modal_data.mm_items["image"][0]["x"]
     assert np.array_equal(decoded, array) and decoded.dtype == np.int16

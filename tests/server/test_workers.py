@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,28 @@ def test_sigterm_stops_every_worker_and_exits_zero() -> None:
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def exited(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie (an orphan's reaper may be slow)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_children_do_not_outlive_a_supervisor_killed_outright() -> None:
+    with running_server("--workers", "2") as server:
+        children = [
+            int(pid)
+            for pid in Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+        ]
+        assert len(children) == 3  # two workers and the HTTP process
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+        wait_for(lambda: all(exited(pid) for pid in children))
+        with socket.socket() as probe:  # nothing holds the port any more
+            probe.bind(("127.0.0.1", server.port))
 
 
 def test_a_port_in_use_is_an_error_not_a_shared_port() -> None:

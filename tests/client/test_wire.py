@@ -1,0 +1,168 @@
+"""Hand-assembled wire bytes are exactly the bytes upb writes for the same message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import renderers
+
+from render_client._pb import render_pb2 as pb
+from render_client.convert import decode_response, decode_results, encode_response, encode_result, encode_sample
+from render_client.errors import InvalidArgumentError, RenderError
+from render_client.types import MultiModalData, PlaceholderRange, RenderedTrainingSample
+from render_client.wire import WireMessage, varint
+from tests.reference import reference_renderer, sample_differences
+from tests.support import corpus
+
+
+def upb_sample(sample: Any) -> pb.RenderedTrainingSample:
+    """The message built field by field through upb, the conventional way."""
+    message = pb.RenderedTrainingSample(token_ids=sample.token_ids, loss_mask=sample.loss_mask)
+    if sample.mm_token_type_ids is not None:
+        message.mm_token_type_ids.SetInParent()
+        message.mm_token_type_ids.ids.extend(sample.mm_token_type_ids)
+    data = sample.multi_modal_data
+    if data is not None:
+        message.multi_modal_data.SetInParent()
+        for modality, hashes in data.mm_hashes.items():
+            message.multi_modal_data.mm_hashes.add(modality=modality, hashes=hashes)
+        for modality, ranges in data.mm_placeholders.items():
+            entry = message.multi_modal_data.mm_placeholders.add(modality=modality)
+            for r in ranges:
+                entry.ranges.add(offset=r.offset, length=r.length)
+        for modality, items in data.mm_items.items():
+            entry = message.multi_modal_data.mm_items.add(modality=modality)
+            for item in items:
+                fields = entry.items.add().fields
+                for name, value in item.items():
+                    fields.add(
+                        name=name, tensor=pb.Tensor(dtype=value.dtype.str, shape=value.shape, data=value.tobytes())
+                    )
+    return message
+
+
+def samples() -> list[RenderedTrainingSample]:
+    rng = np.random.default_rng(0)
+    return [
+        RenderedTrainingSample(token_ids=[], loss_mask=[]),
+        RenderedTrainingSample(token_ids=[0, 1, 2**31, 2**32 - 1], loss_mask=[True, False, True, True]),
+        RenderedTrainingSample(
+            token_ids=[5], loss_mask=[False], multi_modal_data=MultiModalData(), mm_token_type_ids=[]
+        ),
+        RenderedTrainingSample(
+            token_ids=list(range(300)),
+            loss_mask=[i % 3 == 0 for i in range(300)],
+            multi_modal_data=MultiModalData(
+                mm_hashes={"image": ["a" * 64, ""], "video": ["é"]},
+                mm_placeholders={"image": [PlaceholderRange(0, 0), PlaceholderRange(2**40, 300)], "video": []},
+                mm_items={
+                    "image": [
+                        {
+                            "pixel_values": rng.standard_normal((1000, 1536), dtype=np.float32),  # > 2**21 bytes
+                            "image_grid_thw": np.array([[1, 20, 50]], dtype=np.int64),
+                        },
+                        {},
+                        {"": np.array(2.5), "empty": np.zeros((0, 7), np.float32)},
+                    ],
+                    "video": [{"transposed": np.arange(12, dtype=">i2").reshape(3, 4).T, "flag": np.array([True])}],
+                },
+            ),
+            mm_token_type_ids=[0] * 150 + [1] * 150,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(samples())))
+def test_samples_and_responses_match_upb(index: int) -> None:
+    sample = samples()[index]
+    expected = upb_sample(sample)
+    encoded = encode_sample(sample)
+    assert encoded.join() == expected.SerializeToString()
+    assert encoded.size == expected.ByteSize()
+    assert encode_response(encoded) == pb.RenderTrainingSampleResponse(sample=expected).SerializeToString()
+
+
+def test_stream_results_match_upb() -> None:
+    sample = samples()[3]
+    error = InvalidArgumentError("messages[0].role: unknown role 'x'", error_type="ValueError")
+    response = WireMessage()
+    for index, outcome in ((0, encode_sample(sample)), (1, error), (2**40, encode_sample(samples()[0]))):
+        response.extend(encode_result(index, outcome))
+    expected = pb.RenderTrainingSamplesResponse(
+        results=[
+            pb.RenderTrainingSampleResult(index=0, sample=upb_sample(sample)),
+            pb.RenderTrainingSampleResult(
+                index=1, error=pb.Error(code=3, message="messages[0].role: unknown role 'x'", error_type="ValueError")
+            ),
+            pb.RenderTrainingSampleResult(index=2**40, sample=upb_sample(samples()[0])),
+        ]
+    )
+    assert response.join() == expected.SerializeToString()
+
+
+def test_an_error_without_a_type_matches_upb() -> None:
+    expected = pb.RenderTrainingSampleResult(index=7, error=pb.Error(code=13, message="internal"))
+    response = pb.RenderTrainingSamplesResponse(results=[expected])
+    assert encode_result(7, RenderError("internal")).join() == response.SerializeToString()
+
+
+def test_rendered_images_from_the_corpus_match_upb() -> None:
+    renderer = reference_renderer("qwen3-vl")
+    conversations = [c for c in corpus() if "images" in c["tags"]][:10]
+    assert conversations
+    for conversation in conversations:
+        sample = renderers.build_training_sample(renderer, conversation["messages"], tools=conversation.get("tools"))
+        assert sample.multi_modal_data is not None and sample.multi_modal_data.mm_items
+        assert encode_sample(sample).join() == upb_sample(sample).SerializeToString()
+
+
+def test_arrays_are_shared_until_the_join() -> None:
+    pixels = np.ones((64, 64), np.float32)
+    encoded = encode_sample(
+        RenderedTrainingSample(
+            token_ids=[1], loss_mask=[True], multi_modal_data=MultiModalData(mm_items={"image": [{"x": pixels}]})
+        )
+    )
+    assert any(isinstance(p, np.ndarray) and np.shares_memory(p, pixels) for p in encoded.pieces)
+
+
+@pytest.mark.parametrize("value", [1, 127, 128, 300, 2**31, 2**63 - 1, 2**64 - 1])
+def test_varint_matches_upb(value: int) -> None:
+    assert b"\x08" + varint(value) == pb.RenderTrainingSampleResult(index=value).SerializeToString()
+
+
+def test_decoding_reads_what_upb_wrote_including_repeated_occurrences() -> None:
+    sample = samples()[3]
+    upb_bytes = pb.RenderTrainingSampleResponse(sample=upb_sample(sample)).SerializeToString()
+    assert not sample_differences(decode_response(upb_bytes), sample)
+    # Protobuf merges a message field that occurs twice: the second response's
+    # tokens and media are appended to the first's.
+    twice = decode_response(upb_bytes + upb_bytes)
+    assert twice.token_ids == sample.token_ids * 2
+    assert [len(items) for items in twice.multi_modal_data.mm_items.values()] == [3, 1]
+
+
+def test_decoded_arrays_are_views_of_the_received_bytes() -> None:
+    received = encode_response(encode_sample(samples()[3]))
+    pixels = decode_response(received).multi_modal_data.mm_items["image"][0]["pixel_values"]
+    assert np.shares_memory(pixels, np.frombuffer(received, np.uint8)) and not pixels.flags.writeable
+    assert np.array_equal(pixels, samples()[3].multi_modal_data.mm_items["image"][0]["pixel_values"])
+
+
+def test_stream_results_decode_in_order_with_their_errors() -> None:
+    response = WireMessage()
+    for index, outcome in ((4, encode_sample(samples()[1])), (5, InvalidArgumentError("bad", error_type="KeyError"))):
+        response.extend(encode_result(index, outcome))
+    (first_index, first), (second_index, second) = decode_results(response.join())
+    assert (first_index, first) == (4, samples()[1])
+    assert second_index == 5 and isinstance(second, InvalidArgumentError)
+    assert (second.details, second.error_type) == ("bad", "KeyError")
+
+
+@pytest.mark.parametrize("cut", [1, 2, 10, 100, 5000])
+def test_truncated_responses_are_a_render_error(cut: int) -> None:
+    received = encode_response(encode_sample(samples()[3]))
+    with pytest.raises(RenderError, match="malformed response"):
+        decode_response(received[:-cut])
