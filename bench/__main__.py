@@ -39,6 +39,7 @@ import numpy as np
 import renderers
 from PIL import Image
 
+from bench.load import metric_total
 from render_client import RenderClient
 from tests.reference import reference_renderer
 from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, corpus, running_server
@@ -308,14 +309,17 @@ def image(side: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def image_sweep(client: RenderClient, quick: bool) -> list[dict[str, Any]]:
+def image_sweep(client: RenderClient, server: ServerProcess, quick: bool) -> list[dict[str, Any]]:
+    """In-process beside service time per image size, and the service time split in two:
+    the server's own (decode, render, encode: from /metrics) and the rest, the transport."""
     rows = []
     renderer = reference_renderer("qwen3-vl")
     remote = client.renderer("qwen3-vl")
+    metrics_url = f"{server.http}/metrics"
     seed = 0
     for side in (256, 1024, 2048, 4096):
         rounds = {256: 20, 1024: 6, 2048: 3, 4096: 2}[side] // (2 if quick else 1) or 1
-        local_ms, remote_ms, wire_mb = [], [], 0.0
+        local_ms, remote_ms, server_ms, wire_mb = [], [], [], 0.0
         for _ in range(rounds):
             for into in (local_ms, remote_ms):
                 seed += 1
@@ -323,6 +327,8 @@ def image_sweep(client: RenderClient, quick: bool) -> list[dict[str, Any]]:
                     {"role": "user", "content": [{"type": "text", "text": "Describe."}, {"type": "image", "image": image(side, seed)}]},
                     {"role": "assistant", "content": "A picture."},
                 ]  # fmt: skip
+                if into is remote_ms:
+                    inside_before = metric_total(metrics_url, "render_request_duration_seconds_sum")
                 begun = time.perf_counter()
                 if into is local_ms:
                     renderers.build_training_sample(renderer, messages)
@@ -330,6 +336,9 @@ def image_sweep(client: RenderClient, quick: bool) -> list[dict[str, Any]]:
                     sample = client.render(remote.request(messages))
                     wire_mb = sample.multi_modal_data.mm_items["image"][0]["pixel_values"].nbytes / 2**20
                 into.append((time.perf_counter() - begun) * 1e3)
+                if into is remote_ms:
+                    inside = metric_total(metrics_url, "render_request_duration_seconds_sum") - inside_before
+                    server_ms.append(inside * 1e3)
                 del messages
         pixels = side * side
         row = {
@@ -340,11 +349,16 @@ def image_sweep(client: RenderClient, quick: bool) -> list[dict[str, Any]]:
             "in_process_ns_per_pixel": statistics.median(local_ms) * 1e6 / pixels,
             "service_ns_per_pixel": statistics.median(remote_ms) * 1e6 / pixels,
         }
-        row["transport_overhead"] = row["service_ms"] / row["in_process_ms"] - 1
+        row["service_over_in_process"] = row["service_ms"] / row["in_process_ms"] - 1
+        row["server_ms"] = statistics.median(server_ms)
+        row["transport_ms"] = statistics.median(r - s for r, s in zip(remote_ms, server_ms, strict=True))
+        row["transport_overhead"] = row["transport_ms"] / row["server_ms"]
         rows.append(row)
         print(
             f"image {side}x{side} ({wire_mb:.0f} MiB of pixel_values): in-process {row['in_process_ms']:.1f} ms, "
-            f"service {row['service_ms']:.1f} ms, transport adds {row['transport_overhead'] * 100:+.1f}%",
+            f"service {row['service_ms']:.1f} ms ({row['service_over_in_process'] * 100:+.1f}%); inside the server "
+            f"{row['server_ms']:.1f} ms, transport {row['transport_ms']:.1f} ms: "
+            f"adds {row['transport_overhead'] * 100:+.1f}% to the render",
             flush=True,
         )
     return rows
@@ -392,7 +406,7 @@ def main() -> None:
             if "length" in parts:
                 results["length"] = length_sweep(client, args.quick)
             if "images" in parts:
-                results["images"] = image_sweep(client, args.quick)
+                results["images"] = image_sweep(client, server, args.quick)
             if "memory" in parts:
                 results["memory_after_runs"] = memory(server)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,11 +38,16 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def renderer_cpu(metrics_url: str) -> float:
-    """CPU seconds the server's processes spent inside build_training_sample (from /metrics)."""
+def metric_total(metrics_url: str, name: str) -> float:
+    """The sum of a metric over its labels and the server's processes (from /metrics)."""
     with urllib.request.urlopen(metrics_url, timeout=30) as response:
         text = response.read().decode()
-    return sum(float(value) for value in re.findall(r"^render_renderer_cpu_seconds_total\{[^}]*\} (\S+)$", text, re.M))
+    return sum(float(value) for value in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+
+def renderer_cpu(metrics_url: str) -> float:
+    """CPU seconds the server's processes spent inside build_training_sample."""
+    return metric_total(metrics_url, "render_renderer_cpu_seconds_total")
 
 
 def server_cpu(supervisor: int) -> float:
