@@ -311,7 +311,8 @@ def image(side: int, seed: int) -> bytes:
 
 def image_sweep(client: RenderClient, server: ServerProcess, quick: bool) -> list[dict[str, Any]]:
     """In-process beside service time per image size, and the service time split in two:
-    the server's own (decode, render, encode: from /metrics) and the rest, the transport."""
+    the server's own (decode, render, encode: from /metrics) and the rest, the transport
+    (which includes the one copy of the answer's bytes, made after the server's timer stops)."""
     rows = []
     renderer = reference_renderer("qwen3-vl")
     remote = client.renderer("qwen3-vl")

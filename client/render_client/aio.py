@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from ._pb import render_pb2 as pb
-from .channel import ChannelOptions, Connection, deadline_for, remaining, resend_delay
+from .channel import ChannelOptions, Connection, deadline_for, remaining
 from .convert import decode_models, decode_response, encode_sample_request
 from .errors import RenderError, error_from_rpc
 from .streaming import render_many_async
@@ -62,7 +62,7 @@ class AsyncRenderClient:
                 return decode_response(response)
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
-            delay = resend_delay(error, attempt, deadline)
+            delay = self._connection.resend_delay(error, attempt, deadline)
             if delay is None:
                 raise error
             await asyncio.sleep(delay)
@@ -97,6 +97,7 @@ class AsyncRenderClient:
         return decode_models(response)
 
     async def close(self) -> None:
+        self._connection.closed = True
         for channel in self._connection.channels:
             await channel.close()
 

@@ -46,15 +46,20 @@ RETRY_POLICY = {
 _RESENT_CODES = frozenset(grpc.StatusCode[name] for name in RETRY_POLICY["retryableStatusCodes"])
 # gRPC's own retries do not cover every broken connection: a call in flight when
 # its connection is reset can fail UNAVAILABLE ("Stream removed") without a
-# retry. Clients therefore send such calls again themselves, on the same policy.
+# retry. Clients therefore send such calls again themselves, on the same policy;
+# a unary call is resent at most twice, gRPC having tried up to 5 times each.
+UNARY_ATTEMPTS = 3
 
 
-def resend_delay(error: Exception, attempt: int, deadline: float | None = None) -> float | None:
+def resend_delay(
+    error: Exception, attempt: int, deadline: float | None = None, *, attempts: int = RETRY_POLICY["maxAttempts"]
+) -> float | None:
     """Seconds to wait before sending a call again after it failed with `error`, or None to give up.
 
-    `attempt` counts from 0; `deadline` is a time.monotonic() the call must end by.
+    `attempt` counts from 0 up to `attempts` in all; `deadline` is a
+    time.monotonic() the call must end by.
     """
-    if getattr(error, "code", None) not in _RESENT_CODES or attempt + 1 >= RETRY_POLICY["maxAttempts"]:
+    if getattr(error, "code", None) not in _RESENT_CODES or attempt + 1 >= attempts:
         return None
     delay = min(0.1 * 2**attempt, 2.0)
     if deadline is not None and time.monotonic() + delay >= deadline:
@@ -218,3 +223,8 @@ class Connection:
         # Unary calls take the connections in turn.
         self.next_stub = itertools.cycle(self.stubs).__next__
         self.metadata = auth_metadata(token)
+        self.closed = False
+
+    def resend_delay(self, error: Exception, attempt: int, deadline: float | None) -> float | None:
+        """`resend_delay` for a unary call through this connection; None once it is closed."""
+        return None if self.closed else resend_delay(error, attempt, deadline, attempts=UNARY_ATTEMPTS)

@@ -491,7 +491,8 @@ def _encode_tensor(value: Any) -> WireMessage:
 def decode_response(data: bytes) -> RenderedTrainingSample:
     """The RenderedTrainingSample a serialised RenderTrainingSampleResponse carries."""
     try:
-        _, samples = split_field(memoryview(data), pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER)
+        rest, samples = split_field(memoryview(data), pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER)
+        pb.RenderTrainingSampleResponse.FromString(rest)  # fields a newer server may add; or junk
         return _decode_sample(merged(samples) if samples else memoryview(b""))
     except (WireFormatError, DecodeError) as exc:
         raise RenderError(f"malformed response: {exc}") from None
@@ -500,7 +501,8 @@ def decode_response(data: bytes) -> RenderedTrainingSample:
 def decode_results(data: bytes) -> list[tuple[int, RenderedTrainingSample | RenderError]]:
     """Each (index, sample or error) a serialised RenderTrainingSamplesResponse carries."""
     try:
-        _, results = split_field(memoryview(data), pb.RenderTrainingSamplesResponse.RESULTS_FIELD_NUMBER)
+        rest, results = split_field(memoryview(data), pb.RenderTrainingSamplesResponse.RESULTS_FIELD_NUMBER)
+        pb.RenderTrainingSamplesResponse.FromString(rest)
         return [_decode_result(result) for result in results]
     except (WireFormatError, DecodeError) as exc:
         raise RenderError(f"malformed response: {exc}") from None
@@ -556,7 +558,7 @@ def _decode_multi_modal_data(data: memoryview) -> MultiModalData:
 
 def _decode_item(data: memoryview) -> dict[str, np.ndarray]:
     _, fields = split_field(data, pb.MultiModalItem.FIELDS_FIELD_NUMBER)
-    item = {}
+    item: dict[str, np.ndarray] = {}
     for field in fields:
         rest, tensors = split_field(field, pb.NamedTensor.TENSOR_FIELD_NUMBER)
         item[pb.NamedTensor.FromString(rest).name] = _decode_tensor(merged(tensors) if tensors else memoryview(b""))
@@ -571,9 +573,18 @@ def _decode_tensor(data: memoryview) -> np.ndarray:
         if dtype.hasobject:
             raise TypeError("object arrays are not accepted")
         # A view of the response's bytes (the last occurrence wins): no copy, read-only.
-        return np.frombuffer(payloads[-1] if payloads else b"", dtype=dtype).reshape(tuple(tensor.shape))
+        array = np.frombuffer(payloads[-1] if payloads else b"", dtype=dtype).reshape(tuple(tensor.shape))
     except (TypeError, ValueError) as exc:
         raise RenderError(f"malformed tensor in response (dtype {tensor.dtype!r}): {exc}") from None
+    if array.nbytes < _SHARE_FROM_BYTES or not array.flags.aligned:
+        # A small view would keep a whole response alive; an unaligned one slows
+        # numpy and is refused by some consumers. Those are copied, read-only alike.
+        array = array.copy()
+        array.flags.writeable = False
+    return array
+
+
+_SHARE_FROM_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------------------

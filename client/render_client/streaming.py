@@ -203,6 +203,7 @@ class _Stream:
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             except RenderError as exc:  # a response that does not decode
+                call.cancel()
                 error = exc
             delay = resend_delay(error, attempt)
             if self._failure is None and delay is not None:
@@ -212,8 +213,11 @@ class _Stream:
                     if self._failure is None:  # not closed meanwhile
                         # Open the call again and send what it owed; read on from the new one.
                         _, owed = self._pending.restart()
-                        call = self._call = self._new_call(owed)
-                        continue
+                        try:
+                            call = self._call = self._new_call(owed)
+                            continue
+                        except ValueError:  # the client, and so its channel, was closed
+                            error = RenderError("the client was closed")
             with self._lock:
                 self._failure = self._failure or error
                 for position in self._pending.drain():
@@ -355,6 +359,7 @@ class _AsyncStream:
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             except RenderError as exc:  # a response that does not decode
+                self.call.cancel()
                 error = exc
             delay = resend_delay(error, attempt)
             if self._failure is None and delay is not None:

@@ -95,6 +95,10 @@ def split_field(message: memoryview, number: int) -> tuple[bytes, list[memoryvie
         start = position
         tag, position = _read_varint(message, position)
         field_number, wire_type = tag >> 3, tag & 7
+        if field_number == 0:
+            raise WireFormatError("field number 0")
+        if field_number == number and wire_type != _LENGTH_DELIMITED:
+            raise WireFormatError(f"field {number} is not length-delimited")
         if wire_type == _LENGTH_DELIMITED:
             length, position = _read_varint(message, position)
             if position + length > end:
@@ -130,6 +134,8 @@ def _read_varint(data: memoryview, position: int) -> tuple[int, int]:
         position += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
+            if value >> 64:
+                break
             return value, position
         shift += 7
     raise WireFormatError("truncated or overlong varint")

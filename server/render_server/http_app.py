@@ -103,15 +103,17 @@ class HttpApp:
             message = str(exc).splitlines()[0] if str(exc) else "not valid JSON"
             await _error(send, grpc.StatusCode.INVALID_ARGUMENT, f"request: {message}")
             return
+
+        def render_to_json() -> str:
+            sample = self._service.render(request, method="http:RenderTrainingSample")
+            response = pb.RenderTrainingSampleResponse.FromString(encode_response(sample))
+            return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
+
         try:
-            sample = await asyncio.get_running_loop().run_in_executor(
-                self._renders, lambda: self._service.render(request, method="http:RenderTrainingSample")
-            )
+            text = await asyncio.get_running_loop().run_in_executor(self._renders, render_to_json)
         except RenderError as exc:
             await _error(send, exc.code, exc.details, exc.error_type)
             return
-        response = pb.RenderTrainingSampleResponse.FromString(encode_response(sample))
-        text = json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
         await _respond(send, 200, text.encode(), "application/json")
 
 

@@ -127,7 +127,8 @@ class RenderService:
 
         gRPC would answer a request that does not parse with INTERNAL; parsing
         leniently lets the handler answer INVALID_ARGUMENT instead. The render
-        methods answer with bytes they serialised themselves (convert.encode_sample).
+        methods answer with bytes they serialised themselves (convert.encode_response
+        and encode_result, around encode_sample's pieces).
         """
         return {
             "RenderTrainingSample": grpc.unary_unary_rpc_method_handler(

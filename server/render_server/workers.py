@@ -128,9 +128,7 @@ class Supervisor:
         return _serve_worker(self._registry, self._options, self._grace, ready_fd)
 
     def _serve_http(self, ready_fd: int) -> int:
-        assert self._http_socket is not None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_DFL)  # uvicorn installs its own
+        assert self._http_socket is not None  # SIGTERM: uvicorn installs its own handler
         app = HttpApp(
             RenderService(self._registry, self._options.limits),
             self.status,
@@ -219,6 +217,7 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork
 
 
 def _stop_with(supervisor: int) -> None:
@@ -226,13 +225,16 @@ def _stop_with(supervisor: int) -> None:
 
     Otherwise a supervisor killed outright would leave its workers serving the
     port on their own, unsupervised. (The signal is tied to the forking thread,
-    which lives as long as the supervisor serves.)
+    the supervisor's main thread, which lives as long as it serves.) Until the
+    child installs its own handlers, SIGTERM ends it: the supervisor's handlers,
+    inherited through fork, must not run in it.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+    if _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
     if os.getppid() != supervisor:  # it died before the prctl took hold
-        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(1)
 
 
 @contextlib.contextmanager

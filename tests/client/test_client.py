@@ -9,6 +9,8 @@ import io
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import renderers
@@ -18,6 +20,7 @@ from render_client import (
     InvalidArgumentError,
     ModelNotFoundError,
     RenderClient,
+    RenderError,
     SampleRequest,
     UnimplementedError,
     aio,
@@ -150,3 +153,60 @@ def test_the_client_refuses_before_sending(client: RenderClient) -> None:
         build_training_sample(
             client.renderer("qwen3-vl"), [{"role": "user", "content": [{"type": "image", "image": "http://x/y.png"}]}]
         )
+
+
+def noise_image(side: int, seed: int) -> bytes:
+    """A distinct JPEG (so no cache answers) that takes a while to render when large."""
+    buffer = io.BytesIO()
+    Image.effect_noise((side, side), 40 + seed).convert("RGB").save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def slow_request(seed: int) -> SampleRequest:
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Describe."}, {"type": "image", "image": noise_image(3000, seed)}]},
+        {"role": "assistant", "content": "Noise."},
+    ]  # fmt: skip
+    return SampleRequest("qwen3-vl", messages)
+
+
+def test_closing_the_client_ends_its_calls_in_flight_with_a_render_error(server: ServerProcess) -> None:
+    own = RenderClient(server.target, timeout=120)
+    request = slow_request(1)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            own.render(request)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    time.sleep(0.5)
+    own.close()
+    caller.join(timeout=30)
+    assert not caller.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], RenderError), outcome  # not resent on a closed channel
+
+
+def test_closing_the_client_ends_render_many_instead_of_hanging(server: ServerProcess) -> None:
+    own = RenderClient(server.target, timeout=120)
+    requests = [slow_request(seed) for seed in range(4)]
+    results: list = []
+    failure: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            results.extend(own.render_many(requests, return_exceptions=True))
+        except BaseException as exc:
+            failure.append(exc)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    time.sleep(1.0)  # the stream is open and its first render under way
+    own.close()
+    consumer.join(timeout=30)
+    assert not consumer.is_alive(), "render_many hung after the client was closed"
+    assert all(isinstance(exc, RenderError) for exc in failure), failure  # a status, not a closed-channel ValueError
+    assert failure or (len(results) == 4 and any(isinstance(r, RenderError) for r in results))

@@ -144,11 +144,28 @@ def test_decoding_reads_what_upb_wrote_including_repeated_occurrences() -> None:
     assert [len(items) for items in twice.multi_modal_data.mm_items.values()] == [3, 1]
 
 
-def test_decoded_arrays_are_views_of_the_received_bytes() -> None:
-    received = encode_response(encode_sample(samples()[3]))
-    pixels = decode_response(received).multi_modal_data.mm_items["image"][0]["pixel_values"]
-    assert np.shares_memory(pixels, np.frombuffer(received, np.uint8)) and not pixels.flags.writeable
-    assert np.array_equal(pixels, samples()[3].multi_modal_data.mm_items["image"][0]["pixel_values"])
+def test_large_aligned_arrays_are_views_of_the_received_bytes_and_the_rest_copies() -> None:
+    expected = samples()[3].multi_modal_data.mm_items["image"][0]
+    received_bytes = encode_response(encode_sample(samples()[3]))
+    shared = []
+    for shift in range(4):  # the data's offset in memory decides whether a view is aligned
+        received = received_bytes if shift == 0 else _shifted(received_bytes, shift)
+        item = decode_response(received).multi_modal_data.mm_items["image"][0]
+        pixels, grid = item["pixel_values"], item["image_grid_thw"]
+        buffer = np.frombuffer(received, np.uint8)
+        start = buffer.ctypes.data + bytes(received).index(expected["pixel_values"].tobytes())
+        assert np.shares_memory(pixels, buffer) == (start % pixels.dtype.alignment == 0)
+        shared.append(np.shares_memory(pixels, buffer))
+        assert not np.shares_memory(grid, buffer)  # small: copied, so it does not pin the response
+        for array, value in ((pixels, expected["pixel_values"]), (grid, expected["image_grid_thw"])):
+            assert array.flags.aligned and not array.flags.writeable
+            assert np.array_equal(array, value)
+    assert sorted(set(shared)) == [False, True]
+
+
+def _shifted(data: bytes, shift: int) -> memoryview:
+    """`data` starting `shift` bytes into a fresh buffer."""
+    return memoryview(bytes(shift) + data)[shift:]
 
 
 def test_stream_results_decode_in_order_with_their_errors() -> None:
@@ -166,3 +183,20 @@ def test_truncated_responses_are_a_render_error(cut: int) -> None:
     received = encode_response(encode_sample(samples()[3]))
     with pytest.raises(RenderError, match="malformed response"):
         decode_response(received[:-cut])
+
+
+@pytest.mark.parametrize("cut", [1, 2, 10])
+def test_truncated_nested_messages_are_a_render_error(cut: int) -> None:
+    inner = encode_sample(samples()[3]).join()[:-cut]
+    with pytest.raises(RenderError, match="malformed response"):
+        decode_response(b"\x0a" + varint(len(inner)) + inner)
+    result = encode_result(0, encode_sample(samples()[3])).join()[:-cut]
+    with pytest.raises(RenderError, match="malformed response"):
+        decode_results(result)
+
+
+@pytest.mark.parametrize("data", [b"\x08\x01", b"\x02\x00", b"\x0a\x02\x00\x00", b"\x12\x01"])
+def test_fields_that_are_not_what_the_contract_says_are_a_render_error(data: bytes) -> None:
+    # sample as a varint; field number 0; a sample holding field number 0; an unterminated field 2
+    with pytest.raises(RenderError, match="malformed response"):
+        decode_response(data)

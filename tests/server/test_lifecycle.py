@@ -46,20 +46,28 @@ def test_sigterm_lets_a_render_in_progress_finish_and_refuses_new_calls() -> Non
     with running_server("--workers", "1", "--grace", "60") as server:
         client = RenderClient(server.target, timeout=120)
         finished: list = []
-        slow = threading.Thread(
-            target=lambda: finished.append(client.render(SampleRequest("qwen3-vl", image_messages(4096, 1))))
-        )
+
+        def slow_call() -> None:
+            started = time.monotonic()
+            sample = client.render(SampleRequest("qwen3-vl", image_messages(4096, 1)))
+            finished.append((started, time.monotonic(), sample))
+
+        slow = threading.Thread(target=slow_call)
         slow.start()
         time.sleep(1.0)  # the 4096x4096 image takes seconds to render
+        sigterm_at = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         with pytest.raises(RenderError) as refused:
-            client.render(SampleRequest("qwen3-vl", image_messages(64, 2)), timeout=10)
+            client.render(SampleRequest("qwen3-vl", image_messages(64, 2)), timeout=30)
         slow.join(timeout=120)
         assert server.process.wait(timeout=120) == 0
         client.close()
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
-    assert len(finished) == 1 and finished[0].multi_modal_data is not None
+    assert len(finished) == 1
+    started, ended, sample = finished[0]
+    assert started < sigterm_at < ended, "the slow call was not in flight at SIGTERM: the test proved nothing"
+    assert sample.multi_modal_data is not None
 
 
 def test_a_replica_draining_under_load_costs_no_request() -> None:
