@@ -18,6 +18,8 @@ Parts:
 - length: time per token for samples of about 1k, 4k, 16k and 64k tokens.
 - images: time per pixel for qwen3-vl images from 256x256 to 4096x4096.
 - memory: peak RSS and PSS per worker with the default registry loaded.
+- floor: gRPC Python's own CPU per call with no rendering, and what this
+  machine charges a thread per wake-up (bench/floor.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 import renderers
 from PIL import Image
 
+from bench.floor import floor
 from bench.load import metric_total
 from render_client import RenderClient
 from tests.reference import reference_renderer
@@ -46,7 +49,7 @@ from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, corpus, running_s
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 CORES = len(os.sched_getaffinity(0))
-PARTS = ("throughput", "latency", "length", "images", "memory")
+PARTS = ("throughput", "latency", "length", "images", "memory", "floor")
 
 
 def assistant_only(message: dict[str, Any]) -> bool:
@@ -410,6 +413,8 @@ def main() -> None:
                 results["images"] = image_sweep(client, server, args.quick)
             if "memory" in parts:
                 results["memory_after_runs"] = memory(server)
+    if "floor" in parts:
+        results["floor"] = floor(args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -73,16 +73,21 @@ def reference_renderer(model: str, chat_template_kwargs: dict[str, Any] | None =
     raise KeyError(model)
 
 
+def _types(values: Any) -> list[type] | None:
+    # 1 == 1.0 == np.int64(1): equal values are not enough for byte-for-byte.
+    return None if values is None else [type(v) for v in values]
+
+
 def sample_differences(expected: Any, actual: Any) -> list[str]:
     """Where a service sample differs from the in-process one; empty when identical."""
     problems = []
-    if expected.token_ids != actual.token_ids:
+    if expected.token_ids != actual.token_ids or _types(expected.token_ids) != _types(actual.token_ids):
         problems.append("token_ids")
-    if [type(v) for v in expected.loss_mask] != [type(v) for v in actual.loss_mask] or list(expected.loss_mask) != list(
-        actual.loss_mask
-    ):
+    if list(expected.loss_mask) != list(actual.loss_mask) or _types(expected.loss_mask) != _types(actual.loss_mask):
         problems.append("loss_mask")
-    if expected.mm_token_type_ids != actual.mm_token_type_ids:
+    if expected.mm_token_type_ids != actual.mm_token_type_ids or _types(expected.mm_token_type_ids) != _types(
+        actual.mm_token_type_ids
+    ):
         problems.append("mm_token_type_ids")
     expected_mm, actual_mm = expected.multi_modal_data, actual.multi_modal_data
     if (expected_mm is None) != (actual_mm is None):

@@ -410,19 +410,52 @@ def encode_sample(sample: Any) -> WireMessage:
 
     Its arrays stay in place until the message is joined (see wire.py).
     """
-    message = WireMessage(
-        pb.RenderedTrainingSample(token_ids=sample.token_ids, loss_mask=sample.loss_mask).SerializeToString()
-    )
+    loss_mask = _one_byte_varints(sample.loss_mask, below=2)
+    if loss_mask is None:
+        message = WireMessage(
+            pb.RenderedTrainingSample(token_ids=sample.token_ids, loss_mask=sample.loss_mask).SerializeToString()
+        )
+    else:
+        message = WireMessage(pb.RenderedTrainingSample(token_ids=sample.token_ids).SerializeToString())
+        _append_packed(message, pb.RenderedTrainingSample.LOSS_MASK_FIELD_NUMBER, loss_mask)
     if sample.multi_modal_data is not None:
         message.append_message_field(
             pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER, _encode_multi_modal_data(sample.multi_modal_data)
         )
     if sample.mm_token_type_ids is not None:
-        message.append_message_field(
-            pb.RenderedTrainingSample.MM_TOKEN_TYPE_IDS_FIELD_NUMBER,
-            WireMessage(pb.TokenTypeIds(ids=sample.mm_token_type_ids).SerializeToString()),
-        )
+        type_ids = _one_byte_varints(sample.mm_token_type_ids, below=0x80)
+        if type_ids is None:
+            type_ids_message = WireMessage(pb.TokenTypeIds(ids=sample.mm_token_type_ids).SerializeToString())
+        else:
+            type_ids_message = WireMessage()
+            _append_packed(type_ids_message, pb.TokenTypeIds.IDS_FIELD_NUMBER, type_ids)
+        message.append_message_field(pb.RenderedTrainingSample.MM_TOKEN_TYPE_IDS_FIELD_NUMBER, type_ids_message)
     return message
+
+
+def _one_byte_varints(values: Any, *, below: int) -> bytes | None:
+    """A packed repeated field's payload when every value is below `below` (at most 128); else None.
+
+    A varint below 128 is the value's own byte, so `bytes` writes the payload
+    in C, 3x faster than upb taking Python ints or bools one by one. The loss
+    mask (bools) and modality ids (0-2) qualify; anything else is left to upb.
+    """
+    if type(values) is not list:
+        return None
+    try:
+        payload = bytes(values)
+    except (TypeError, ValueError):
+        return None
+    return payload if not payload.translate(None, _SMALL_BYTES[below]) else None
+
+
+_SMALL_BYTES = {limit: bytes(range(limit)) for limit in (2, 0x80)}
+
+
+def _append_packed(message: WireMessage, number: int, payload: bytes) -> None:
+    # upb leaves an empty repeated field out.
+    if payload:
+        message.append_bytes_field(number, payload)
 
 
 def encode_response(sample: WireMessage) -> bytes:
@@ -532,11 +565,20 @@ def _decode_sample(data: memoryview) -> RenderedTrainingSample:
     rest, media = split_field(data, pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER)
     message = pb.RenderedTrainingSample.FromString(rest)
     return RenderedTrainingSample(
-        token_ids=list(message.token_ids),
-        loss_mask=list(message.loss_mask),
+        token_ids=_as_list(message.token_ids),
+        loss_mask=_as_list(message.loss_mask),
         multi_modal_data=_decode_multi_modal_data(merged(media)) if media else None,
-        mm_token_type_ids=list(message.mm_token_type_ids.ids) if message.HasField("mm_token_type_ids") else None,
+        mm_token_type_ids=_as_list(message.mm_token_type_ids.ids) if message.HasField("mm_token_type_ids") else None,
     )
+
+
+def _as_list(values: Any) -> list[Any]:
+    """A repeated int or bool field as a list of Python ints or bools.
+
+    numpy reads upb's container in C: 1.7x (ids) to 3.5x (bools) faster than
+    list() for a sample's thousands of tokens. An empty field is an empty list.
+    """
+    return np.array(values).tolist() if values else []
 
 
 def _decode_multi_modal_data(data: memoryview) -> MultiModalData:

@@ -71,6 +71,14 @@ def samples() -> list[RenderedTrainingSample]:
             ),
             mm_token_type_ids=[0] * 150 + [1] * 150,
         ),
+        # Values written byte by byte (one-byte varints) and values left to upb.
+        RenderedTrainingSample(
+            token_ids=[1, 2, 3], loss_mask=[0, 1, 1], mm_token_type_ids=[0, 127, 128, 255, 256, 2**32 - 1]
+        ),
+        RenderedTrainingSample(token_ids=[9, 9], loss_mask=[np.True_, np.False_], mm_token_type_ids=[2, 1]),
+        RenderedTrainingSample(token_ids=[4, 4], loss_mask=[2, 0], mm_token_type_ids=(0, 1)),
+        RenderedTrainingSample(token_ids=[4], loss_mask=(True,), mm_token_type_ids=[]),
+        RenderedTrainingSample(token_ids=[4, 5], loss_mask=[True, True], mm_token_type_ids=[128, 255]),
     ]
 
 
