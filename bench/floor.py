@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+ROOT = Path(__file__).resolve().parent.parent
 _SERVICE = "floor.Floor"
 _METHOD = f"/{_SERVICE}/Answer"
 # About a 1k-token sample: its request (conversation text) and its answer
@@ -68,9 +69,14 @@ def drive(burn: float, concurrency: int, seconds: float) -> dict[str, Any]:
         [sys.executable, "-m", "bench.floor", "--serve", "--burn", str(burn)],
         stdout=subprocess.PIPE,
         text=True,
+        cwd=ROOT,
     )
     try:
-        port = int(server.stdout.readline().split()[-1])  # type: ignore[union-attr]
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if not line.startswith("port "):
+            raise RuntimeError(f"the floor server did not start (exit status {server.poll()})")
+        port = int(line.split()[1])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary(_METHOD, _identity, _identity)
             request = b"r" * REQUEST_BYTES

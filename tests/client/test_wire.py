@@ -71,7 +71,7 @@ def samples() -> list[RenderedTrainingSample]:
             ),
             mm_token_type_ids=[0] * 150 + [1] * 150,
         ),
-        # Values written byte by byte (one-byte varints) and values left to upb.
+        # Loss masks written byte by byte (bools, 0/1 ints) and ones left to upb.
         RenderedTrainingSample(
             token_ids=[1, 2, 3], loss_mask=[0, 1, 1], mm_token_type_ids=[0, 127, 128, 255, 256, 2**32 - 1]
         ),
