@@ -15,7 +15,6 @@ anchor never does.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import threading
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from bench.load import process_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 _SERVICE = "floor.Floor"
@@ -56,11 +57,6 @@ def serve(burn: float) -> None:
     server.start()
     print(f"port {port}", flush=True)
     server.wait_for_termination()
-
-
-def process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def drive(burn: float, concurrency: int, seconds: float) -> dict[str, Any]:
