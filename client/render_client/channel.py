@@ -33,11 +33,13 @@ from ._pb.render_pb2_grpc import RenderServiceStub
 ChannelOptions = Sequence[tuple[str, Any]]
 
 SERVICE = "render.v1.RenderService"
+# One backoff for gRPC's retries and the clients' own resends (resend_delay).
+_INITIAL_BACKOFF, _MAX_BACKOFF, _BACKOFF_MULTIPLIER = 0.1, 2.0, 2.0
 RETRY_POLICY = {
     "maxAttempts": 5,
-    "initialBackoff": "0.1s",
-    "maxBackoff": "2s",
-    "backoffMultiplier": 2.0,
+    "initialBackoff": f"{_INITIAL_BACKOFF:g}s",
+    "maxBackoff": f"{_MAX_BACKOFF:g}s",
+    "backoffMultiplier": _BACKOFF_MULTIPLIER,
     # CANCELLED: a server that shuts down cancels the calls it had received
     # but not yet handed to a handler. gRPC never retries a call its caller
     # cancelled, and the client cancels unary calls only by closing.
@@ -61,7 +63,7 @@ def resend_delay(
     """
     if getattr(error, "code", None) not in _RESENT_CODES or attempt + 1 >= attempts:
         return None
-    delay = min(0.1 * 2**attempt, 2.0)
+    delay = min(_INITIAL_BACKOFF * _BACKOFF_MULTIPLIER**attempt, _MAX_BACKOFF)
     if deadline is not None and time.monotonic() + delay >= deadline:
         return None
     return delay
