@@ -370,7 +370,10 @@ def image_sweep(client: RenderClient, server: ServerProcess, quick: bool) -> lis
 
 def memory(server: ServerProcess) -> list[dict[str, Any]]:
     rows = []
-    for role, pid in [("supervisor", server.process.pid)] + [("worker", pid) for pid in server.workers()]:
+    processes = [("supervisor", server.process.pid)]
+    processes += [("worker gRPC", pid) for pid in server.workers()]
+    processes += [("worker render", pid) for pid in server.render_processes()]
+    for role, pid in processes:
         status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
         rollup = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
         row = {
@@ -381,7 +384,7 @@ def memory(server: ServerProcess) -> list[dict[str, Any]]:
         }
         rows.append(row)
         print(
-            f"{role:10} peak RSS {row['peak_rss_mib']:.0f} MiB, RSS {row['rss_mib']:.0f} MiB, PSS {row['pss_mib']:.0f} MiB"
+            f"{role:13} peak RSS {row['peak_rss_mib']:.0f} MiB, RSS {row['rss_mib']:.0f} MiB, PSS {row['pss_mib']:.0f} MiB"
         )
     return rows
 

@@ -51,9 +51,14 @@ def renderer_cpu(metrics_url: str) -> float:
 
 
 def server_cpu(supervisor: int) -> float:
-    """CPU seconds of the supervisor and its live workers."""
-    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-    return sum(process_cpu(pid) for pid in [supervisor, *map(int, children)])
+    """CPU seconds of the supervisor and every live process under it (workers' render processes too)."""
+    return sum(process_cpu(pid) for pid in process_tree(supervisor))
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (each process forks from its main thread, whose children these are)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(descendant for child in children for descendant in process_tree(int(child)))]
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -18,7 +19,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from render_client import RenderClient, RenderError, SampleRequest
+from render_client._pb import render_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_ENV = "RENDER_SERVICE_CORPUS"
@@ -85,6 +89,14 @@ class ServerProcess:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
         started = {int(pid) for pid in re.findall(r"worker \d+ serving \(pid (\d+)\)", self.log())}
         return [int(pid) for pid in children.split() if int(pid) in started]
+
+    def render_processes(self) -> list[int]:
+        """The pids of the workers' render processes, each its worker's one child."""
+        return [
+            int(pid)
+            for worker in self.workers()
+            for pid in Path(f"/proc/{worker}/task/{worker}/children").read_text().split()
+        ]
 
 
 @contextmanager
@@ -172,3 +184,17 @@ class Load:
         for thread in self._threads:
             thread.join(timeout=120)
         return self.outcomes
+
+
+def slow_request() -> pb.RenderTrainingSampleRequest:
+    """A RenderTrainingSampleRequest that takes seconds to render: a 4096x4096 image for qwen3-vl."""
+    buffer = io.BytesIO()
+    Image.effect_noise((4096, 4096), 60).convert("RGB").save(buffer, format="JPEG", quality=80)
+    picture = pb.ContentPart(image=pb.MediaPart(data=buffer.getvalue()))
+    return pb.RenderTrainingSampleRequest(
+        model="qwen3-vl",
+        messages=[
+            pb.Message(role="user", parts=pb.ContentParts(parts=[pb.ContentPart(text="Describe."), picture])),
+            pb.Message(role="assistant", text="Noise."),
+        ],
+    )

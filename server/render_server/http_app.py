@@ -29,7 +29,7 @@ from render_client.convert import encode_response
 from render_client.errors import RenderError
 
 from .auth import REFUSAL, TokenCheck
-from .metrics import exposition
+from .metrics import IN_FLIGHT, exposition
 from .server import TlsFiles
 from .service import RenderService
 from .status import SharedStatus
@@ -38,6 +38,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+HTTP_METHOD = "http:RenderTrainingSample"  # its label in the metrics
 # gRPC status -> HTTP status, for the render endpoint's errors.
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -105,7 +106,8 @@ class HttpApp:
             return
 
         def render_to_json() -> str:
-            sample = self._service.render(request, method="http:RenderTrainingSample")
+            with IN_FLIGHT.labels(HTTP_METHOD).track_inprogress():
+                sample = self._service.render(request, method=HTTP_METHOD)
             response = pb.RenderTrainingSampleResponse.FromString(encode_response(sample))
             return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
 

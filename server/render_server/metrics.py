@@ -33,7 +33,10 @@ RENDER_CPU = Counter(
     "render_renderer_cpu_seconds", "CPU seconds spent inside renderers.build_training_sample, by model.", ["model"]
 )
 IN_FLIGHT = Gauge(
-    "render_requests_in_flight", "Requests being served now, by method.", ["method"], multiprocess_mode="livesum"
+    "render_requests_in_flight",
+    "Calls taken and not yet answered (queued for the render process included; a stream counts once), by method.",
+    ["method"],
+    multiprocess_mode="livesum",
 )
 WORKER_RESTARTS = Counter("render_worker_restarts", "Worker processes started again after dying.")
 

@@ -1,5 +1,6 @@
 """One gRPC server: the render service, standard health checking and reflection,
-with optional TLS / mutual TLS and bearer-token authentication."""
+with optional TLS / mutual TLS and bearer-token authentication. It runs in a
+worker's gRPC process and hands renders to the worker's render process."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .auth import AuthInterceptor, TokenCheck
+from .handoff import RenderProcess
 from .limits import Limits
 from .registry import ModelRegistry
-from .service import SERVICE_NAME, RenderService
+from .servicer import SERVICE_NAME, RenderServicer
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class TlsFiles:
 class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 50051
-    threads: int = 32  # handler threads; a stream holds one. Renders take turns (rendering.py)
+    threads: int = 32  # handler threads; a call or stream holds one while the render process works
     limits: Limits = field(default_factory=Limits)
     tls: TlsFiles | None = None
     tokens: frozenset[str] = frozenset()
@@ -83,8 +85,8 @@ class RunningServer:
             self.health.set(service, status)
 
 
-def start_server(registry: ModelRegistry, options: ServerOptions) -> RunningServer:
-    """Bind, start and mark healthy a server for `registry`."""
+def start_server(registry: ModelRegistry, renders: RenderProcess, options: ServerOptions) -> RunningServer:
+    """Bind, start and mark healthy a server for `registry` whose renders go to `renders`."""
     check = TokenCheck(options.tokens)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="render"),
@@ -103,8 +105,8 @@ def start_server(registry: ModelRegistry, options: ServerOptions) -> RunningServ
             *_connection_age(options),
         ],
     )
-    service = RenderService(registry, options.limits)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, service.handlers()),))
+    servicer = RenderServicer(registry, renders)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, servicer.handlers()),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

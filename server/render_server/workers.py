@@ -3,13 +3,15 @@
 One Python process renders on one core, so the supervisor forks N workers,
 each a complete gRPC server (service, health, reflection) bound to the same
 port with SO_REUSEPORT; the kernel spreads incoming connections across them.
-This is gRPC Python's own multiprocessing pattern. One more child serves the
-HTTP port (http_app.py). The supervisor loads the models before forking, so
+This is gRPC Python's own multiprocessing pattern. Each worker is two
+processes: its gRPC process moves bytes, and a render process it forks first
+renders (handoff.py says why). One more child serves the HTTP port (http_app.py). The supervisor loads the models before forking, so
 children start (and restart) without loading anything and share the loaded
 pages copy-on-write. It never touches gRPC itself: gRPC must not be
 initialised before a fork.
 
-A child that dies is forked again. On SIGTERM or SIGINT the supervisor marks
+A child that dies is forked again; a worker whose render process dies exits,
+answering its waiting calls UNAVAILABLE, and is forked again too. On SIGTERM or SIGINT the supervisor marks
 itself draining (/readyz answers 503), passes the signal to the workers, which
 report NOT_SERVING, refuse new calls and give in-flight ones the grace period,
 then stops the HTTP process, and exits 0 once all children have.
@@ -32,6 +34,7 @@ from dataclasses import dataclass, replace
 
 from . import metrics
 from .auth import TokenCheck
+from .handoff import RenderProcess, serve_renders
 from .http_app import HttpApp, serve_http
 from .registry import ModelRegistry
 from .server import ServerOptions, start_server
@@ -202,18 +205,54 @@ class Supervisor:
 
 
 def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float, ready_fd: int) -> int:
-    stop = threading.Event()
+    """A worker: its render process, forked first (gRPC must not start before a fork), then its gRPC server."""
+    grpc_end, render_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the render process
+        code = 1
+        try:
+            grpc_end.close()
+            _serve_render_process(RenderService(registry, options.limits), render_end, worker)
+            code = 0
+        except BaseException:
+            log.exception("the render process failed")
+        finally:
+            os._exit(code)
+    render_end.close()
+    stop, lost = threading.Event(), threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    running = start_server(registry, replace(options, reuse_port=True))
+
+    def on_lost() -> None:
+        lost.set()
+        stop.set()
+
+    renders = RenderProcess(grpc_end, on_lost=on_lost)
+    running = start_server(registry, renders, replace(options, reuse_port=True))
     os.write(ready_fd, b"1")
     os.close(ready_fd)
     stop.wait()
     # Health goes NOT_SERVING first so balancers stop sending, then new calls are
     # refused and in-flight ones get `grace` seconds to finish.
     running.set_serving(False)
-    running.server.stop(grace).wait()
+    running.server.stop(grace).wait()  # without a render process, calls end at once (UNAVAILABLE)
+    renders.close()  # the render process reads end-of-file and exits
+    _, status = os.waitpid(pid, 0)
+    if lost.is_set():
+        # The supervisor starts the worker again, render process and all.
+        log.error("worker %d: its render process (pid %d) died: %s", worker, pid, _describe(status))
+        return 1
     return 0
+
+
+def _serve_render_process(service: RenderService, sock: socket.socket, worker: int) -> None:
+    # Only the gRPC process decides when to stop: it closes the socket once its
+    # calls are done, so signals to the group (^C) must not end renders early.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with(worker, signal.SIGKILL)
+    serve_renders(sock, service.answer)
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -224,16 +263,24 @@ def _stop_with(supervisor: int) -> None:
     """Have the kernel SIGTERM this child when the supervisor dies, however it dies.
 
     Otherwise a supervisor killed outright would leave its workers serving the
-    port on their own, unsupervised. (The signal is tied to the forking thread,
-    the supervisor's main thread, which lives as long as it serves.) Until the
-    child installs its own handlers, SIGTERM ends it: the supervisor's handlers,
-    inherited through fork, must not run in it.
+    port on their own, unsupervised. Until the child installs its own handlers,
+    SIGTERM ends it: the supervisor's handlers, inherited through fork, must
+    not run in it.
     """
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
-    if _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    _die_with(supervisor, signal.SIGTERM)
+
+
+def _die_with(parent: int, signum: int) -> None:
+    """Have the kernel send `signum` to this process when `parent` dies.
+
+    (The signal is tied to the thread that forked: the parent's main thread,
+    which lives as long as it serves.)
+    """
+    if _LIBC.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != supervisor:  # it died before the prctl took hold
+    if os.getppid() != parent:  # it died before the prctl took hold
         os._exit(1)
 
 

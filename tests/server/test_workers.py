@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from render_client import RenderClient, build_training_sample
-from tests.support import ROOT, corpus, running_server
+from render_client._pb.render_pb2_grpc import RenderServiceStub
+from tests.support import ROOT, corpus, running_server, slow_request
 
 
 def wait_for(condition, timeout: float = 30.0) -> None:
@@ -38,6 +40,29 @@ def test_workers_share_one_port_and_a_dead_worker_is_replaced() -> None:
                 for _ in range(8):
                     assert build_training_sample(fresh.renderer("qwen3"), conversation["messages"]) == expected
         assert "died: killed by SIGKILL; starting it again" in server.log()
+    assert server.process.returncode == 0
+
+
+def test_a_dead_render_process_fails_its_calls_unavailable_and_its_worker_is_replaced() -> None:
+    conversation = corpus()[0]
+    with running_server("--workers", "1") as server:
+        [worker] = server.workers()
+        [render_process] = server.render_processes()
+        with RenderClient(server.target, timeout=60) as client:
+            expected = build_training_sample(client.renderer("qwen3"), conversation["messages"])
+        with grpc.insecure_channel(server.target) as channel:  # no retries: see the status itself
+            slow = RenderServiceStub(channel).RenderTrainingSample.future(slow_request(), timeout=120)
+            time.sleep(1.0)  # the 4096x4096 image takes seconds to render
+            os.kill(render_process, signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as failed:
+                slow.result()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "render process stopped" in failed.value.details()
+        wait_for(lambda: server.workers() not in ([], [worker]))
+        with RenderClient(server.target, timeout=60) as client:
+            assert build_training_sample(client.renderer("qwen3"), conversation["messages"]) == expected
+        assert f"its render process (pid {render_process}) died: killed by SIGKILL" in server.log()
+        assert "worker 0 (pid" in server.log() and "starting it again" in server.log()
     assert server.process.returncode == 0
 
 
@@ -66,9 +91,11 @@ def test_children_do_not_outlive_a_supervisor_killed_outright() -> None:
             for pid in Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
         ]
         assert len(children) == 3  # two workers and the HTTP process
+        render_processes = server.render_processes()
+        assert len(render_processes) == 2
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
-        wait_for(lambda: all(exited(pid) for pid in children))
+        wait_for(lambda: all(exited(pid) for pid in children + render_processes))
         with socket.socket() as probe:  # nothing holds the port any more
             probe.bind(("127.0.0.1", server.port))
 

@@ -1,0 +1,167 @@
+"""The hand-over protocol between a worker's gRPC process and its render process, over a real socket pair."""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+
+from render_client.errors import InvalidArgumentError, UnavailableError
+from render_server.handoff import BATCH, SAMPLE, Answer, RenderProcess, Request, serve_renders
+
+Answerer = Callable[[Request, Callable[[], bool]], Iterator[Answer]]
+
+
+class Pair:
+    """A RenderProcess end and a serve_renders loop (in a thread) joined by a socket pair."""
+
+    def __init__(self, answer: Answerer) -> None:
+        grpc_end, render_end = socket.socketpair()
+        self.render_end = render_end
+        self.lost = threading.Event()
+        self.loop = threading.Thread(target=serve_renders, args=(render_end, answer), daemon=True)
+        self.loop.start()
+        self.process = RenderProcess(grpc_end, on_lost=self.lost.set)
+
+    def close(self) -> None:
+        self.process.close()
+        self.loop.join(timeout=10)
+        assert not self.loop.is_alive(), "the render loop did not end at end-of-file"
+        self.render_end.close()
+
+
+def echo(request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+    if request.body == b"bad":
+        yield Answer.of_error(InvalidArgumentError("messages[0].role: nope", error_type="ValueError"))
+    else:
+        yield Answer(grpc.StatusCode.OK, request.body[::-1])
+
+
+def test_answers_come_back_to_their_own_calls_byte_for_byte() -> None:
+    pair = Pair(echo)
+    try:
+        bodies = [bytes([n % 256]) * n for n in (0, 1, 255, 70_000)] + [bytes(range(256)) * 40_000]  # 10 MB
+        results: dict[int, bytes] = {}
+
+        def send(n: int) -> None:
+            answer = pair.process.start(SAMPLE, bodies[n], deadline=math.inf).answers.get()
+            assert answer.code is grpc.StatusCode.OK and answer.last
+            results[n] = answer.body
+
+        threads = [threading.Thread(target=send, args=(n,)) for n in range(len(bodies))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == {n: body[::-1] for n, body in enumerate(bodies)}
+    finally:
+        pair.close()
+    assert not pair.lost.is_set(), "closing is not losing the render process"
+
+
+def test_a_status_crosses_with_its_code_details_and_error_type() -> None:
+    pair = Pair(echo)
+    try:
+        answer = pair.process.start(SAMPLE, b"bad", deadline=math.inf).answers.get()
+    finally:
+        pair.close()
+    error = answer.error()
+    assert isinstance(error, InvalidArgumentError)
+    assert (error.code, error.details, error.error_type) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "messages[0].role: nope",
+        "ValueError",
+    )
+
+
+def test_a_batch_answer_comes_in_parts_with_the_next_index() -> None:
+    def in_parts(request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+        assert request.kind == BATCH
+        yield Answer(grpc.StatusCode.OK, b"first", last=False)
+        yield Answer(grpc.StatusCode.OK, b"second", last=False)
+        yield Answer(grpc.StatusCode.OK, b"", next_index=request.first_index + 3)
+
+    pair = Pair(in_parts)
+    try:
+        parts = list(pair.process.start(BATCH, b"x", deadline=math.inf, first_index=7))
+    finally:
+        pair.close()
+    assert [(part.body, part.last) for part in parts] == [(b"first", False), (b"second", False), (b"", True)]
+    assert parts[-1].next_index == 10
+
+
+def test_a_cancelled_call_wakes_its_waiter_and_the_render_side_sees_it() -> None:
+    started, release = threading.Event(), threading.Event()
+    seen: dict[bytes, bool] = {}
+
+    def slow(request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+        if request.body == b"first":
+            started.set()
+            release.wait(10)
+        seen[request.body] = is_cancelled()
+        yield Answer(grpc.StatusCode.OK, request.body)
+
+    pair = Pair(slow)
+    try:
+        first = pair.process.start(SAMPLE, b"first", deadline=math.inf)
+        assert started.wait(10)
+        queued = pair.process.start(SAMPLE, b"queued", deadline=math.inf)
+        queued.cancel()
+        assert queued.answers.get(timeout=5).code is grpc.StatusCode.CANCELLED  # at once, not after the render
+        expired = pair.process.start(SAMPLE, b"expired", deadline=time.monotonic() + 0.05)
+        time.sleep(0.1)
+        release.set()
+        assert first.answers.get(timeout=10).body == b"first"
+        assert expired.answers.get(timeout=10).body == b"expired"  # its caller's gRPC deadline answers it
+    finally:
+        pair.close()
+    assert seen == {b"first": False, b"queued": True, b"expired": True}
+
+
+def test_losing_the_render_process_fails_waiting_calls_unavailable() -> None:
+    started = threading.Event()
+
+    def hang(request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+        started.set()
+        time.sleep(30)
+        yield Answer(grpc.StatusCode.OK, b"")
+
+    grpc_end, render_end = socket.socketpair()
+    lost = threading.Event()
+    threading.Thread(target=serve_renders, args=(render_end, hang), daemon=True).start()
+    process = RenderProcess(grpc_end, on_lost=lost.set)
+    waiting = process.start(SAMPLE, b"x", deadline=math.inf)
+    assert started.wait(10)
+    render_end.shutdown(socket.SHUT_RDWR)  # what the kernel does when the render process dies
+    answer = waiting.answers.get(timeout=10)
+    assert lost.wait(10)
+    assert isinstance(answer.error(), UnavailableError)
+    assert "render process" in answer.error().details
+    later = process.start(SAMPLE, b"y", deadline=math.inf).answers.get(timeout=10)
+    assert isinstance(later.error(), UnavailableError)
+    process.close()
+    render_end.close()
+
+
+@pytest.mark.parametrize("kind", [SAMPLE, BATCH])
+def test_the_render_side_gets_what_was_sent(kind: int) -> None:
+    got: list[Request] = []
+
+    def record(request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+        got.append(request)
+        yield Answer(grpc.StatusCode.OK, b"")
+
+    pair = Pair(record)
+    try:
+        before = time.monotonic()
+        pair.process.start(kind, b"body", deadline=before + 30, first_index=5).answers.get(timeout=10)
+    finally:
+        pair.close()
+    [request] = got
+    assert (request.kind, request.body, request.first_index, request.deadline) == (kind, b"body", 5, before + 30)
+    assert before <= request.received <= time.monotonic()
