@@ -11,26 +11,29 @@ back and the gRPC process's I/O runs beside it on another core.
 
 Frames, both ways: a fixed header, then `length` bytes of body.
 
-    to render:  call id, kind (SAMPLE, BATCH or CANCEL), time received and
-                deadline (time.monotonic(), one clock for every process), the
-                batch's first result index, body length; body: the request
+    to render:  call id, kind, time received and deadline (time.monotonic(),
+                one clock for every process), the batch's first result index,
+                body length; body: the request (SAMPLE, BATCH) or nothing
+                (CANCEL: the caller left; MORE: the last part was sent on)
     to gRPC:    call id, status code, last (a batch's answer may come in
                 several parts), next result index, body length; body: the
                 response bytes, or "error_type\\ndetails" for a status
 
-The render process takes frames in order, one at a time; a CANCEL frame,
-read whenever the render asks whether its call is still wanted, stops work on
-a call the caller has left.
+Call ids grow in the order requests are sent, and the render process takes
+them in that order. A thread in the render process reads frames as they come,
+so that senders never wait on a render and a cancellation is seen mid-batch.
+A batch's parts (up to 8 MiB of pixel tensors each) wait for MORE before the
+next is sent, so that a slow caller does not pile a batch up in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import itertools
 import logging
 import math
 import queue
-import select
 import socket
 import struct
 import threading
@@ -45,9 +48,16 @@ from render_client.errors import RenderError, UnavailableError, error_from_statu
 
 log = logging.getLogger(__name__)
 
-SAMPLE, BATCH, CANCEL = 1, 2, 3
-_TO_RENDER = struct.Struct("<QBddQI")
-_TO_GRPC = struct.Struct("<QB?QI")
+
+class Kind(enum.IntEnum):
+    SAMPLE = 1  # a RenderTrainingSampleRequest
+    BATCH = 2  # a RenderTrainingSamplesRequest
+    CANCEL = 3  # the caller left
+    MORE = 4  # the batch's last part was sent on: send the next
+
+
+_TO_RENDER = struct.Struct("<QBddQQ")
+_TO_GRPC = struct.Struct("<QB?QQ")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -56,7 +66,7 @@ class Request:
     """A call as the render process gets it."""
 
     call_id: int
-    kind: int
+    kind: Kind
     received: float
     deadline: float  # math.inf: none
     first_index: int
@@ -101,7 +111,9 @@ class RenderProcess:
     def __init__(self, sock: socket.socket, on_lost: Callable[[], None]) -> None:
         self._sock = sock
         self._on_lost = on_lost
-        self._send_lock = threading.Lock()
+        # Guards the socket's sending side, the calls waiting and whether the process is lost:
+        # call ids are taken, registered and sent in one go, so they reach the render process in order.
+        self._lock = threading.Lock()
         self._calls: dict[int, queue.SimpleQueue[Answer]] = {}
         self._call_ids = itertools.count(1)
         self._lost = False
@@ -109,33 +121,36 @@ class RenderProcess:
         self._reader = threading.Thread(target=self._read_answers, name="render-answers", daemon=True)
         self._reader.start()
 
-    def start(self, kind: int, body: bytes, *, deadline: float, first_index: int = 0) -> Call:
+    def start(self, kind: Kind, body: bytes, *, deadline: float, first_index: int = 0) -> Call:
         """Send a request on; its Call yields the answer (a batch's: in parts)."""
-        call = Call(self, next(self._call_ids))
-        self._calls[call.call_id] = call.answers
-        header = _TO_RENDER.pack(call.call_id, kind, time.monotonic(), deadline, first_index, len(body))
-        try:
-            with self._send_lock:
-                if self._lost:
-                    raise OSError("render process gone")
+        answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
+        with self._lock:
+            call = Call(self, next(self._call_ids), answers)
+            if self._lost:
+                answers.put(_lost())
+                return call
+            self._calls[call.call_id] = answers
+            header = _TO_RENDER.pack(call.call_id, kind, time.monotonic(), deadline, first_index, len(body))
+            try:
                 _send(self._sock, header, body)
-        except OSError:
-            self._calls.pop(call.call_id, None)
-            call.answers.put(_lost())
+            except OSError:
+                self._calls.pop(call.call_id)
+                answers.put(_lost())  # the reader finds out too, and reports it
         return call
 
     def cancel(self, call: Call) -> None:
         """The caller left: wake whoever waits for `call` and tell the render process to skip it."""
-        if self._calls.pop(call.call_id, None) is None:
-            return  # answered already
-        call.answers.put(_LEFT)
-        header = _TO_RENDER.pack(call.call_id, CANCEL, 0.0, 0.0, 0, 0)
-        try:
-            with self._send_lock:
-                if not self._lost:
-                    _send(self._sock, header, b"")
-        except OSError:
-            pass  # the reader finds out and reports it
+        with self._lock:
+            if self._calls.pop(call.call_id, None) is None:
+                return  # answered already
+            call.answers.put(_LEFT)
+            self._signal(Kind.CANCEL, call)
+
+    def more(self, call: Call) -> None:
+        """The last part of `call`'s answer was sent on: the render process may send the next."""
+        with self._lock:
+            if call.call_id in self._calls:
+                self._signal(Kind.MORE, call)
 
     def close(self) -> None:
         """End the render process (it reads end-of-file) and wait for the reader."""
@@ -145,40 +160,51 @@ class RenderProcess:
         self._reader.join()
         self._sock.close()
 
+    def _signal(self, kind: Kind, call: Call) -> None:
+        # The render process reads all the time (Inbox), so this small send does not wait on a render.
+        if not self._lost:
+            with contextlib.suppress(OSError):  # the reader finds out and reports it
+                _send(self._sock, _TO_RENDER.pack(call.call_id, kind, 0.0, 0.0, 0, 0), b"")
+
     def _read_answers(self) -> None:
         try:
             while True:
                 call_id, code, last, next_index, length = _TO_GRPC.unpack(_receive(self._sock, _TO_GRPC.size))
                 body = _receive(self._sock, length)
-                answers = self._calls.pop(call_id, None) if last else self._calls.get(call_id)
+                with self._lock:
+                    answers = self._calls.pop(call_id, None) if last else self._calls.get(call_id)
                 if answers is not None:  # else: the caller left
                     answers.put(Answer(_CODES[code], body, last, next_index))
         except (OSError, EOFError):
-            pass
-        with self._send_lock:
-            self._lost = True
-        calls, self._calls = self._calls, {}
-        for answers in calls.values():
-            answers.put(_lost())
-        if not self._closing:
-            self._on_lost()
+            pass  # the render process is gone, or we are closing
+        except Exception:
+            log.exception("reading the render process's answers failed")
+        finally:
+            with self._lock:
+                self._lost = True
+                calls, self._calls = self._calls, {}
+            for answers in calls.values():
+                answers.put(_lost())
+            if not self._closing:
+                self._on_lost()
 
 
 class Call:
     """One request handed to the render process."""
 
-    def __init__(self, process: RenderProcess, call_id: int) -> None:
+    def __init__(self, process: RenderProcess, call_id: int, answers: queue.SimpleQueue[Answer]) -> None:
         self.call_id = call_id
-        self.answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
+        self.answers = answers
         self._process = process
 
     def __iter__(self) -> Iterator[Answer]:
-        """The answer's parts as they come, up to the last."""
+        """The answer's parts as they come, up to the last; each one taken asks for the next."""
         while True:
             answer = self.answers.get()
             yield answer
             if answer.last:
                 return
+            self._process.more(self)
 
     def cancel(self) -> None:
         self._process.cancel(self)
@@ -188,63 +214,110 @@ class Call:
 
 
 class Inbox:
-    """The render process's queue of requests, read off the socket as they arrive."""
+    """The render process's view of its socket: requests in order, cancellations and MOREs as they come.
+
+    A thread reads the socket all the time and files what it reads here.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._changed = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._cancelled: set[int] = set()
+        self._more: set[int] = set()
         self._closed = False
+        threading.Thread(target=self._read, name="render-inbox", daemon=True).start()
 
     def next(self) -> Request:
         """The oldest request not yet taken; waits for one. EOFError once the gRPC process is gone."""
-        while not self._waiting:
-            if self._closed:
-                raise EOFError("the gRPC process closed the socket")
-            self._take(self._read())
-        return self._waiting.popleft()
+        with self._changed:
+            while not self._waiting:
+                if self._closed:
+                    raise EOFError("the gRPC process closed the socket")
+                self._changed.wait()
+            return self._waiting.popleft()
 
     def is_cancelled(self, request: Request) -> bool:
         """Whether `request`'s caller has left or its deadline has passed (or the gRPC process has gone)."""
-        try:
-            while not self._closed and select.select([self._sock], [], [], 0)[0]:
-                self._take(self._read())
-        except (EOFError, ConnectionError):
-            self._closed = True  # nobody is left to answer
         return self._closed or request.call_id in self._cancelled or time.monotonic() > request.deadline
 
+    def wait_for_more(self, request: Request) -> bool:
+        """Wait until the last part sent for `request` was taken; False if its caller left meanwhile."""
+        with self._changed:
+            while request.call_id not in self._more:
+                if self.is_cancelled(request):
+                    return False
+                # Wakes for every frame; the timeout only notices a deadline passing.
+                self._changed.wait(timeout=max(0.0, min(request.deadline - time.monotonic(), 1.0)))
+            self._more.discard(request.call_id)
+            return True
+
     def done(self, request: Request) -> None:
-        # Calls are taken in order, so no cancellation can matter for this one or any before.
-        if self._cancelled:
+        # Requests are taken in the order their ids were sent: nothing can concern this one or any before.
+        with self._changed:
             self._cancelled = {call_id for call_id in self._cancelled if call_id > request.call_id}
+            self._more = {call_id for call_id in self._more if call_id > request.call_id}
 
-    def _read(self) -> Request:
-        call_id, kind, received, deadline, first_index, length = _TO_RENDER.unpack(
-            _receive(self._sock, _TO_RENDER.size)
-        )
-        return Request(call_id, kind, received, deadline, first_index, _receive(self._sock, length))
+    def _read(self) -> None:
+        try:
+            while True:
+                call_id, kind, received, deadline, first_index, length = _TO_RENDER.unpack(
+                    _receive(self._sock, _TO_RENDER.size)
+                )
+                body = _receive(self._sock, length)
+                with self._changed:
+                    if kind == Kind.CANCEL:
+                        self._cancelled.add(call_id)
+                    elif kind == Kind.MORE:
+                        self._more.add(call_id)
+                    else:
+                        self._waiting.append(Request(call_id, Kind(kind), received, deadline, first_index, body))
+                    self._changed.notify()
+        except (OSError, EOFError):
+            pass
+        except Exception:
+            log.exception("reading requests from the gRPC process failed")
+        finally:
+            with self._changed:
+                self._closed = True
+                self._changed.notify()
 
-    def _take(self, request: Request) -> None:
-        if request.kind == CANCEL:
-            self._cancelled.add(request.call_id)
-        else:
-            self._waiting.append(request)
 
+def serve_renders(
+    sock: socket.socket,
+    answer: Callable[[Request, Callable[[], bool]], Iterator[Answer]],
+    on_error: Callable[[Exception], RenderError],
+) -> None:
+    """The render process's loop: each request's answers, in order, until the gRPC process closes the socket.
 
-def serve_renders(sock: socket.socket, answer: Callable[[Request, Callable[[], bool]], Iterator[Answer]]) -> None:
-    """The render process's loop: each request's answers, in order, until the gRPC process closes the socket."""
+    `on_error` turns an exception `answer` raises into the status to send (the loop goes on).
+    """
     inbox = Inbox(sock)
     while True:
         try:
             request = inbox.next()
-        except (EOFError, ConnectionError):
+        except EOFError:
             return
-        for part in answer(request, lambda request=request: inbox.is_cancelled(request)):
+        parts = answer(request, lambda request=request: inbox.is_cancelled(request))
+        sent_parts = 0
+        while True:
+            try:
+                part = next(parts)
+            except StopIteration:
+                break
+            except Exception as exc:  # a bug, or out of memory: this call fails, the process goes on
+                part = Answer.of_error(on_error(exc), request.first_index)
+            if not part.last and sent_parts and not inbox.wait_for_more(request):
+                parts.close()  # the caller left: no more parts
+                part = _LEFT
             header = _TO_GRPC.pack(request.call_id, part.code.value[0], part.last, part.next_index, len(part.body))
             try:
                 _send(sock, header, part.body)
             except OSError:
                 return
+            sent_parts += 1
+            if part.last:
+                break
         inbox.done(request)
 
 
@@ -252,15 +325,18 @@ def serve_renders(sock: socket.socket, answer: Callable[[Request, Callable[[], b
 
 
 def deadline_in(seconds: float | None) -> float:
-    """The monotonic time `seconds` from now; math.inf for no deadline."""
+    """The monotonic time `seconds` from now (math.inf for None)."""
     return math.inf if seconds is None else time.monotonic() + seconds
 
 
 def _send(sock: socket.socket, header: bytes, body: bytes) -> None:
     # One system call for header and body, and no copy of the body to join them.
     sent = sock.sendmsg([header, body])
-    if sent < len(header) + len(body):
-        sock.sendall((header + body)[sent:] if sent < len(header) else memoryview(body)[sent - len(header) :])
+    if sent < len(header):
+        sock.sendall(header[sent:])
+        sent = len(header)
+    if sent - len(header) < len(body):
+        sock.sendall(memoryview(body)[sent - len(header) :])
 
 
 def _receive(sock: socket.socket, size: int) -> bytes:

@@ -23,7 +23,7 @@ REQUESTS = Counter(
 )
 LATENCY = Histogram(
     "render_request_duration_seconds",
-    "Time from request to answer inside the server, by method and model.",
+    "Time from request to answer inside the server (a stream item: from its batch's arrival), by method and model.",
     ["method", "model"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )

@@ -41,12 +41,14 @@ def render_sample(
 ) -> Any:
     """renderers.build_training_sample for a decoded request; a RenderError if it fails."""
     _check_roles(model, arguments)
+    if is_cancelled():  # before the images are decoded, the other costly part
+        raise CallCancelledError("the call was cancelled or its deadline passed before rendering")
     if model.accepts_images:
         # Text renderers ignore images in-process, undecoded; so do we.
         decode_images(arguments.media, limits)
     role_to_mask = _role_to_mask(arguments)
     with _render_lock:
-        # Waiting for the lock can outlast a caller: then skip the work.
+        # Waiting for the lock (HTTP renders share it) can outlast a caller: then skip the work.
         if is_cancelled():
             raise CallCancelledError("the call was cancelled or its deadline passed before rendering")
         started = time.thread_time()

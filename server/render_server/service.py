@@ -23,7 +23,7 @@ from render_client.convert import decode_request, encode_response, encode_result
 from render_client.errors import CallCancelledError, InvalidArgumentError, RenderError
 from render_client.wire import WireMessage
 
-from .handoff import SAMPLE, Answer, Request
+from .handoff import Answer, Kind, Request
 from .limits import Limits, check_request
 from .metrics import IMAGES, LATENCY, REQUESTS, TOKENS, UNKNOWN_MODEL
 from .registry import ModelRegistry
@@ -79,16 +79,16 @@ class RenderService:
 
     def answer(self, request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
         """The answer to a call the gRPC process handed over: response bytes or a status."""
-        if request.kind == SAMPLE:
+        if request.kind == Kind.SAMPLE:
             try:
                 message = _parse(pb.RenderTrainingSampleRequest, request.body, "request")
                 sample = self.render(
                     message, method="RenderTrainingSample", received=request.received, is_cancelled=is_cancelled
                 )
+                answer = Answer(grpc.StatusCode.OK, encode_response(sample))
             except RenderError as error:
-                yield Answer.of_error(error)
-                return
-            yield Answer(grpc.StatusCode.OK, encode_response(sample))
+                answer = Answer.of_error(error)
+            yield answer
         else:
             yield from self._answer_batch(request, is_cancelled)
 
@@ -108,7 +108,9 @@ class RenderService:
                 return
             outcome: WireMessage | RenderError
             try:
-                outcome = self.render(item, method="RenderTrainingSamples", is_cancelled=is_cancelled)
+                outcome = self.render(
+                    item, method="RenderTrainingSamples", received=request.received, is_cancelled=is_cancelled
+                )
             except RenderError as error:
                 outcome = error
             response.extend(encode_result(index, outcome))

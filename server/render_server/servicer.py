@@ -18,7 +18,7 @@ from render_client._pb import render_pb2 as pb
 from render_client.convert import encode_models
 from render_client.errors import ERROR_TYPE_KEY, RenderError
 
-from .handoff import BATCH, SAMPLE, Call, RenderProcess, deadline_in
+from .handoff import Call, Kind, RenderProcess, deadline_in
 from .metrics import IN_FLIGHT
 from .registry import ModelRegistry
 
@@ -32,7 +32,7 @@ class RenderServicer:
 
     def RenderTrainingSample(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         with IN_FLIGHT.labels("RenderTrainingSample").track_inprogress():
-            call = self._renders.start(SAMPLE, request, deadline=deadline_in(context.time_remaining()))
+            call = self._renders.start(Kind.SAMPLE, request, deadline=deadline_in(context.time_remaining()))
             _cancel_when_gone(context, call.cancel)
             answer = call.answers.get()
             if answer.code is not grpc.StatusCode.OK:
@@ -51,8 +51,10 @@ class RenderServicer:
             index = 0
             for batch in batches:
                 current = self._renders.start(
-                    BATCH, batch, deadline=deadline_in(context.time_remaining()), first_index=index
+                    Kind.BATCH, batch, deadline=deadline_in(context.time_remaining()), first_index=index
                 )
+                if not context.is_active():  # it ended before `cancel` could see this batch
+                    current.cancel()
                 for answer in current:
                     if answer.code is not grpc.StatusCode.OK:
                         abort(context, answer.error())
@@ -91,7 +93,8 @@ def _list_models_request(data: bytes) -> pb.ListModelsRequest:
 
 
 def _cancel_when_gone(context: grpc.ServicerContext, cancel: Callable[[], None]) -> None:
-    """Run `cancel` when the call ends early: cancelled, past its deadline, or the server stopping."""
+    """Run `cancel` when the call ends: it matters only when that is early (cancelled, past its
+    deadline, the server stopping); a call already answered has nothing left to cancel."""
     if not context.add_callback(cancel):
         cancel()  # it has ended already
 

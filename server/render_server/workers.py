@@ -5,16 +5,18 @@ each a complete gRPC server (service, health, reflection) bound to the same
 port with SO_REUSEPORT; the kernel spreads incoming connections across them.
 This is gRPC Python's own multiprocessing pattern. Each worker is two
 processes: its gRPC process moves bytes, and a render process it forks first
-renders (handoff.py says why). One more child serves the HTTP port (http_app.py). The supervisor loads the models before forking, so
-children start (and restart) without loading anything and share the loaded
-pages copy-on-write. It never touches gRPC itself: gRPC must not be
-initialised before a fork.
+renders (handoff.py says why). One more child serves the HTTP port
+(http_app.py). The supervisor loads the models before forking, so children
+start (and restart) without loading anything and share the loaded pages
+copy-on-write. It never touches gRPC itself: gRPC must not be initialised
+before a fork.
 
 A child that dies is forked again; a worker whose render process dies exits,
-answering its waiting calls UNAVAILABLE, and is forked again too. On SIGTERM or SIGINT the supervisor marks
-itself draining (/readyz answers 503), passes the signal to the workers, which
-report NOT_SERVING, refuse new calls and give in-flight ones the grace period,
-then stops the HTTP process, and exits 0 once all children have.
+answering its waiting calls UNAVAILABLE, and is forked again too. On SIGTERM
+or SIGINT the supervisor marks itself draining (/readyz answers 503), passes
+the signal to the workers, which report NOT_SERVING, refuse new calls and give
+in-flight ones the grace period, then stops the HTTP process, and exits 0 once
+all children have.
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ from .handoff import RenderProcess, serve_renders
 from .http_app import HttpApp, serve_http
 from .registry import ModelRegistry
 from .server import ServerOptions, start_server
-from .service import RenderService
+from .service import RenderService, as_render_error
 from .status import SharedStatus
 
 log = logging.getLogger(__name__)
 
 # A child that keeps dying is forked again at most this often.
 _RESTART_INTERVAL = 1.0
+# A worker whose render process died lets its calls end this long before it exits.
+_LOST_GRACE = 1.0
+# After its calls, a worker's render process gets this long to exit before it is killed.
+_RENDER_EXIT_TIMEOUT = 2.0
 _READY_TIMEOUT = 60.0
 HTTP = "http"  # the HTTP child's slot
 
@@ -213,6 +219,7 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
         code = 1
         try:
             grpc_end.close()
+            os.close(ready_fd)  # the supervisor's "started" pipe is the gRPC process's to write
             _serve_render_process(RenderService(registry, options.limits), render_end, worker)
             code = 0
         except BaseException:
@@ -236,9 +243,10 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
     # Health goes NOT_SERVING first so balancers stop sending, then new calls are
     # refused and in-flight ones get `grace` seconds to finish.
     running.set_serving(False)
-    running.server.stop(grace).wait()  # without a render process, calls end at once (UNAVAILABLE)
-    renders.close()  # the render process reads end-of-file and exits
-    _, status = os.waitpid(pid, 0)
+    # Without a render process, calls end at once (UNAVAILABLE); only idle streams would wait.
+    running.server.stop(_LOST_GRACE if lost.is_set() else grace).wait()
+    renders.close()  # the render process reads end-of-file and exits once its render is done...
+    status = _wait_or_kill(pid, _RENDER_EXIT_TIMEOUT)  # ...which nobody is left to take
     if lost.is_set():
         # The supervisor starts the worker again, render process and all.
         log.error("worker %d: its render process (pid %d) died: %s", worker, pid, _describe(status))
@@ -252,7 +260,20 @@ def _serve_render_process(service: RenderService, sock: socket.socket, worker: i
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
     _die_with(worker, signal.SIGKILL)
-    serve_renders(sock, service.answer)
+    serve_renders(sock, service.answer, as_render_error)
+
+
+def _wait_or_kill(pid: int, timeout: float) -> int:
+    """`pid`'s wait status once it exits; SIGKILLed if it has not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h

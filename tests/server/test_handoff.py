@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from render_client.errors import InvalidArgumentError, UnavailableError
-from render_server.handoff import BATCH, SAMPLE, Answer, RenderProcess, Request, serve_renders
+from render_client.errors import InvalidArgumentError, RenderError, UnavailableError
+from render_server.handoff import Answer, Kind, RenderProcess, Request, serve_renders
+
+SAMPLE, BATCH = Kind.SAMPLE, Kind.BATCH
 
 Answerer = Callable[[Request, Callable[[], bool]], Iterator[Answer]]
 
@@ -24,7 +26,7 @@ class Pair:
         grpc_end, render_end = socket.socketpair()
         self.render_end = render_end
         self.lost = threading.Event()
-        self.loop = threading.Thread(target=serve_renders, args=(render_end, answer), daemon=True)
+        self.loop = threading.Thread(target=serve_renders, args=(render_end, answer, internal), daemon=True)
         self.loop.start()
         self.process = RenderProcess(grpc_end, on_lost=self.lost.set)
 
@@ -33,6 +35,10 @@ class Pair:
         self.loop.join(timeout=10)
         assert not self.loop.is_alive(), "the render loop did not end at end-of-file"
         self.render_end.close()
+
+
+def internal(exc: Exception) -> RenderError:
+    return RenderError(f"internal: {exc}")
 
 
 def echo(request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
@@ -49,7 +55,7 @@ def test_answers_come_back_to_their_own_calls_byte_for_byte() -> None:
         results: dict[int, bytes] = {}
 
         def send(n: int) -> None:
-            answer = pair.process.start(SAMPLE, bodies[n], deadline=math.inf).answers.get()
+            answer = pair.process.start(SAMPLE, bodies[n], deadline=math.inf).answers.get(timeout=30)
             assert answer.code is grpc.StatusCode.OK and answer.last
             results[n] = answer.body
 
@@ -67,7 +73,7 @@ def test_answers_come_back_to_their_own_calls_byte_for_byte() -> None:
 def test_a_status_crosses_with_its_code_details_and_error_type() -> None:
     pair = Pair(echo)
     try:
-        answer = pair.process.start(SAMPLE, b"bad", deadline=math.inf).answers.get()
+        answer = pair.process.start(SAMPLE, b"bad", deadline=math.inf).answers.get(timeout=30)
     finally:
         pair.close()
     error = answer.error()
@@ -88,7 +94,7 @@ def test_a_batch_answer_comes_in_parts_with_the_next_index() -> None:
 
     pair = Pair(in_parts)
     try:
-        parts = list(pair.process.start(BATCH, b"x", deadline=math.inf, first_index=7))
+        parts = list(pair.process.start(BATCH, b"x", deadline=math.inf, first_index=7))  # takes each part
     finally:
         pair.close()
     assert [(part.body, part.last) for part in parts] == [(b"first", False), (b"second", False), (b"", True)]
@@ -133,19 +139,21 @@ def test_losing_the_render_process_fails_waiting_calls_unavailable() -> None:
 
     grpc_end, render_end = socket.socketpair()
     lost = threading.Event()
-    threading.Thread(target=serve_renders, args=(render_end, hang), daemon=True).start()
+    threading.Thread(target=serve_renders, args=(render_end, hang, internal), daemon=True).start()
     process = RenderProcess(grpc_end, on_lost=lost.set)
-    waiting = process.start(SAMPLE, b"x", deadline=math.inf)
-    assert started.wait(10)
-    render_end.shutdown(socket.SHUT_RDWR)  # what the kernel does when the render process dies
-    answer = waiting.answers.get(timeout=10)
-    assert lost.wait(10)
-    assert isinstance(answer.error(), UnavailableError)
-    assert "render process" in answer.error().details
-    later = process.start(SAMPLE, b"y", deadline=math.inf).answers.get(timeout=10)
-    assert isinstance(later.error(), UnavailableError)
-    process.close()
-    render_end.close()
+    try:
+        waiting = process.start(SAMPLE, b"x", deadline=math.inf)
+        assert started.wait(10)
+        render_end.shutdown(socket.SHUT_RDWR)  # what the kernel does when the render process dies
+        answer = waiting.answers.get(timeout=10)
+        assert lost.wait(10)
+        assert isinstance(answer.error(), UnavailableError)
+        assert "render process" in answer.error().details
+        later = process.start(SAMPLE, b"y", deadline=math.inf).answers.get(timeout=10)
+        assert isinstance(later.error(), UnavailableError)
+    finally:
+        process.close()
+        render_end.close()
 
 
 @pytest.mark.parametrize("kind", [SAMPLE, BATCH])
@@ -165,3 +173,65 @@ def test_the_render_side_gets_what_was_sent(kind: int) -> None:
     [request] = got
     assert (request.kind, request.body, request.first_index, request.deadline) == (kind, b"body", 5, before + 30)
     assert before <= request.received <= time.monotonic()
+
+
+def test_an_answer_that_raises_fails_its_call_and_the_loop_goes_on() -> None:
+    def broken(request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+        if request.body == b"boom":
+            raise RuntimeError("a bug")
+        yield Answer(grpc.StatusCode.OK, request.body)
+
+    pair = Pair(broken)
+    try:
+        failed = pair.process.start(SAMPLE, b"boom", deadline=math.inf).answers.get(timeout=10)
+        fine = pair.process.start(SAMPLE, b"fine", deadline=math.inf).answers.get(timeout=10)
+    finally:
+        pair.close()
+    assert (failed.code, failed.error().details, failed.last) == (grpc.StatusCode.INTERNAL, "internal: a bug", True)
+    assert (fine.code, fine.body) == (grpc.StatusCode.OK, b"fine")
+    assert not pair.lost.is_set()
+
+
+def test_a_batch_part_waits_until_the_one_before_was_taken() -> None:
+    built: list[int] = []
+
+    def many_parts(request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+        for part in range(4):
+            built.append(part)
+            yield Answer(grpc.StatusCode.OK, bytes([part]), last=part == 3, next_index=4)
+
+    pair = Pair(many_parts)
+    try:
+        call = pair.process.start(BATCH, b"", deadline=math.inf)
+        time.sleep(0.5)
+        # Part 0 was sent; part 1 is built but waits for part 0 to be taken.
+        assert built == [0, 1]
+        assert [part.body for part in call] == [b"\x00", b"\x01", b"\x02", b"\x03"]
+    finally:
+        pair.close()
+    assert built == [0, 1, 2, 3]
+
+
+def test_a_caller_leaving_mid_batch_stops_its_parts() -> None:
+    built: list[int] = []
+
+    def endless(request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+        if request.kind == SAMPLE:
+            yield Answer(grpc.StatusCode.OK, b"")
+            return
+        for part in range(1000):
+            built.append(part)
+            yield Answer(grpc.StatusCode.OK, b"part", last=False)
+        yield Answer(grpc.StatusCode.OK, b"", next_index=1000)
+
+    pair = Pair(endless)
+    try:
+        call = pair.process.start(BATCH, b"", deadline=math.inf)
+        assert call.answers.get(timeout=10).body == b"part"
+        call.cancel()
+        assert call.answers.get(timeout=10).code is grpc.StatusCode.CANCELLED
+        after = pair.process.start(SAMPLE, b"", deadline=math.inf)  # served once the batch has stopped
+        assert after.answers.get(timeout=10).code is grpc.StatusCode.OK
+    finally:
+        pair.close()
+    assert len(built) == 2, "parts were built after the caller left"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
@@ -34,10 +33,7 @@ def test_calls_whose_caller_left_while_queued_are_not_rendered(server: ServerPro
         in_flight_text = stub.RenderTrainingSample.future(text_request(), timeout=120)
         expiring = stub.RenderTrainingSample.future(text_request(), timeout=1.0)
         abandoned = stub.RenderTrainingSample.future(text_request(), timeout=120)
-        time.sleep(0.2)
-        in_flight = metric(
-            get(f"{server.http}/metrics")[1].decode(), "render_requests_in_flight", method="RenderTrainingSample"
-        )
+        in_flight = wait_for_in_flight(server, 4)
         abandoned.cancel()
         assert expiring.exception(timeout=10).code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert slow.done() is False, "the slow render ended early: the test proved nothing"
@@ -57,16 +53,31 @@ def test_a_stream_cancelled_mid_batch_stops_rendering(server: ServerProcess) -> 
     before = metric(text, "render_requests_total", method="RenderTrainingSamples", model="qwen3")
     batch = pb.RenderTrainingSamplesRequest(requests=[slow_request(), *[text_request()] * 50])
     with grpc.insecure_channel(server.target) as channel:
-        stream = RenderServiceStub(channel).RenderTrainingSamples(iter([batch]), timeout=120)
-        threading.Timer(0.5, stream.cancel).start()  # while the first item renders
+        stub = RenderServiceStub(channel)
+        stream = stub.RenderTrainingSamples(iter([batch]), timeout=120)
+        wait_for_in_flight(server, 1, method="RenderTrainingSamples")
+        time.sleep(0.5)  # the first item is rendering
+        stream.cancel()
         results = []
         try:
             for response in stream:
                 results.extend(response.results)
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.CANCELLED
+        # Same connection, same worker: the render process takes this call after the batch.
+        assert list(stub.RenderTrainingSample(text_request(), timeout=120).sample.token_ids)
     assert results == []
-    time.sleep(1.0)
     text = get(f"{server.http}/metrics")[1].decode()
     rendered = metric(text, "render_requests_total", method="RenderTrainingSamples", model="qwen3") - before
-    assert rendered <= 1, f"{rendered} items rendered after the stream was cancelled"
+    assert rendered == 0, f"{rendered} items rendered after the stream was cancelled"
+
+
+def wait_for_in_flight(server: ServerProcess, count: int, method: str = "RenderTrainingSample") -> float:
+    """render_requests_in_flight for `method` once it reaches `count` (or what it is after 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = get(f"{server.http}/metrics")[1].decode()
+        in_flight = metric(text, "render_requests_in_flight", method=method)
+        if in_flight >= count or time.monotonic() > deadline:
+            return in_flight
+        time.sleep(0.05)
