@@ -162,7 +162,8 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> Load:
-        self._threads = [threading.Thread(target=self._run, args=(n,)) for n in range(self.threads)]
+        # Daemons: a test that fails before join() must not keep the test run alive.
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(self.threads)]
         for thread in self._threads:
             thread.start()
         return self

@@ -80,6 +80,13 @@ def test_a_replica_draining_under_load_costs_no_request() -> None:
         load = Load(client, requests, threads=16).start()
         time.sleep(3)
         assert readyz(server) == 200
+        # A render of seconds in flight on the draining replica, so that the drain lasts long enough to watch.
+        slow_client = RenderClient(server.target, timeout=120)
+        slow_request = SampleRequest("qwen3-vl", image_messages(4096, 99))
+        slow_samples: list = []
+        slow = threading.Thread(target=lambda: slow_samples.append(slow_client.render(slow_request)))
+        slow.start()
+        time.sleep(1.0)
         with grpc.insecure_channel(server.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             assert (
@@ -107,6 +114,9 @@ def test_a_replica_draining_under_load_costs_no_request() -> None:
         assert readiness and set(readiness) == {503}, readiness
         assert server.process.wait(timeout=120) == 0
         stopped_at = time.monotonic()
+        slow.join(timeout=120)
+        slow_client.close()
+        assert len(slow_samples) == 1 and slow_samples[0].multi_modal_data is not None
         time.sleep(1)  # calls keep going to the remaining replica
         outcomes = load.join()
         client.close()
