@@ -41,16 +41,14 @@ def render_sample(
 ) -> Any:
     """renderers.build_training_sample for a decoded request; a RenderError if it fails."""
     _check_roles(model, arguments)
-    if is_cancelled():  # before the images are decoded, the other costly part
-        raise CallCancelledError("the call was cancelled or its deadline passed before rendering")
+    _skip_if_cancelled(is_cancelled)  # before the images are decoded, the other costly part
     if model.accepts_images:
         # Text renderers ignore images in-process, undecoded; so do we.
         decode_images(arguments.media, limits)
     role_to_mask = _role_to_mask(arguments)
     with _render_lock:
         # Waiting for the lock (HTTP renders share it) can outlast a caller: then skip the work.
-        if is_cancelled():
-            raise CallCancelledError("the call was cancelled or its deadline passed before rendering")
+        _skip_if_cancelled(is_cancelled)
         started = time.thread_time()
         try:
             renderer = model.renderer_for(arguments.chat_template_kwargs)
@@ -69,6 +67,11 @@ def render_sample(
             RENDER_CPU.labels(model.info.id).inc(time.thread_time() - started)
     check_tokens(len(sample.token_ids), limits)
     return sample
+
+
+def _skip_if_cancelled(is_cancelled: Callable[[], bool]) -> None:
+    if is_cancelled():
+        raise CallCancelledError("the call was cancelled or its deadline passed before rendering")
 
 
 def renderer_error(exc: Exception) -> RenderError:

@@ -29,9 +29,12 @@ class RenderServicer:
     def __init__(self, registry: ModelRegistry, renders: RenderProcess) -> None:
         self._registry = registry
         self._renders = renders
+        # Looked up once: labels() takes a lock and a dict lookup on every call otherwise.
+        self._in_flight_sample = IN_FLIGHT.labels("RenderTrainingSample")
+        self._in_flight_samples = IN_FLIGHT.labels("RenderTrainingSamples")
 
     def RenderTrainingSample(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        with IN_FLIGHT.labels("RenderTrainingSample").track_inprogress():
+        with self._in_flight_sample.track_inprogress():
             call = self._renders.start(Kind.SAMPLE, request, deadline=deadline_in(context.time_remaining()))
             _cancel_when_gone(context, call.cancel)
             answer = call.answers.get()
@@ -40,7 +43,7 @@ class RenderServicer:
             return answer.body
 
     def RenderTrainingSamples(self, batches: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        with IN_FLIGHT.labels("RenderTrainingSamples").track_inprogress():
+        with self._in_flight_samples.track_inprogress():
             current: Call | None = None  # the batch being rendered
 
             def cancel() -> None:
@@ -60,7 +63,8 @@ class RenderServicer:
                         abort(context, answer.error())
                     if answer.body:
                         yield answer.body
-                    index = answer.next_index if answer.last else index
+                    if answer.last:
+                        index = answer.next_index
                 current = None
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
