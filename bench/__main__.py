@@ -20,6 +20,8 @@ Parts:
 - memory: peak RSS and PSS per worker with the default registry loaded.
 - floor: gRPC Python's own CPU per call with no rendering, and what this
   machine charges a thread per wake-up (bench/floor.py).
+- protocol: renderers' Renderer protocol through a remote renderer beside the
+  same calls in-process: rates and client CPU per call (bench/protocol.py).
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ from PIL import Image
 
 from bench.floor import floor
 from bench.load import metric_total
+from bench.protocol import protocol
 from render_client import RenderClient
 from tests.reference import reference_renderer
 from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, corpus, running_server
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 CORES = len(os.sched_getaffinity(0))
-PARTS = ("throughput", "latency", "length", "images", "memory", "floor")
+PARTS = ("throughput", "latency", "length", "images", "memory", "floor", "protocol")
 
 
 def assistant_only(message: dict[str, Any]) -> bool:
@@ -418,6 +421,8 @@ def main() -> None:
                 results["memory_after_runs"] = memory(server)
     if "floor" in parts:
         results["floor"] = floor(args.quick)
+    if "protocol" in parts:
+        results["protocol"] = protocol(args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 import renderers
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -127,9 +128,16 @@ def _item_differences(expected: dict[str, list[dict[str, Any]]], actual: dict[st
     return problems
 
 
-def expected_error_details(exc: BaseException) -> str:
-    """The details the service answers with for an exception a renderer raised."""
+def expected_error_details(exc: BaseException, field: str = "messages") -> str:
+    """The details the service answers with for an exception a renderer raised on `field`:
+    "field: " and its message, on one line (pydantic's: "field.key: problem (got value)" per error)."""
+    if isinstance(exc, pydantic.ValidationError):
+        return "; ".join(
+            f"{'.'.join((field, *map(str, error['loc'])))}: {error['msg']} (got {error.get('input')!r})"
+            for error in exc.errors(include_url=False)
+        )
     name = type(exc).__name__
-    if isinstance(exc, (ValueError, NotImplementedError)):
-        return str(exc) or name
-    return f"{name}: {exc}" if str(exc) else name
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if not isinstance(exc, (ValueError, NotImplementedError)):
+        message = f"{name}: {message}" if message else name
+    return f"{field}: {message or name}"

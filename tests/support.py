@@ -91,7 +91,7 @@ class ServerProcess:
         return [int(pid) for pid in children.split() if int(pid) in started]
 
     def render_processes(self) -> list[int]:
-        """The pids of the workers' render processes, each its worker's one child."""
+        """The pids of the workers' render processes: each worker's children (--render-processes of them)."""
         return [
             int(pid)
             for worker in self.workers()

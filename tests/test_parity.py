@@ -97,7 +97,9 @@ def render_both(client: RenderClient, model: str, options: Options) -> Tally:
                 tally.mismatches.append(f"{where}: service raised {exc.code.name} {exc.details!r}")
             elif (exc.error_type, exc.details) != (
                 type(expected_error).__name__,
-                expected_error_details(expected_error),
+                expected_error_details(
+                    expected_error, "chat_template_kwargs" if expected_error is construction_error else "messages"
+                ),
             ):
                 tally.mismatches.append(
                     f"{where}: service raised {exc.error_type} {exc.details!r}, in-process {expected_error!r}"

@@ -21,6 +21,7 @@ import itertools
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +128,27 @@ def target_for(addresses: str | Sequence[str]) -> str:
 def tls_credentials(
     ca: Path | None = None, cert: Path | None = None, key: Path | None = None
 ) -> grpc.ChannelCredentials:
-    """TLS credentials: `ca` to trust the server (default: system roots); `cert` and `key` for mTLS."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes() if ca else None,
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None,
+    """TLS credentials: `ca` to trust the server (default: system roots); `cert` and `key` for mTLS.
+
+    Unlike gRPC's own, they can be pickled (with the PEM files' contents), so a
+    client using them can be handed to DataLoader workers.
+    """
+    return TlsCredentials(
+        ca.read_bytes() if ca else None, key.read_bytes() if key else None, cert.read_bytes() if cert else None
     )
+
+
+class TlsCredentials(grpc.ChannelCredentials):
+    """grpc.ssl_channel_credentials that pickle as the PEM bytes they were made from."""
+
+    def __init__(self, ca: bytes | None, key: bytes | None, cert: bytes | None) -> None:
+        super().__init__(
+            grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)._credentials
+        )
+        self._pem = (ca, key, cert)
+
+    def __reduce__(self) -> Any:
+        return (TlsCredentials, self._pem)
 
 
 def channel_options(options: ChannelOptions = (), *, own_connection: bool = False) -> list[tuple[str, Any]]:
@@ -199,9 +215,44 @@ class RenderStub(RenderServiceStub):
             _METHOD_PATH.format("RenderTrainingSamples"),
             request_serializer=pb.RenderTrainingSamplesRequest.SerializeToString,
         )
+        self.Render = channel.unary_unary(
+            _METHOD_PATH.format("Render"), request_serializer=pb.RenderRequest.SerializeToString
+        )
+        # Its request comes serialised: the previous turn's tensors are joined in as they are.
+        self.BridgeToNextTurn = channel.unary_unary(_METHOD_PATH.format("BridgeToNextTurn"))
 
 
 _METHOD_PATH = "/" + pb.DESCRIPTOR.services_by_name["RenderService"].full_name + "/{}"
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """What a client connects with; it can be pickled, so a client can open its connection anew in
+    another process (channels themselves do not survive a fork)."""
+
+    target: str | Sequence[str]
+    connections: int
+    token: str | None
+    credentials: grpc.ChannelCredentials | None
+    options: ChannelOptions
+
+    def connect(self, *, asyncio: bool) -> Connection:
+        return Connection(
+            self.target,
+            connections=self.connections,
+            token=self.token,
+            credentials=self.credentials,
+            options=self.options,
+            asyncio=asyncio,
+        )
+
+    def __reduce__(self) -> Any:
+        if self.credentials is not None and not isinstance(self.credentials, TlsCredentials):
+            raise TypeError(
+                "a client with credentials other than render_client.tls_credentials(...) cannot be pickled: "
+                "gRPC credentials do not cross processes"
+            )
+        return (ConnectionSettings, (self.target, self.connections, self.token, self.credentials, self.options))
 
 
 class Connection:

@@ -14,6 +14,8 @@ for sample in client.render_many(requests, concurrency=32):
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -21,17 +23,39 @@ from typing import Any
 import grpc
 
 from ._pb import render_pb2 as pb
-from .channel import ChannelOptions, Connection, deadline_for, remaining
-from .convert import decode_models, decode_response, encode_sample_request
-from .errors import RenderError, error_from_rpc
+from .channel import ChannelOptions, Connection, ConnectionSettings, deadline_for, remaining
+from .convert import decode_models, decode_renderer_info, decode_response, encode_sample_request
+from .convert_protocol import (
+    decode_parsed_response,
+    decode_tokens_response,
+    encode_bridge_request,
+    encode_describe_request,
+    encode_parse_request,
+    encode_render_request,
+)
+from .errors import ModelNotFoundError, RenderError, error_from_rpc
+from .jsonvalue import dump_json
 from .streaming import render_many
-from .types import RemoteRenderer, RenderedTrainingSample, SampleRequest, ServerModels
+from .types import (
+    ModelInfo,
+    RemoteMultimodalRenderer,
+    RemoteRenderer,
+    RenderedTrainingSample,
+    RendererInfo,
+    SampleRequest,
+    ServerModels,
+)
 
 Message = Mapping[str, Any]
 
 
 class RenderClient:
-    """A connection to render-service. Thread-safe; share one per process."""
+    """A connection to render-service. Thread-safe; share one per process.
+
+    Safe to create before forking (DataLoader workers with the fork start
+    method) and to pickle (spawn, forkserver): each process opens its own
+    connections on first use, since gRPC channels do not survive a fork.
+    """
 
     def __init__(
         self,
@@ -55,32 +79,151 @@ class RenderClient:
         `credentials` (e.g. `channel.tls_credentials(...)`) turns on TLS.
         Calls that fail UNAVAILABLE are retried with backoff (channel.py).
         """
-        self._connection = Connection(
-            target, connections=connections, token=token, credentials=credentials, options=options, asyncio=False
-        )
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections}")
+        self._settings = ConnectionSettings(target, connections, token, credentials, tuple(options))
         self._timeout = timeout
+        self._process_connection: tuple[int, Connection] | None = None
+        self._closed = False
+        # What the server declares, kept across forks and pickling: it does not change.
+        self._models: ServerModels | None = None
+        self._renderer_infos: dict[tuple[str, str], RendererInfo] = {}
+
+    @property
+    def _connection(self) -> Connection:
+        """This process's connection, opened on first use."""
+        current = self._process_connection
+        pid = os.getpid()
+        if current is not None and current[0] == pid:
+            return current[1]
+        with _connect_lock:
+            current = self._process_connection
+            if current is None or current[0] != pid:  # first use, or a child of the process that opened it
+                connection = self._settings.connect(asyncio=False)
+                connection.closed = self._closed
+                current = self._process_connection = (pid, connection)
+        return current[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_process_connection"] = None  # channels do not cross processes
+        return state
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
-        """A handle on a server model, to pass to `build_training_sample`.
+        """The server's renderer for `model`, standing in for `renderers.create_renderer(...)`.
 
-        `chat_template_kwargs` plays the part it plays in `renderers.create_renderer`.
+        It is a `renderers.Renderer` (a `renderers.MultimodalRenderer` for models
+        that take images): pass it to renderers' own helpers or to this package's
+        `build_training_sample`. `chat_template_kwargs` plays the part it plays
+        in `renderers.create_renderer`. Asks the server which models it has,
+        once per client.
         """
-        return RemoteRenderer(self, model, dict(chat_template_kwargs) if chat_template_kwargs else None)
+        kwargs = dict(chat_template_kwargs) if chat_template_kwargs else None
+        info = self._model_info(model)
+        renderer_class = RemoteMultimodalRenderer if info.accepts_images else RemoteRenderer
+        return renderer_class(self, model, kwargs)
+
+    def _model_info(self, model: str) -> ModelInfo:
+        if self._models is None:
+            self._models = self.list_models()
+        try:
+            return self._models.get(model)
+        except KeyError:
+            available = ", ".join(info.id for info in self._models.models)
+            raise ModelNotFoundError(f"model: no model {model!r} (this server has {available})") from None
+
+    def renderer_info(self, model: str, chat_template_kwargs: Mapping[str, Any] | None = None) -> RendererInfo:
+        """What the server's renderer for `model` and `chat_template_kwargs` declares
+        (stop tokens, prefix stability, modality map); asked once, then kept."""
+        key = (model, dump_json(dict(chat_template_kwargs or {}), "chat_template_kwargs"))
+        info = self._renderer_infos.get(key)
+        if info is None:
+            default = self._model_info(model).renderer_info if not chat_template_kwargs else None
+            if default is None:
+                request = encode_describe_request(model, chat_template_kwargs)
+                default = decode_renderer_info(self._call("DescribeRenderer", request, None))
+            info = self._renderer_infos[key] = default
+        return info
 
     def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
-        encoded = encode_sample_request(request)
+        return decode_response(self._call("RenderTrainingSample", encode_sample_request(request), timeout))
+
+    def render_tokens(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[Any] | None = None,
+        add_generation_prompt: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        ids_only: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """Renderer.render on the server (Render): a renderers.RenderedTokens (with ids_only,
+        render_ids: only its token_ids are filled in)."""
+        request = encode_render_request(
+            model,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=chat_template_kwargs,
+            ids_only=ids_only,
+        )
+        return decode_tokens_response(self._call("Render", request, timeout))
+
+    def parse_response(
+        self,
+        model: str,
+        token_ids: Sequence[int],
+        *,
+        tools: Sequence[Any] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Renderer.parse_response on the server (ParseResponse): a renderers.ParsedResponse."""
+        request = encode_parse_request(
+            model, token_ids, tools=tools, prompt_ids=prompt_ids, chat_template_kwargs=chat_template_kwargs
+        )
+        return decode_parsed_response(self._call("ParseResponse", request, timeout))
+
+    def bridge_to_next_turn(
+        self,
+        model: str,
+        previous_prompt_ids: Sequence[int],
+        previous_completion_ids: Sequence[int],
+        new_messages: Sequence[Message],
+        *,
+        tools: Sequence[Any] | None = None,
+        previous_multi_modal_data: Any = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Renderer.bridge_to_next_turn on the server (BridgeToNextTurn): renderers.RenderedTokens or None."""
+        request = encode_bridge_request(
+            model,
+            previous_prompt_ids,
+            previous_completion_ids,
+            new_messages,
+            tools=tools,
+            previous_multi_modal_data=previous_multi_modal_data,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        return decode_tokens_response(self._call("BridgeToNextTurn", request, timeout))
+
+    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        """A unary call of `method`, resent while the server is restarting or going away."""
+        connection = self._connection
         deadline = deadline_for(timeout or self._timeout)
         attempt = 0
         while True:
             try:
-                response = self._connection.next_stub().RenderTrainingSample(
-                    encoded, timeout=remaining(deadline), metadata=self._connection.metadata
-                )
-                return decode_response(response)
+                stub = getattr(connection.next_stub(), method)
+                return stub(request, timeout=remaining(deadline), metadata=connection.metadata)
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
-            delay = self._connection.resend_delay(error, attempt, deadline)
+            delay = connection.resend_delay(error, attempt, deadline)
             if delay is None:
                 raise error
             time.sleep(delay)
@@ -112,24 +255,34 @@ class RenderClient:
 
     def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
-        try:
-            response = self._connection.next_stub().ListModels(
-                pb.ListModelsRequest(), timeout=timeout or self._timeout, metadata=self._connection.metadata
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
-        return decode_models(response)
+        return decode_models(self._call("ListModels", pb.ListModelsRequest(), timeout))
 
     def close(self) -> None:
-        self._connection.closed = True
-        for channel in self._connection.channels:
-            channel.close()
+        self._closed = True
+        current = self._process_connection
+        if current is not None and current[0] == os.getpid():
+            current[1].closed = True
+            for channel in current[1].channels:
+                channel.close()
 
     def __enter__(self) -> RenderClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# Guards opening a client's connection. A child process gets it unlocked whatever
+# its parent's threads were doing when it forked.
+_connect_lock = threading.Lock()
+
+
+def _new_connect_lock() -> None:
+    global _connect_lock
+    _connect_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_connect_lock)
 
 
 def build_training_sample(

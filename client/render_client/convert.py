@@ -31,6 +31,7 @@ from .types import (
     MultiModalData,
     PlaceholderRange,
     RenderedTrainingSample,
+    RendererInfo,
     SampleRequest,
     ServerModels,
 )
@@ -101,7 +102,7 @@ def encode_request(
     for index, message in enumerate(messages):
         field = f"messages[{index}]"
         out = request.messages.add()
-        _encode_message(message, field, out)
+        encode_message(message, field, out)
         if role_to_mask is not None:
             trainable = role_to_mask(message)
             if not isinstance(trainable, (bool, np.bool_)):
@@ -131,7 +132,7 @@ def encode_sample_request(request: SampleRequest) -> pb.RenderTrainingSampleRequ
     return encode_request(**{field.name: getattr(request, field.name) for field in fields(request)})
 
 
-def _encode_message(message: Any, field: str, out: pb.Message) -> None:
+def encode_message(message: Any, field: str, out: pb.Message) -> None:
     if not isinstance(message, Mapping):
         raise invalid(field, f"expected a message dict, got {type(message).__name__}")
     if "role" not in message:
@@ -258,35 +259,81 @@ def _append_text(container: Any, value: Any, field: str) -> None:
 
 def decode_request(request: pb.RenderTrainingSampleRequest) -> RenderArguments:
     """The build_training_sample arguments a request carries."""
-    if not request.model:
-        raise invalid("model", "missing")
-    media: list[MediaRef] = []
-    messages = []
     trainable: list[bool | None] = []
     selected: list[bool | None] = []
-    for index, message in enumerate(request.messages):
-        messages.append(_decode_message(message, index, media, trainable, selected))
-    tools = None
-    if request.HasField("tools_json"):
-        tools = load_json(request.tools_json, "tools_json")
-        if type(tools) is not list:
-            raise invalid("tools_json", "must be a JSON array of tool specs")
-    kwargs = None
-    if request.HasField("chat_template_kwargs_json"):
-        kwargs = load_json(request.chat_template_kwargs_json, "chat_template_kwargs_json")
-        if type(kwargs) is not dict:
-            raise invalid("chat_template_kwargs_json", "must be a JSON object")
+    conversation = decode_conversation(request, request.messages, "messages", trainable, selected)
     return RenderArguments(
-        model=request.model,
-        messages=messages,
-        tools=tools,
+        model=conversation.model,
+        messages=conversation.messages,
+        tools=conversation.tools,
         trainable=_all_or_none(trainable, "trainable"),
         message_loss_mask=_all_or_none(selected, "message_loss_mask"),
         content_sft_roles=frozenset(request.content_sft_roles) or None,
         ensure_final_stop=request.ensure_final_stop,
-        chat_template_kwargs=kwargs or None,
+        chat_template_kwargs=conversation.chat_template_kwargs,
+        media=conversation.media,
+    )
+
+
+@dataclass
+class Conversation:
+    """What every request that carries messages has: a decoded conversation for a model's renderer."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    tools: list[Any] | None
+    chat_template_kwargs: dict[str, Any] | None
+    media: list[MediaRef]
+
+
+def decode_conversation(
+    request: Any,
+    messages: Iterable[pb.Message],
+    field: str,
+    trainable: list[bool | None] | None = None,
+    selected: list[bool | None] | None = None,
+) -> Conversation:
+    """The model, `messages` (named `field`), tools and chat-template kwargs of `request`.
+
+    `request` has `model` and optional `tools_json` and `chat_template_kwargs_json` fields.
+    The messages' `trainable` and `message_loss_mask` flags are appended to the lists given.
+    """
+    if not request.model:
+        raise invalid("model", "missing")
+    media: list[MediaRef] = []
+    decoded = [
+        decode_message(
+            message, index, media, [] if trainable is None else trainable, [] if selected is None else selected, field
+        )
+        for index, message in enumerate(messages)
+    ]
+    return Conversation(
+        model=request.model,
+        messages=decoded,
+        tools=decode_tools(request),
+        chat_template_kwargs=decode_chat_template_kwargs(request),
         media=media,
     )
+
+
+def decode_tools(request: Any) -> list[Any] | None:
+    """A request's `tools_json`: None when absent."""
+    if not request.HasField("tools_json"):
+        return None
+    tools = load_json(request.tools_json, "tools_json")
+    if type(tools) is not list:
+        raise invalid("tools_json", "must be a JSON array of tool specs")
+    return tools
+
+
+def decode_chat_template_kwargs(request: Any) -> dict[str, Any] | None:
+    """A request's `chat_template_kwargs_json`: None when absent or empty."""
+    if not request.HasField("chat_template_kwargs_json"):
+        return None
+    kwargs = load_json(request.chat_template_kwargs_json, "chat_template_kwargs_json")
+    if type(kwargs) is not dict:
+        raise invalid("chat_template_kwargs_json", "must be a JSON object")
+    return kwargs or None
 
 
 def _all_or_none(flags: list[bool | None], name: str) -> list[bool] | None:
@@ -301,15 +348,18 @@ def _all_or_none(flags: list[bool | None], name: str) -> list[bool] | None:
     return flags  # type: ignore[return-value]
 
 
-def _decode_message(
+def decode_message(
     message: pb.Message,
     index: int,
     media: list[MediaRef],
     trainable: list[bool | None],
     selected: list[bool | None],
+    field: str = "messages",
 ) -> dict[str, Any]:
+    """One message dict; `field` names the list it is in, for errors."""
     # ListFields walks only the fields that are set, in one call: this runs
     # for every message of every request, so no HasField per key.
+    where = f"{field}[{index}]"
     out: dict[str, Any] = {"role": message.role}
     is_trainable = is_selected = nulls = extra = None
     for descriptor, value in message.ListFields():
@@ -317,9 +367,9 @@ def _decode_message(
         if name == "text":
             out["content"] = value
         elif name == "parts":
-            out["content"] = [_decode_part(part, index, number, media) for number, part in enumerate(value.parts)]
+            out["content"] = [_decode_part(part, where, number, media) for number, part in enumerate(value.parts)]
         elif name == "tool_calls":
-            out["tool_calls"] = [_decode_tool_call(call, index, number) for number, call in enumerate(value.calls)]
+            out["tool_calls"] = [_decode_tool_call(call, where, number) for number, call in enumerate(value.calls)]
         elif name in _MESSAGE_TEXT_KEYS:
             out[name] = value
         elif name == "trainable":
@@ -333,30 +383,30 @@ def _decode_message(
     trainable.append(is_trainable)
     selected.append(is_selected)
     if not out["role"]:
-        raise invalid(f"messages[{index}].role", "missing")
+        raise invalid(f"{where}.role", "missing")
     if nulls:
         for key in nulls:
             if key not in _NULLABLE_MESSAGE_KEYS:
                 raise invalid(
-                    f"messages[{index}].null_keys",
+                    f"{where}.null_keys",
                     f"{key!r} is not one of {', '.join(sorted(_NULLABLE_MESSAGE_KEYS))}",
                 )
             if key in out:
-                raise invalid(f"messages[{index}].null_keys", f"{key!r} is both set and null")
+                raise invalid(f"{where}.null_keys", f"{key!r} is both set and null")
             out[key] = None
     if extra is not None:
-        values = load_json(extra, f"messages[{index}].extra_json")
+        values = load_json(extra, f"{where}.extra_json")
         if type(values) is not dict:
-            raise invalid(f"messages[{index}].extra_json", "must be a JSON object")
+            raise invalid(f"{where}.extra_json", "must be a JSON object")
         for key in values:
             if key in _MODELLED_MESSAGE_KEYS:
-                raise invalid(f"messages[{index}].extra_json", f"key {key!r} has a field of its own")
+                raise invalid(f"{where}.extra_json", f"key {key!r} has a field of its own")
         out.update(values)
     return out
 
 
-def _decode_part(part: pb.ContentPart, message_index: int, index: int, media: list[MediaRef]) -> dict[str, Any]:
-    field = f"messages[{message_index}].content[{index}]"
+def _decode_part(part: pb.ContentPart, message: str, index: int, media: list[MediaRef]) -> dict[str, Any]:
+    field = f"{message}.content[{index}]"
     kind = part.WhichOneof("part")
     if kind == "text":
         out: dict[str, Any] = {"type": "text", "text": part.text}
@@ -379,7 +429,7 @@ def _decode_part(part: pb.ContentPart, message_index: int, index: int, media: li
     return out
 
 
-def _decode_tool_call(call: pb.ToolCall, message_index: int, index: int) -> dict[str, Any]:
+def _decode_tool_call(call: pb.ToolCall, message: str, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if call.HasField("id"):
         out["id"] = call.id
@@ -392,7 +442,7 @@ def _decode_tool_call(call: pb.ToolCall, message_index: int, index: int) -> dict
         arguments_kind = call.function.WhichOneof("arguments")
         if arguments_kind == "arguments_json":
             function["arguments"] = load_json(
-                call.function.arguments_json, f"messages[{message_index}].tool_calls[{index}].function.arguments"
+                call.function.arguments_json, f"{message}.tool_calls[{index}].function.arguments"
             )
         elif arguments_kind == "arguments_text":
             function["arguments"] = call.function.arguments_text
@@ -410,7 +460,7 @@ def encode_sample(sample: Any) -> WireMessage:
 
     Its arrays stay in place until the message is joined (see wire.py).
     """
-    loss_mask = _packed_bools(sample.loss_mask)
+    loss_mask = packed_bools(sample.loss_mask)
     if loss_mask is None:
         message = WireMessage(
             pb.RenderedTrainingSample(token_ids=sample.token_ids, loss_mask=sample.loss_mask).SerializeToString()
@@ -421,7 +471,7 @@ def encode_sample(sample: Any) -> WireMessage:
             message.append_bytes_field(pb.RenderedTrainingSample.LOSS_MASK_FIELD_NUMBER, loss_mask)
     if sample.multi_modal_data is not None:
         message.append_message_field(
-            pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER, _encode_multi_modal_data(sample.multi_modal_data)
+            pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER, encode_multi_modal_data(sample.multi_modal_data)
         )
     if sample.mm_token_type_ids is not None:
         message.append_message_field(
@@ -431,7 +481,7 @@ def encode_sample(sample: Any) -> WireMessage:
     return message
 
 
-def _packed_bools(values: Any) -> bytes | None:
+def packed_bools(values: Any) -> bytes | None:
     """A packed repeated bool field's payload, or None to leave the values to upb.
 
     A bool's varint is one byte, 0 or 1, so for a list of bools `bytes` writes
@@ -470,7 +520,7 @@ def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage
     return entry
 
 
-def _encode_multi_modal_data(data: Any) -> WireMessage:
+def encode_multi_modal_data(data: Any) -> WireMessage:
     message = WireMessage(
         pb.MultiModalData(
             mm_hashes=[pb.ModalityHashes(modality=m, hashes=hashes) for m, hashes in data.mm_hashes.items()],
@@ -554,14 +604,14 @@ def _decode_sample(data: memoryview) -> RenderedTrainingSample:
     rest, media = split_field(data, pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER)
     message = pb.RenderedTrainingSample.FromString(rest)
     return RenderedTrainingSample(
-        token_ids=_as_list(message.token_ids),
-        loss_mask=_as_list(message.loss_mask),
-        multi_modal_data=_decode_multi_modal_data(merged(media)) if media else None,
-        mm_token_type_ids=_as_list(message.mm_token_type_ids.ids) if message.HasField("mm_token_type_ids") else None,
+        token_ids=as_list(message.token_ids),
+        loss_mask=as_list(message.loss_mask),
+        multi_modal_data=decode_multi_modal_data(merged(media)) if media else None,
+        mm_token_type_ids=as_list(message.mm_token_type_ids.ids) if message.HasField("mm_token_type_ids") else None,
     )
 
 
-def _as_list(values: Any) -> list[Any]:
+def as_list(values: Any) -> list[Any]:
     """A repeated int or bool field as a list of Python ints or bools.
 
     numpy reads upb's container in C: 1.7x (ids) to 3.5x (bools) faster than
@@ -570,17 +620,20 @@ def _as_list(values: Any) -> list[Any]:
     return np.array(values).tolist() if values else []
 
 
-def _decode_multi_modal_data(data: memoryview) -> MultiModalData:
+def decode_multi_modal_data(
+    data: memoryview, data_class: Any = MultiModalData, range_class: Any = PlaceholderRange
+) -> Any:
+    """A MultiModalData message as `data_class` (this package's, or renderers' own) of `range_class`es."""
     rest, entries = split_field(data, pb.MultiModalData.MM_ITEMS_FIELD_NUMBER)
     message = pb.MultiModalData.FromString(rest)
     mm_items: dict[str, list[dict[str, np.ndarray]]] = {}
     for entry in entries:
         entry_rest, items = split_field(entry, pb.ModalityItems.ITEMS_FIELD_NUMBER)
         mm_items[pb.ModalityItems.FromString(entry_rest).modality] = [_decode_item(item) for item in items]
-    return MultiModalData(
+    return data_class(
         mm_hashes={entry.modality: list(entry.hashes) for entry in message.mm_hashes},
         mm_placeholders={
-            entry.modality: [PlaceholderRange(offset=r.offset, length=r.length) for r in entry.ranges]
+            entry.modality: [range_class(offset=r.offset, length=r.length) for r in entry.ranges]
             for entry in message.mm_placeholders
         },
         mm_items=mm_items,
@@ -634,6 +687,7 @@ def encode_models(models: ServerModels) -> pb.ListModelsResponse:
                 tokenizer_fingerprint=model.tokenizer_fingerprint,
                 roles=model.roles,
                 renderer_config_json=json.dumps(model.renderer_config, ensure_ascii=False),
+                renderer_info=None if model.renderer_info is None else encode_renderer_info(model.renderer_info),
             )
             for model in models.models
         ],
@@ -653,9 +707,31 @@ def decode_models(message: pb.ListModelsResponse) -> ServerModels:
                 tokenizer_fingerprint=model.tokenizer_fingerprint,
                 roles=tuple(model.roles),
                 renderer_config=json.loads(model.renderer_config_json or "{}"),
+                renderer_info=decode_renderer_info(model.renderer_info) if model.HasField("renderer_info") else None,
             )
             for model in message.models
         ),
         renderers_version=message.renderers_version,
         transformers_version=message.transformers_version,
+    )
+
+
+def encode_renderer_info(info: RendererInfo) -> pb.RendererInfo:
+    return pb.RendererInfo(
+        stop_token_ids=info.stop_token_ids,
+        is_prefix_stable=info.is_prefix_stable,
+        multimodal=info.multimodal,
+        mm_token_type_id_map=[
+            pb.TokenTypeEntry(token_id=token_id, type_id=type_id)
+            for token_id, type_id in info.mm_token_type_id_map.items()
+        ],
+    )
+
+
+def decode_renderer_info(message: pb.RendererInfo) -> RendererInfo:
+    return RendererInfo(
+        stop_token_ids=tuple(message.stop_token_ids),
+        is_prefix_stable=message.is_prefix_stable,
+        multimodal=message.multimodal,
+        mm_token_type_id_map={entry.token_id: entry.type_id for entry in message.mm_token_type_id_map},
     )

@@ -8,8 +8,11 @@ without a copy, so they are read-only: call `.copy()` to write to one.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,6 +57,97 @@ class RenderedTrainingSample:
     mm_token_type_ids: list[int] | None = None
 
 
+@dataclass
+class RenderedTokens:
+    """What `Renderer.render` returns: `renderers.RenderedTokens` field for field.
+
+    The client returns renderers' own class when renderers is importable
+    (so its methods, such as `tokens_per_message`, work), this one otherwise.
+    """
+
+    token_ids: list[int] = field(default_factory=list)
+    message_indices: list[int] = field(default_factory=list)
+    sampled_mask: list[bool] = field(default_factory=list)
+    is_content: list[bool] = field(default_factory=list)
+    message_roles: list[str] = field(default_factory=list)
+    message_tool_names: list[str | None] = field(default_factory=list)
+    multi_modal_data: MultiModalData | None = None
+
+
+class ToolCallParseStatus(StrEnum):
+    """`renderers.ToolCallParseStatus`: how one tool-call attempt parsed."""
+
+    OK = "ok"
+    INVALID_JSON = "invalid_json"
+    UNCLOSED_BLOCK = "unclosed_block"
+    MISSING_NAME = "missing_name"
+    MALFORMED_STRUCTURE = "malformed_structure"
+    UNKNOWN_TOOL = "unknown_tool"
+
+
+@dataclass
+class ParsedToolCall:
+    """`renderers.ParsedToolCall`: one tool-call attempt of a completion."""
+
+    raw: str
+    name: str | None = None
+    arguments: dict[str, Any] | str | None = None
+    token_span: tuple[int, int] | None = None
+    status: ToolCallParseStatus = ToolCallParseStatus.OK
+    id: str | None = None
+
+
+@dataclass
+class ParsedResponse:
+    """What `Renderer.parse_response` returns: `renderers.ParsedResponse` field for field."""
+
+    content: str
+    reasoning_content: str | None = None
+    tool_calls: list[ParsedToolCall] = field(default_factory=list)
+    reasoning_complete: bool | None = True
+
+
+@dataclass(frozen=True)
+class ResultTypes:
+    """The classes protocol results are built with: renderers' own, or the mirrors above."""
+
+    RenderedTokens: Any
+    MultiModalData: Any
+    PlaceholderRange: Any
+    ParsedResponse: Any
+    ParsedToolCall: Any
+    ToolCallParseStatus: Any
+
+
+@functools.cache
+def result_types() -> ResultTypes:
+    """renderers' classes where renderers is importable (isinstance checks and their methods
+    work on results), else this module's mirrors: the client itself needs only grpcio,
+    protobuf and numpy. Imported on first use (renderers takes about a second to import)."""
+    try:
+        import renderers as source
+    except ImportError:
+        source = sys.modules[__name__]
+    return ResultTypes(
+        RenderedTokens=source.RenderedTokens,
+        MultiModalData=source.MultiModalData,
+        PlaceholderRange=source.PlaceholderRange,
+        ParsedResponse=source.ParsedResponse,
+        ParsedToolCall=source.ParsedToolCall,
+        ToolCallParseStatus=source.ToolCallParseStatus,
+    )
+
+
+@dataclass(frozen=True)
+class RendererInfo:
+    """What a server-side renderer declares (DescribeRenderer; ListModels for the default one)."""
+
+    stop_token_ids: tuple[int, ...]
+    is_prefix_stable: bool
+    multimodal: bool
+    mm_token_type_id_map: dict[int, int]
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """One model a server has loaded (from ListModels)."""
@@ -64,6 +158,7 @@ class ModelInfo:
     tokenizer_fingerprint: str
     roles: tuple[str, ...]
     renderer_config: dict[str, Any]
+    renderer_info: RendererInfo | None = None  # None from a server without the Renderer protocol
 
 
 @dataclass(frozen=True)
@@ -102,8 +197,15 @@ class SampleRequest:
 class RemoteRenderer:
     """A server model standing in for a local `renderers.Renderer`.
 
-    From `RenderClient.renderer(...)` or `AsyncRenderClient.renderer(...)`; pass
-    it to `build_training_sample` (render_client or render_client.aio to match).
+    From `RenderClient.renderer(...)`: it implements renderers' Renderer
+    protocol (render, render_ids, parse_response, bridge_to_next_turn,
+    get_stop_token_ids, is_prefix_stable) by asking the server, so renderers'
+    own helpers (`renderers.build_training_sample`, `build_trajectory_step`)
+    run on it unchanged; models that take images get a RemoteMultimodalRenderer.
+    Pass it to this package's `build_training_sample` to build the sample on
+    the server instead, in one call. `AsyncRenderClient.renderer(...)` gives
+    one for `render_client.aio.build_training_sample` only (the protocol is
+    synchronous). It can be pickled, and used after a fork.
     """
 
     client: RenderClient | AsyncRenderClient
@@ -129,5 +231,108 @@ class RemoteRenderer:
             content_sft_roles=content_sft_roles,
             ensure_final_stop=ensure_final_stop,
             message_loss_mask=message_loss_mask,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
+
+    # -- renderers' Renderer protocol ---------------------------------------------
+
+    @property
+    def is_prefix_stable(self) -> bool:
+        return self._info().is_prefix_stable
+
+    def get_stop_token_ids(self) -> list[int]:
+        return list(self._info().stop_token_ids)
+
+    def render(
+        self, messages: list[Any], *, tools: list[Any] | None = None, add_generation_prompt: bool = False
+    ) -> Any:
+        """renderers.RenderedTokens, as the server's renderer renders `messages`."""
+        return self._client().render_tokens(
+            self.model,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
+
+    def render_ids(
+        self, messages: list[Any], *, tools: list[Any] | None = None, add_generation_prompt: bool = False
+    ) -> list[int]:
+        return (
+            self._client()
+            .render_tokens(
+                self.model,
+                messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                chat_template_kwargs=self.chat_template_kwargs,
+                ids_only=True,
+            )
+            .token_ids
+        )
+
+    def parse_response(
+        self, token_ids: list[int], *, tools: list[Any] | None = None, prompt_ids: list[int] | None = None
+    ) -> Any:
+        """renderers.ParsedResponse for a completion's tokens."""
+        return self._client().parse_response(
+            self.model, token_ids, tools=tools, prompt_ids=prompt_ids, chat_template_kwargs=self.chat_template_kwargs
+        )
+
+    def bridge_to_next_turn(
+        self,
+        previous_prompt_ids: list[int],
+        previous_completion_ids: list[int],
+        new_messages: list[Any],
+        *,
+        tools: list[Any] | None = None,
+    ) -> Any:
+        """renderers.RenderedTokens extending the previous turn, or None: render the conversation anew."""
+        return self._client().bridge_to_next_turn(
+            self.model,
+            previous_prompt_ids,
+            previous_completion_ids,
+            new_messages,
+            tools=tools,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
+
+    def _client(self) -> RenderClient:
+        if not hasattr(self.client, "render_tokens"):
+            raise TypeError(
+                "renderers' Renderer protocol is synchronous: use a renderer from RenderClient.renderer(...); "
+                "this one is for render_client.aio.build_training_sample"
+            )
+        return self.client  # type: ignore[return-value]
+
+    def _info(self) -> RendererInfo:
+        return self._client().renderer_info(self.model, self.chat_template_kwargs)
+
+
+@dataclass(frozen=True)
+class RemoteMultimodalRenderer(RemoteRenderer):
+    """A RemoteRenderer for a model that takes images: a `renderers.MultimodalRenderer`."""
+
+    @property
+    def mm_token_type_id_map(self) -> dict[int, int]:
+        return dict(self._info().mm_token_type_id_map)
+
+    def bridge_to_next_turn(
+        self,
+        previous_prompt_ids: list[int],
+        previous_completion_ids: list[int],
+        new_messages: list[Any],
+        *,
+        tools: list[Any] | None = None,
+        previous_multi_modal_data: Any = None,
+    ) -> Any:
+        """MultimodalRenderer.bridge_to_next_turn: the previous turn's media carried forward."""
+        return self._client().bridge_to_next_turn(
+            self.model,
+            previous_prompt_ids,
+            previous_completion_ids,
+            new_messages,
+            tools=tools,
+            previous_multi_modal_data=previous_multi_modal_data,
             chat_template_kwargs=self.chat_template_kwargs,
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from .image_cache import DEFAULT_IMAGE_CACHE_MB, return_large_frees_to_the_os
 from .limits import Limits, MiB
 
 if TYPE_CHECKING:
@@ -38,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--workers", type=int, default=available_cpus(), help="worker processes, one per core (default: %(default)s)")
     add("--threads", type=int, default=32, help="handler threads per worker; a stream holds one (default: %(default)s)")
     add(
+        "--render-processes",
+        type=positive_int,
+        default=2,
+        help="render processes per worker; calls go to the least busy, so one long render does not "
+        "hold up the rest (default: %(default)s)",
+    )
+    add(
         "--max-connection-age",
         type=float,
         default=300.0,
@@ -50,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds in-flight calls get to finish on SIGTERM (default: %(default)s)",
     )
     add("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    add(
+        "--image-cache-mb",
+        type=float,
+        default=DEFAULT_IMAGE_CACHE_MB,
+        help="processed images kept for images seen again, MiB per process (each render process and the HTTP "
+        "process); 0: none (default: %(default)s)",
+    )
     group = parser.add_argument_group("limits")
     group.add_argument(
         "--max-request-mb",
@@ -76,7 +91,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="width x height per image, checked before decoding (default: %(default)s)",
     )
     group.add_argument(
+        "--image-formats",
+        type=image_formats,
+        default=",".join(limits.image_formats),
+        help="Pillow formats decoded, comma-separated; others are refused (default: %(default)s)",
+    )
+    group.add_argument(
         "--max-tokens", type=int, default=limits.max_tokens, help="rendered tokens per sample (default: %(default)s)"
+    )
+    group.add_argument(
+        "--max-text-bytes-per-token",
+        type=positive_int,
+        default=limits.max_text_bytes_per_token,
+        help="a request's text (all but its media) may be at most --max-tokens x this many bytes, "
+        "refused before tokenizing (default: %(default)s)",
     )
     group.add_argument(
         "--max-concurrent-rpcs",
@@ -92,6 +120,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--auth-tokens-file", type=Path, help="bearer tokens, one per line (also: $RENDER_SERVICE_TOKENS)"
     )
     return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         max_images=args.max_images,
         max_image_bytes=int(args.max_image_mb * MiB),
         max_image_pixels=args.max_image_pixels,
+        image_formats=args.image_formats,
         max_tokens=args.max_tokens,
+        max_text_bytes_per_token=args.max_text_bytes_per_token,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
     with contextlib.ExitStack() as stack:
@@ -131,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("cannot listen: %s", exc.strerror or exc)
             return 2
+        return_large_frees_to_the_os()  # so that evicted images leave RSS (image_cache.py)
         try:
-            registry = ModelRegistry.load(load_config(args.config))
+            registry = ModelRegistry.load(load_config(args.config), image_cache_bytes=int(args.image_cache_mb * MiB))
         except ConfigError as exc:
             log.error("bad model registry: %s", exc)
             return 2
@@ -140,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=port,
             threads=args.threads,
+            render_processes=args.render_processes,
             limits=limits,
             tls=tls,
             tokens=tokens,
@@ -201,6 +240,16 @@ def available_cpus() -> int:
     except (OSError, ValueError):
         pass
     return cpus
+
+
+def image_formats(text: str) -> tuple[str, ...]:
+    """--image-formats, checked against the formats Pillow can open."""
+    from . import media  # Pillow's readers: loaded only when the flags are read
+
+    try:
+        return media.image_formats(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 if __name__ == "__main__":

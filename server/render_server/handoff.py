@@ -54,7 +54,14 @@ class Kind(enum.IntEnum):
     BATCH = 2  # a RenderTrainingSamplesRequest
     CANCEL = 3  # the caller left
     MORE = 4  # the batch's last part was sent on: send the next
+    RENDER = 5  # a RenderRequest
+    PARSE = 6  # a ParseResponseRequest
+    BRIDGE = 7  # a BridgeToNextTurnRequest
+    DESCRIBE = 8  # a DescribeRendererRequest
 
+
+# A render process busy on one call for longer than this gets no new calls while another is free of such a render.
+SLOW_RENDER = 0.5
 
 _TO_RENDER = struct.Struct("<QBddQQ")
 _TO_GRPC = struct.Struct("<QB?QQ")
@@ -115,6 +122,10 @@ class RenderProcess:
         # call ids are taken, registered and sent in one go, so they reach the render process in order.
         self._lock = threading.Lock()
         self._calls: dict[int, queue.SimpleQueue[Answer]] = {}
+        # Calls sent that the render process has not answered to the end (left ones included: it
+        # still takes them), and when it took the oldest of them (see `load`).
+        self._unanswered = 0
+        self._head_started = 0.0
         self._call_ids = itertools.count(1)
         self._lost = False
         self._closing = False
@@ -129,14 +140,24 @@ class RenderProcess:
             if self._lost:
                 answers.put(_lost())
                 return call
+            if not self._unanswered:
+                self._head_started = time.monotonic()
+            self._unanswered += 1
             self._calls[call.call_id] = answers
             header = _TO_RENDER.pack(call.call_id, kind, time.monotonic(), deadline, first_index, len(body))
             try:
                 _send(self._sock, header, body)
             except OSError:
+                self._unanswered -= 1
                 self._calls.pop(call.call_id)
                 answers.put(_lost())  # the reader finds out too, and reports it
         return call
+
+    def load(self, now: float) -> tuple[bool, int]:
+        """How busy the render process is, for RenderProcesses to compare: whether one render has
+        held it for over SLOW_RENDER seconds, and how many calls it has waiting or rendering."""
+        calls = self._unanswered
+        return calls > 0 and now - self._head_started > SLOW_RENDER, calls
 
     def cancel(self, call: Call) -> None:
         """The caller left: wake whoever waits for `call` and tell the render process to skip it."""
@@ -173,6 +194,9 @@ class RenderProcess:
                 body = _receive(self._sock, length)
                 with self._lock:
                     answers = self._calls.pop(call_id, None) if last else self._calls.get(call_id)
+                    if last:
+                        self._unanswered -= 1
+                        self._head_started = time.monotonic()  # the next call's render starts now
                 if answers is not None:  # else: the caller left
                     answers.put(Answer(_CODES[code], body, last, next_index))
         except (OSError, EOFError):
@@ -187,6 +211,31 @@ class RenderProcess:
                 answers.put(_lost())
             if not self._closing:
                 self._on_lost()
+
+
+class RenderProcesses:
+    """A worker's render processes: each call goes to the one least busy.
+
+    One render process renders one call at a time, so a call queued behind a
+    long render (megabytes of text, a huge image, a big batch) would wait for
+    all of it. A call goes to the process with the fewest calls waiting or
+    rendering, never to one held by a single render for over SLOW_RENDER
+    seconds while another is not: with two, small calls keep flowing while
+    one long render runs. Ties go to the first, so a lightly loaded worker
+    keeps its second process idle and ready.
+    """
+
+    def __init__(self, processes: list[RenderProcess]) -> None:
+        self._processes = processes
+
+    def start(self, kind: Kind, body: bytes, *, deadline: float, first_index: int = 0) -> Call:
+        now = time.monotonic()
+        process = min(self._processes, key=lambda process: process.load(now))
+        return process.start(kind, body, deadline=deadline, first_index=first_index)
+
+    def close(self) -> None:
+        for process in self._processes:
+            process.close()
 
 
 class Call:
@@ -299,6 +348,7 @@ def serve_renders(
         except EOFError:
             return
         parts = answer(request, lambda request=request: inbox.is_cancelled(request))
+        part: Answer | None = None
         sent_parts = 0
         while True:
             try:
@@ -319,6 +369,9 @@ def serve_renders(
             if part.last:
                 break
         inbox.done(request)
+        # Not kept until the next request comes: an answer can hold hundreds of MiB of pixels.
+        del parts
+        part = None
 
 
 # -- the socket ----------------------------------------------------------------------

@@ -5,9 +5,14 @@
     GET  /metrics                   Prometheus text, all processes added up
     POST /v1/render_training_sample a RenderTrainingSampleRequest in the protobuf JSON mapping;
                                     answers {"sample": ...} or {"code": ..., "message": ...}
+    POST /v1/render, /v1/parse_response, /v1/bridge_to_next_turn, /v1/describe_renderer:
+                                    the Renderer protocol's methods, likewise (Render,
+                                    ParseResponse, BridgeToNextTurn, DescribeRenderer)
 
 Renders take the same path as gRPC calls (RenderService.render), with the
 same limits, metrics and bearer-token check; health and metrics stay open.
+Like a worker past --max-concurrent-rpcs, the port answers 429
+(RESOURCE_EXHAUSTED) while that many renders are waiting or running.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -29,6 +35,7 @@ from render_client.convert import encode_response
 from render_client.errors import RenderError
 
 from .auth import REFUSAL, TokenCheck
+from .handoff import Kind
 from .metrics import IN_FLIGHT, exposition
 from .server import TlsFiles
 from .service import RenderService
@@ -38,7 +45,28 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-HTTP_METHOD = "http:RenderTrainingSample"  # its label in the metrics
+
+@dataclass(frozen=True)
+class _Route:
+    """A POST route: a gRPC method's request and response in the protobuf JSON mapping."""
+
+    method: str
+    request_class: Any
+    response_class: Any
+    kind: Kind | None  # how RenderService.call takes it; None: RenderService.render (samples)
+
+
+_ROUTES = {
+    "/v1/render_training_sample": _Route(
+        "RenderTrainingSample", pb.RenderTrainingSampleRequest, pb.RenderTrainingSampleResponse, None
+    ),
+    "/v1/render": _Route("Render", pb.RenderRequest, pb.RenderResponse, Kind.RENDER),
+    "/v1/parse_response": _Route("ParseResponse", pb.ParseResponseRequest, pb.ParseResponseResponse, Kind.PARSE),
+    "/v1/bridge_to_next_turn": _Route(
+        "BridgeToNextTurn", pb.BridgeToNextTurnRequest, pb.BridgeToNextTurnResponse, Kind.BRIDGE
+    ),
+    "/v1/describe_renderer": _Route("DescribeRenderer", pb.DescribeRendererRequest, pb.RendererInfo, Kind.DESCRIBE),
+}
 # gRPC status -> HTTP status, for the render endpoint's errors.
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -55,11 +83,16 @@ _HTTP_STATUS = {
 class HttpApp:
     """A small ASGI application; no framework, four routes."""
 
-    def __init__(self, service: RenderService, status: SharedStatus, check: TokenCheck, max_body_bytes: int) -> None:
+    def __init__(
+        self, service: RenderService, status: SharedStatus, check: TokenCheck, max_body_bytes: int, max_renders: int
+    ) -> None:
         self._service = service
         self._status = status
         self._check = check
         self._max_body_bytes = max_body_bytes
+        # Renders waiting or running at once; more are refused, as gRPC refuses past --max-concurrent-rpcs.
+        self._max_renders = max_renders
+        self._renders_in_flight = 0
         # Renders take turns within a process anyway (rendering.py); one thread keeps the loop free.
         self._renders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-render")
 
@@ -75,7 +108,7 @@ class HttpApp:
         elif route == ("GET", "/metrics"):
             body, content_type = exposition()
             await _respond(send, 200, body, content_type)
-        elif scope["path"] == "/v1/render_training_sample":
+        elif scope["path"] in _ROUTES:
             if scope["method"] != "POST":
                 await _respond(send, 405, b"use POST\n", headers=[(b"allow", b"POST")])
             else:
@@ -89,6 +122,21 @@ class HttpApp:
         if not self._check.allows(authorization):
             await _error(send, grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
             return
+        if self._renders_in_flight >= self._max_renders:
+            await _error(
+                send,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the HTTP port is rendering its limit of {self._max_renders} requests at once "
+                "(--max-concurrent-rpcs); retry later",
+            )
+            return
+        self._renders_in_flight += 1  # the event loop's thread is the only one to count
+        try:
+            await self._render_counted(_ROUTES[scope["path"]], receive, send)
+        finally:
+            self._renders_in_flight -= 1
+
+    async def _render_counted(self, route: _Route, receive: Receive, send: Send) -> None:
         body = await _read_body(receive, self._max_body_bytes)
         if body is None:
             await _error(
@@ -97,18 +145,22 @@ class HttpApp:
                 f"request body exceeds the limit of {self._max_body_bytes} bytes (--max-request-mb)",
             )
             return
-        request = pb.RenderTrainingSampleRequest()
+        request = route.request_class()
         try:
             json_format.Parse(body, request)
         except (json_format.ParseError, UnicodeDecodeError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else "not valid JSON"
             await _error(send, grpc.StatusCode.INVALID_ARGUMENT, f"request: {message}")
             return
+        method = f"http:{route.method}"  # its label in the metrics
 
         def render_to_json() -> str:
-            with IN_FLIGHT.labels(HTTP_METHOD).track_inprogress():
-                sample = self._service.render(request, method=HTTP_METHOD)
-            response = pb.RenderTrainingSampleResponse.FromString(encode_response(sample))
+            with IN_FLIGHT.labels(method).track_inprogress():
+                if route.kind is None:
+                    answer = encode_response(self._service.render(request, method=method))
+                else:
+                    answer = self._service.call(route.kind, request.SerializeToString(), method=method)
+            response = route.response_class.FromString(answer)
             return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
 
         try:

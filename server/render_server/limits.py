@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from render_client.convert import RenderArguments
+from render_client.convert import Conversation, RenderArguments
 from render_client.errors import invalid
 
 MiB = 1024 * 1024
@@ -25,12 +25,18 @@ class Limits:
     max_images: int = 64  # --max-images: image parts per request
     max_image_bytes: int = 32 * MiB  # --max-image-mb: encoded bytes per image
     max_image_pixels: int = 8192 * 8192  # --max-image-pixels: width x height per image
+    # --image-formats: the Pillow formats decoded (JPEG includes its MPO kind); what users send
+    # VLMs, and no container whose reader decodes embedded images (ICO, ICNS) unless asked for.
+    image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
     max_tokens: int = 262_144  # --max-tokens: rendered tokens per sample
+    # --max-text-bytes-per-token: a request's text (all but its media bytes) may be at most
+    # max_tokens times this, so that text which cannot fit is refused before it is tokenized.
+    max_text_bytes_per_token: int = 16
     max_concurrent_rpcs: int = 256  # --max-concurrent-rpcs: calls per worker at once (a stream is one)
 
 
-def check_request(arguments: RenderArguments, limits: Limits) -> None:
-    """Refuse a decoded request that asks for more than the limits allow."""
+def check_request(arguments: RenderArguments | Conversation, request_bytes: int, limits: Limits) -> None:
+    """Refuse a decoded request, `request_bytes` long on the wire, that asks for more than the limits allow."""
     if len(arguments.messages) > limits.max_messages:
         raise invalid(
             "messages", f"{len(arguments.messages)} messages exceed the limit of {limits.max_messages} (--max-messages)"
@@ -47,6 +53,17 @@ def check_request(arguments: RenderArguments, limits: Limits) -> None:
             raise invalid(
                 f"{ref.field}.data", f"{size} bytes exceed the limit of {limits.max_image_bytes} bytes (--max-image-mb)"
             )
+    # Tokenizing is linear in the text (~1 MB/s) and --max-tokens is only known
+    # to be exceeded afterwards; text this long cannot fit in any realistic
+    # tokenization (the corpus has at most ~6 bytes per token), so refuse it unread.
+    text_bytes = request_bytes - sum(len(ref.part[ref.kind]) for ref in arguments.media)
+    max_text_bytes = limits.max_tokens * limits.max_text_bytes_per_token
+    if text_bytes > max_text_bytes:
+        raise invalid(
+            "messages",
+            f"{text_bytes} bytes of text exceed the limit of {max_text_bytes} bytes "
+            f"(--max-tokens {limits.max_tokens} x --max-text-bytes-per-token {limits.max_text_bytes_per_token})",
+        )
 
 
 def check_pixels(width: int, height: int, field: str, limits: Limits) -> None:

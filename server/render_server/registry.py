@@ -2,7 +2,8 @@
 
 Everything is loaded once at start-up from the registry file (config.py).
 Renderers come from the renderers library's own public constructors, exactly as
-a trainer would build them in-process; nothing here renders.
+a trainer would build them in-process; nothing here renders. One thing is
+swapped: a VLM renderer's image cache, for one bounded in bytes (image_cache.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import transformers
 
 from render_client.errors import ModelNotFoundError
 from render_client.fingerprint import tokenizer_fingerprint
-from render_client.types import ModelInfo, ServerModels
+from render_client.types import ModelInfo, RendererInfo, ServerModels
 
 from .config import ConfigError, ModelConfig, Source
+from .image_cache import DEFAULT_IMAGE_CACHE_MB, ImageCache, ImageCacheBudget, MiB, install
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class LoadedModel:
     renderer: Any  # built with no chat_template_kwargs
     processor: ImageProcessorOnly | None
     info: ModelInfo
+    image_cache: ImageCache | None = None  # its renderers' processed images, bounded per process (image_cache.py)
     _variants: OrderedDict[str, Any] = field(default_factory=OrderedDict)
 
     @property
@@ -75,7 +78,21 @@ class LoadedModel:
         return renderer
 
     def _build_renderer(self, chat_template_kwargs: dict[str, Any] | None) -> Any:
-        return build_renderer(self.tokenizer, self.renderer_config, self.processor, chat_template_kwargs)
+        renderer = build_renderer(self.tokenizer, self.renderer_config, self.processor, chat_template_kwargs)
+        if self.image_cache is not None:
+            install(renderer, self.image_cache, f"models.{self.config.id}")
+        return renderer
+
+
+def renderer_info(renderer: Any) -> RendererInfo:
+    """What a renderer declares about itself (DescribeRenderer, ListModels)."""
+    multimodal = renderers.is_multimodal(renderer)
+    return RendererInfo(
+        stop_token_ids=tuple(renderer.get_stop_token_ids()),
+        is_prefix_stable=bool(renderer.is_prefix_stable),
+        multimodal=multimodal,
+        mm_token_type_id_map=dict(renderer.mm_token_type_id_map) if multimodal else {},
+    )
 
 
 def build_renderer(
@@ -97,7 +114,8 @@ def build_renderer(
 class ModelRegistry:
     """The server's models by id."""
 
-    def __init__(self, models: list[LoadedModel]) -> None:
+    def __init__(self, models: list[LoadedModel], image_cache_budget: ImageCacheBudget | None = None) -> None:
+        self.image_cache_budget = image_cache_budget
         self._models = {model.info.id: model for model in models}
         self._description = ServerModels(
             models=tuple(model.info for model in models),
@@ -106,8 +124,13 @@ class ModelRegistry:
         )
 
     @classmethod
-    def load(cls, configs: list[ModelConfig]) -> ModelRegistry:
-        """Load every model; tokenizers and processors named twice are loaded once."""
+    def load(cls, configs: list[ModelConfig], image_cache_bytes: int = DEFAULT_IMAGE_CACHE_MB * MiB) -> ModelRegistry:
+        """Load every model; tokenizers and processors named twice are loaded once.
+
+        All models' processed images share one budget of `image_cache_bytes`:
+        the registry is the process's (forked into each child), so it is per process.
+        """
+        budget = ImageCacheBudget(image_cache_bytes)
         loaded: dict[tuple[Source, str], Any] = {}
 
         def once(source: Source, kind: str, load: Any) -> Any:
@@ -128,9 +151,9 @@ class ModelRegistry:
                         load_image_processor(c.image_processor, c.image_processor_options)
                     ),
                 )
-            models.append(_load_model(config, tokenizer, fingerprint, processor))
+            models.append(_load_model(config, tokenizer, fingerprint, processor, budget))
             log.info("loaded model %s (%s) in %.2fs", config.id, config.renderer, time.perf_counter() - started)
-        return cls(models)
+        return cls(models, budget)
 
     def get(self, model_id: str) -> LoadedModel:
         try:
@@ -150,7 +173,11 @@ def _load_tokenizer(source: Source) -> tuple[Any, str]:
 
 
 def _load_model(
-    config: ModelConfig, tokenizer: Any, fingerprint: str, processor: ImageProcessorOnly | None
+    config: ModelConfig,
+    tokenizer: Any,
+    fingerprint: str,
+    processor: ImageProcessorOnly | None,
+    budget: ImageCacheBudget,
 ) -> LoadedModel:
     where = f"models.{config.id}"
     try:
@@ -168,6 +195,10 @@ def _load_model(
         raise ConfigError(f"{where}: renderer {config.renderer!r} renders images and needs an image_processor")
     if processor is not None and not multimodal:
         raise ConfigError(f"{where}.image_processor: renderer {config.renderer!r} does not render images")
+    image_cache = None
+    if multimodal:
+        image_cache = budget.new_cache()
+        install(renderer, image_cache, where)
     info = ModelInfo(
         id=config.id,
         renderer=config.renderer,
@@ -175,6 +206,7 @@ def _load_model(
         tokenizer_fingerprint=fingerprint,
         roles=config.roles,
         renderer_config=renderer_config.model_dump(mode="json"),
+        renderer_info=renderer_info(renderer),
     )
     return LoadedModel(
         config=config,
@@ -183,6 +215,7 @@ def _load_model(
         renderer=renderer,
         processor=processor,
         info=info,
+        image_cache=image_cache,
     )
 
 

@@ -1,34 +1,38 @@
-"""One render: decoded request arguments in, renderers' training sample out.
+"""One render: decoded request arguments in, renderers' results out.
 
-This is the only place the server calls renderers.build_training_sample.
-Renderers are not thread-safe (they share tokenizers and keep image caches),
+This is the only place the server calls a renderer: build_training_sample,
+and the Renderer protocol's render, render_ids, parse_response,
+bridge_to_next_turn and what a renderer declares. Renderers are not thread-safe (they share tokenizers and keep image caches),
 so renders in one process take turns under a lock; the server scales across
 cores with worker processes instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pydantic
 import renderers
 
-from render_client.convert import RenderArguments
+from render_client.convert import Conversation, RenderArguments
+from render_client.convert_protocol import BridgeArgs, ParseArgs, RenderArgs
 from render_client.errors import (
-    CallCancelledError,
     InvalidArgumentError,
     RenderError,
     ResourceExhaustedError,
     UnimplementedError,
     invalid,
 )
+from render_client.types import RendererInfo
 
 from .limits import Limits, check_tokens
 from .media import decode_images
 from .metrics import RENDER_CPU
-from .registry import LoadedModel
+from .registry import LoadedModel, renderer_info
 
 _render_lock = threading.Lock()
 
@@ -37,70 +41,167 @@ def render_sample(
     model: LoadedModel,
     arguments: RenderArguments,
     limits: Limits,
-    is_cancelled: Callable[[], bool] = lambda: False,
+    stop_if_cancelled: Callable[[], None] = lambda: None,
 ) -> Any:
-    """renderers.build_training_sample for a decoded request; a RenderError if it fails."""
-    _check_roles(model, arguments)
-    _skip_if_cancelled(is_cancelled)  # before the images are decoded, the other costly part
-    if model.accepts_images:
-        # Text renderers ignore images in-process, undecoded; so do we.
-        decode_images(arguments.media, limits)
+    """renderers.build_training_sample for a decoded request; a RenderError if it fails.
+
+    `stop_if_cancelled` raises the status to answer with once the caller has
+    left or the call's deadline has passed: then the work is skipped.
+    """
     role_to_mask = _role_to_mask(arguments)
-    with _render_lock:
-        # Waiting for the lock (HTTP renders share it) can outlast a caller: then skip the work.
-        _skip_if_cancelled(is_cancelled)
-        started = time.thread_time()
-        try:
-            renderer = model.renderer_for(arguments.chat_template_kwargs)
-            sample = renderers.build_training_sample(
-                renderer,
-                arguments.messages,
-                role_to_mask=role_to_mask,
-                tools=arguments.tools,
-                content_sft_roles=arguments.content_sft_roles,
-                ensure_final_stop=arguments.ensure_final_stop,
-                message_loss_mask=arguments.message_loss_mask,
-            )
-        except Exception as exc:  # the renderer rejected the conversation
-            raise renderer_error(exc) from exc
-        finally:
-            RENDER_CPU.labels(model.info.id).inc(time.thread_time() - started)
+    with _renderer_for(model, arguments, limits, stop_if_cancelled) as renderer:
+        sample = renderers.build_training_sample(
+            renderer,
+            arguments.messages,
+            role_to_mask=role_to_mask,
+            tools=arguments.tools,
+            content_sft_roles=arguments.content_sft_roles,
+            ensure_final_stop=arguments.ensure_final_stop,
+            message_loss_mask=arguments.message_loss_mask,
+        )
     check_tokens(len(sample.token_ids), limits)
     return sample
 
 
-def _skip_if_cancelled(is_cancelled: Callable[[], bool]) -> None:
-    if is_cancelled():
-        raise CallCancelledError("the call was cancelled or its deadline passed before rendering")
+def render_tokens(
+    model: LoadedModel, arguments: RenderArgs, limits: Limits, stop_if_cancelled: Callable[[], None]
+) -> Any:
+    """Renderer.render (or render_ids) for a decoded Render request: RenderedTokens either way."""
+    conversation = arguments.conversation
+    with _renderer_for(model, conversation, limits, stop_if_cancelled) as renderer:
+        if arguments.ids_only:
+            ids = renderer.render_ids(
+                conversation.messages, tools=conversation.tools, add_generation_prompt=arguments.add_generation_prompt
+            )
+            rendered = renderers.RenderedTokens(token_ids=ids)
+        else:
+            rendered = renderer.render(
+                conversation.messages, tools=conversation.tools, add_generation_prompt=arguments.add_generation_prompt
+            )
+    check_tokens(len(rendered.token_ids), limits)
+    return rendered
 
 
-def renderer_error(exc: Exception) -> RenderError:
-    """The status for an exception a renderer raised on a request.
+def bridge_to_next_turn(
+    model: LoadedModel, arguments: BridgeArgs, limits: Limits, stop_if_cancelled: Callable[[], None]
+) -> Any:
+    """Renderer.bridge_to_next_turn for a decoded BridgeToNextTurn request: RenderedTokens or None."""
+    conversation = arguments.conversation
+    previous = arguments.previous_multi_modal_data
+    if previous is not None and not model.accepts_images:
+        raise invalid("previous_multi_modal_data", f"model {model.info.id!r} does not take images")
+    check_tokens(len(arguments.previous_prompt_ids) + len(arguments.previous_completion_ids), limits)
+    with _renderer_for(model, conversation, limits, stop_if_cancelled, field="new_messages") as renderer:
+        extra = {"previous_multi_modal_data": previous} if model.accepts_images else {}
+        bridged = renderer.bridge_to_next_turn(
+            arguments.previous_prompt_ids,
+            arguments.previous_completion_ids,
+            conversation.messages,
+            tools=conversation.tools,
+            **extra,
+        )
+    if bridged is not None:
+        check_tokens(len(bridged.token_ids), limits)
+    return bridged
+
+
+def parse_response(
+    model: LoadedModel, arguments: ParseArgs, limits: Limits, stop_if_cancelled: Callable[[], None]
+) -> Any:
+    """Renderer.parse_response for a decoded ParseResponse request."""
+    for field, ids in (("token_ids", arguments.token_ids), ("prompt_ids", arguments.prompt_ids or [])):
+        if len(ids) > limits.max_tokens:
+            raise invalid(field, f"{len(ids)} tokens exceed the limit of {limits.max_tokens} (--max-tokens)")
+    with _renderer_lock(model, arguments.chat_template_kwargs, stop_if_cancelled, field="token_ids") as renderer:
+        return renderer.parse_response(arguments.token_ids, tools=arguments.tools, prompt_ids=arguments.prompt_ids)
+
+
+def describe_renderer(model: LoadedModel, chat_template_kwargs: dict[str, Any] | None) -> RendererInfo:
+    """What the renderer for these chat-template kwargs declares."""
+    with _renderer_lock(model, chat_template_kwargs, lambda: None, field="chat_template_kwargs") as renderer:
+        return renderer_info(renderer)
+
+
+@contextlib.contextmanager
+def _renderer_for(
+    model: LoadedModel,
+    conversation: Conversation | RenderArguments,
+    limits: Limits,
+    stop_if_cancelled: Callable[[], None],
+    field: str = "messages",
+) -> Iterator[Any]:
+    """The renderer for a conversation, ready to render it: roles checked, images decoded, lock held."""
+    _check_roles(model, conversation.messages, field)
+    stop_if_cancelled()  # before the images are decoded, the other costly part
+    if model.accepts_images:
+        # Text renderers ignore images in-process, undecoded; so do we.
+        decode_images(conversation.media, limits)
+    with _renderer_lock(model, conversation.chat_template_kwargs, stop_if_cancelled, field) as renderer:
+        yield renderer
+
+
+@contextlib.contextmanager
+def _renderer_lock(
+    model: LoadedModel,
+    chat_template_kwargs: dict[str, Any] | None,
+    stop_if_cancelled: Callable[[], None],
+    field: str,
+) -> Iterator[Any]:
+    """The model's renderer for `chat_template_kwargs`, under the render lock; what it raises
+    inside the block becomes a RenderError on `field`, and the CPU it takes is counted."""
+    with _render_lock:
+        # Waiting for the lock (HTTP renders share it) can outlast a caller: then skip the work.
+        stop_if_cancelled()
+        started = time.thread_time()
+        try:
+            renderer = model.renderer_for(chat_template_kwargs)
+        except Exception as exc:  # renderers refused the kwargs (pydantic's ValidationError is a ValueError)
+            raise renderer_error(exc, "chat_template_kwargs") from exc
+        try:
+            yield renderer
+        except RenderError:
+            raise
+        except Exception as exc:  # the renderer rejected the request
+            raise renderer_error(exc, field) from exc
+        finally:
+            RENDER_CPU.labels(model.info.id).inc(time.thread_time() - started)
+
+
+def renderer_error(exc: Exception, field: str) -> RenderError:
+    """The status for an exception a renderer raised on the request's `field`.
 
     The server's models are loaded and fixed, so whatever a renderer raises on
-    a request is the request's doing: INVALID_ARGUMENT, with the renderer's own
-    message (prefixed with the exception type unless it is a ValueError), and
-    the type in trailing metadata. NotImplementedError is UNIMPLEMENTED.
+    a request is the request's doing: INVALID_ARGUMENT, with "field: " and the
+    renderer's own message on one line (prefixed with the exception type unless
+    it is a ValueError), and the type in trailing metadata. NotImplementedError
+    is UNIMPLEMENTED.
     """
     error_type = type(exc).__name__
-    message = str(exc)
-    if isinstance(exc, NotImplementedError):
-        return UnimplementedError(message or error_type, error_type=error_type)
     if isinstance(exc, MemoryError):
-        return ResourceExhaustedError("out of memory rendering this sample", error_type=error_type)
-    if isinstance(exc, ValueError):
-        return InvalidArgumentError(message or error_type, error_type=error_type)
-    return InvalidArgumentError(f"{error_type}: {message}" if message else error_type, error_type=error_type)
+        return ResourceExhaustedError(f"{field}: out of memory rendering this sample", error_type=error_type)
+    if isinstance(exc, pydantic.ValidationError):  # a renderer config refused a value: name its key
+        details = "; ".join(
+            f"{'.'.join((field, *map(str, error['loc'])))}: {error['msg']} (got {error.get('input')!r})"
+            for error in exc.errors(include_url=False)
+        )
+        return InvalidArgumentError(details, error_type=error_type)
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if not isinstance(exc, (ValueError, NotImplementedError)):
+        message = f"{error_type}: {message}" if message else error_type
+    details = f"{field}: {message or error_type}"
+    if isinstance(exc, NotImplementedError):
+        return UnimplementedError(details, error_type=error_type)
+    return InvalidArgumentError(details, error_type=error_type)
 
 
-def _check_roles(model: LoadedModel, arguments: RenderArguments) -> None:
+def _check_roles(model: LoadedModel, messages: list[dict[str, Any]], field: str) -> None:
     # Some renderers skip a message with a role they do not know without a word;
     # the server refuses it instead, so that nothing sent is silently dropped.
     roles = model.config.roles
-    for index, message in enumerate(arguments.messages):
+    for index, message in enumerate(messages):
         if message["role"] not in roles:
             raise invalid(
-                f"messages[{index}].role",
+                f"{field}[{index}].role",
                 f"{message['role']!r} is not a role model {model.info.id!r} accepts ({', '.join(roles)})",
             )
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .auth import AuthInterceptor, TokenCheck
-from .handoff import RenderProcess
+from .handoff import RenderProcesses
 from .limits import Limits
 from .registry import ModelRegistry
 from .servicer import SERVICE_NAME, RenderServicer
@@ -43,6 +43,7 @@ class ServerOptions:
     max_connection_age: float = 300.0
     max_connection_grace: float = 600.0
     reuse_port: bool = False  # let worker processes share the port (workers.py)
+    render_processes: int = 2  # per worker: a call need not wait behind one long render (handoff.RenderProcesses)
 
 
 class MethodAwarePool:
@@ -85,7 +86,7 @@ class RunningServer:
             self.health.set(service, status)
 
 
-def start_server(registry: ModelRegistry, renders: RenderProcess, options: ServerOptions) -> RunningServer:
+def start_server(registry: ModelRegistry, renders: RenderProcesses, options: ServerOptions) -> RunningServer:
     """Bind, start and mark healthy a server for `registry` whose renders go to `renders`."""
     check = TokenCheck(options.tokens)
     server = grpc.server(

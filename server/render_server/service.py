@@ -13,21 +13,37 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from render_client._pb import render_pb2 as pb
-from render_client.convert import decode_request, encode_response, encode_result, encode_sample
-from render_client.errors import CallCancelledError, InvalidArgumentError, RenderError
+from render_client.convert import (
+    decode_chat_template_kwargs,
+    decode_request,
+    encode_renderer_info,
+    encode_response,
+    encode_result,
+    encode_sample,
+)
+from render_client.convert_protocol import (
+    decode_bridge_request,
+    decode_parse_request,
+    decode_render_request,
+    encode_parsed_response,
+    encode_tokens_response,
+)
+from render_client.errors import CallCancelledError, DeadlineExceededError, InvalidArgumentError, RenderError, invalid
 from render_client.wire import WireMessage
 
 from .handoff import Answer, Kind, Request
 from .limits import Limits, check_request
 from .metrics import IMAGES, LATENCY, REQUESTS, TOKENS, UNKNOWN_MODEL
-from .registry import ModelRegistry
-from .rendering import render_sample
+from .registry import LoadedModel, ModelRegistry
+from .rendering import bridge_to_next_turn, describe_renderer, parse_response, render_sample, render_tokens
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +55,13 @@ class RenderService:
     def __init__(self, registry: ModelRegistry, limits: Limits) -> None:
         self._registry = registry
         self._limits = limits
+        # The calls besides samples, by the kind the gRPC process hands them over as.
+        self._calls: dict[Kind, tuple[str, Callable[[bytes, Callable[[], None], _Labels], bytes]]] = {
+            Kind.RENDER: ("Render", self._render_tokens),
+            Kind.PARSE: ("ParseResponse", self._parse_response),
+            Kind.BRIDGE: ("BridgeToNextTurn", self._bridge_to_next_turn),
+            Kind.DESCRIBE: ("DescribeRenderer", self._describe_renderer),
+        }
 
     # -- the one render path --------------------------------------------------
 
@@ -48,51 +71,112 @@ class RenderService:
         *,
         method: str,
         received: float | None = None,
-        is_cancelled: Callable[[], bool] = lambda: False,
+        stop_if_cancelled: Callable[[], None] = lambda: None,
     ) -> WireMessage:
         """`request`'s sample as a RenderedTrainingSample message, or raise the RenderError to answer with.
 
         `received`: when the call arrived (time.monotonic()), if before now.
+        `stop_if_cancelled`: raises the status to answer once the caller left or the deadline passed.
         """
-        started = time.monotonic() if received is None else received
-        model_label, code = UNKNOWN_MODEL, grpc.StatusCode.OK
-        try:
+
+        def work(labels: _Labels) -> WireMessage:
             arguments = decode_request(request)
-            model = self._registry.get(arguments.model)
-            model_label = model.info.id
-            check_request(arguments, self._limits)
-            sample = render_sample(model, arguments, self._limits, is_cancelled)
+            model = self._model(arguments.model, labels)
+            check_request(arguments, request.ByteSize(), self._limits)
+            sample = render_sample(model, arguments, self._limits, stop_if_cancelled)
             encoded = encode_sample(sample)
-            TOKENS.labels(model_label).inc(len(sample.token_ids))
+            TOKENS.labels(labels.model).inc(len(sample.token_ids))
             if model.accepts_images:
-                IMAGES.labels(model_label).inc(sum(ref.kind == "image" for ref in arguments.media))
+                IMAGES.labels(labels.model).inc(sum(ref.kind == "image" for ref in arguments.media))
             return encoded
-        except Exception as exc:
-            error = as_render_error(exc)
-            code = error.code
-            raise error from None
-        finally:
-            REQUESTS.labels(method, model_label, code.name).inc()
-            LATENCY.labels(method, model_label).observe(time.monotonic() - started)
+
+        return _measured(method, received, work)
+
+    # -- the rest of the Renderer protocol -------------------------------------------
+
+    def call(
+        self,
+        kind: Kind,
+        body: bytes,
+        *,
+        method: str | None = None,
+        received: float | None = None,
+        stop_if_cancelled: Callable[[], None] = lambda: None,
+    ) -> bytes:
+        """The serialised answer to a Render, ParseResponse, BridgeToNextTurn or DescribeRenderer request.
+
+        `method` labels its metrics (by default the gRPC method's name).
+        """
+        name, handle = self._calls[kind]
+        return _measured(method or name, received, lambda labels: handle(body, stop_if_cancelled, labels))
+
+    def _render_tokens(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
+        request = _parse(pb.RenderRequest, body, "request")
+        arguments = decode_render_request(request)
+        model = self._model(arguments.conversation.model, labels)
+        check_request(arguments.conversation, len(body), self._limits)
+        rendered = render_tokens(model, arguments, self._limits, stop_if_cancelled)
+        TOKENS.labels(labels.model).inc(len(rendered.token_ids))
+        return encode_tokens_response(rendered)
+
+    def _bridge_to_next_turn(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
+        arguments = decode_bridge_request(body)
+        model = self._model(arguments.conversation.model, labels)
+        check_request(arguments.conversation, len(body), self._limits)
+        bridged = bridge_to_next_turn(model, arguments, self._limits, stop_if_cancelled)
+        return encode_tokens_response(bridged)
+
+    def _parse_response(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
+        arguments = decode_parse_request(_parse(pb.ParseResponseRequest, body, "request"))
+        model = self._model(arguments.model, labels)
+        parsed = parse_response(model, arguments, self._limits, stop_if_cancelled)
+        return encode_parsed_response(parsed).SerializeToString()
+
+    def _describe_renderer(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
+        request = _parse(pb.DescribeRendererRequest, body, "request")
+        model = self._model(request.model, labels)
+        info = describe_renderer(model, decode_chat_template_kwargs(request))
+        return encode_renderer_info(info).SerializeToString()
+
+    def _model(self, model_id: str, labels: _Labels) -> LoadedModel:
+        if not model_id:
+            raise invalid("model", "missing")
+        model = self._registry.get(model_id)
+        labels.model = model.info.id
+        return model
 
     # -- the render process's answers (handoff.py) ----------------------------------
 
     def answer(self, request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
         """The answer to a call the gRPC process handed over: response bytes or a status."""
-        if request.kind == Kind.SAMPLE:
-            try:
+
+        def stop_if_cancelled() -> None:
+            if is_cancelled():
+                raise cancellation(request.deadline)
+
+        if request.kind == Kind.BATCH:
+            yield from self._answer_batch(request, stop_if_cancelled)
+            return
+        try:
+            if request.kind == Kind.SAMPLE:
                 message = _parse(pb.RenderTrainingSampleRequest, request.body, "request")
                 sample = self.render(
-                    message, method="RenderTrainingSample", received=request.received, is_cancelled=is_cancelled
+                    message,
+                    method="RenderTrainingSample",
+                    received=request.received,
+                    stop_if_cancelled=stop_if_cancelled,
                 )
                 answer = Answer(grpc.StatusCode.OK, encode_response(sample))
-            except RenderError as error:
-                answer = Answer.of_error(error)
-            yield answer
-        else:
-            yield from self._answer_batch(request, is_cancelled)
+            else:
+                body = self.call(
+                    request.kind, request.body, received=request.received, stop_if_cancelled=stop_if_cancelled
+                )
+                answer = Answer(grpc.StatusCode.OK, body)
+        except RenderError as error:
+            answer = Answer.of_error(error)
+        yield answer
 
-    def _answer_batch(self, request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+    def _answer_batch(self, request: Request, stop_if_cancelled: Callable[[], None]) -> Iterator[Answer]:
         """A batch's results, in parts of at most about _RESPONSE_FLUSH_BYTES."""
         index = request.first_index
         try:
@@ -103,13 +187,18 @@ class RenderService:
             return
         response = WireMessage()  # a RenderTrainingSamplesResponse
         for item in batch.requests:
-            if is_cancelled():
-                yield Answer.of_error(CallCancelledError("the stream was cancelled"), index)
+            try:
+                stop_if_cancelled()
+            except RenderError as error:  # the stream ends
+                yield Answer.of_error(error, index)
                 return
             outcome: WireMessage | RenderError
             try:
                 outcome = self.render(
-                    item, method="RenderTrainingSamples", received=request.received, is_cancelled=is_cancelled
+                    item,
+                    method="RenderTrainingSamples",
+                    received=request.received,
+                    stop_if_cancelled=stop_if_cancelled,
                 )
             except RenderError as error:
                 outcome = error
@@ -122,6 +211,27 @@ class RenderService:
         yield Answer(grpc.StatusCode.OK, response.join() if response.pieces else b"", next_index=index)
 
 
+class _Labels:
+    """A call's metric labels, filled in as they become known."""
+
+    model: str = UNKNOWN_MODEL
+
+
+def _measured(method: str, received: float | None, work: Callable[[_Labels], T]) -> T:
+    """`work`'s result, counted and timed under `method`; what it raises becomes the RenderError to answer."""
+    started = time.monotonic() if received is None else received
+    labels, code = _Labels(), grpc.StatusCode.OK
+    try:
+        return work(labels)
+    except Exception as exc:
+        error = as_render_error(exc)
+        code = error.code
+        raise error from None
+    finally:
+        REQUESTS.labels(method, labels.model, code.name).inc()
+        LATENCY.labels(method, labels.model).observe(time.monotonic() - started)
+
+
 def _parse(message_class: Any, data: bytes, field: str) -> Any:
     try:
         return message_class.FromString(data)
@@ -129,6 +239,13 @@ def _parse(message_class: Any, data: bytes, field: str) -> Any:
         raise InvalidArgumentError(
             f"{field}: not a valid {message_class.DESCRIPTOR.full_name} protobuf message"
         ) from None
+
+
+def cancellation(deadline: float) -> RenderError:
+    """Why a call is not rendered: its deadline passed (DEADLINE_EXCEEDED), or its caller left (CANCELLED)."""
+    if time.monotonic() >= deadline:
+        return DeadlineExceededError("the call's deadline passed before it was rendered")
+    return CallCancelledError("the caller cancelled the call before it was rendered")
 
 
 def as_render_error(exc: Exception) -> RenderError:

@@ -18,7 +18,7 @@ from render_client._pb import render_pb2 as pb
 from render_client.convert import encode_models
 from render_client.errors import ERROR_TYPE_KEY, RenderError
 
-from .handoff import Call, Kind, RenderProcess, deadline_in
+from .handoff import Call, Kind, RenderProcesses, deadline_in
 from .metrics import IN_FLIGHT
 from .registry import ModelRegistry
 
@@ -26,21 +26,26 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RenderService"].full_name
 
 
 class RenderServicer:
-    def __init__(self, registry: ModelRegistry, renders: RenderProcess) -> None:
+    def __init__(self, registry: ModelRegistry, renders: RenderProcesses) -> None:
         self._registry = registry
         self._renders = renders
         # Looked up once: labels() takes a lock and a dict lookup on every call otherwise.
-        self._in_flight_sample = IN_FLIGHT.labels("RenderTrainingSample")
         self._in_flight_samples = IN_FLIGHT.labels("RenderTrainingSamples")
 
-    def RenderTrainingSample(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        with self._in_flight_sample.track_inprogress():
-            call = self._renders.start(Kind.SAMPLE, request, deadline=deadline_in(context.time_remaining()))
-            _cancel_when_gone(context, call.cancel)
-            answer = call.answers.get()
-            if answer.code is not grpc.StatusCode.OK:
-                abort(context, answer.error())
-            return answer.body
+    def _unary(self, kind: Kind, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        """The handler of a unary method whose request the render process answers."""
+        in_flight = IN_FLIGHT.labels(method)
+
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            with in_flight.track_inprogress():
+                call = self._renders.start(kind, request, deadline=deadline_in(context.time_remaining()))
+                _cancel_when_gone(context, call.cancel)
+                answer = call.answers.get()
+                if answer.code is not grpc.StatusCode.OK:
+                    abort(context, answer.error())
+                return answer.body
+
+        return handle
 
     def RenderTrainingSamples(self, batches: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         with self._in_flight_samples.track_inprogress():
@@ -73,12 +78,21 @@ class RenderServicer:
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The service's method handlers.
 
-        The render methods take and answer raw bytes: the render process parses
-        and serialises them (a request that does not parse is its
-        INVALID_ARGUMENT, where gRPC would answer INTERNAL).
+        The render methods (all but ListModels) take and answer raw bytes: the
+        render process parses and serialises them (a request that does not
+        parse is its INVALID_ARGUMENT, where gRPC would answer INTERNAL).
         """
+        unary = {
+            "RenderTrainingSample": Kind.SAMPLE,
+            "Render": Kind.RENDER,
+            "ParseResponse": Kind.PARSE,
+            "BridgeToNextTurn": Kind.BRIDGE,
+            "DescribeRenderer": Kind.DESCRIBE,
+        }
         return {
-            "RenderTrainingSample": grpc.unary_unary_rpc_method_handler(self.RenderTrainingSample),
+            **{
+                method: grpc.unary_unary_rpc_method_handler(self._unary(kind, method)) for method, kind in unary.items()
+            },
             "RenderTrainingSamples": grpc.stream_stream_rpc_method_handler(self.RenderTrainingSamples),
             "ListModels": grpc.unary_unary_rpc_method_handler(
                 self.ListModels,

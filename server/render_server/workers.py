@@ -3,9 +3,10 @@
 One Python process renders on one core, so the supervisor forks N workers,
 each a complete gRPC server (service, health, reflection) bound to the same
 port with SO_REUSEPORT; the kernel spreads incoming connections across them.
-This is gRPC Python's own multiprocessing pattern. Each worker is two
-processes: its gRPC process moves bytes, and a render process it forks first
-renders (handoff.py says why). One more child serves the HTTP port
+This is gRPC Python's own multiprocessing pattern. Each worker is a gRPC
+process, which moves bytes, and the render processes it forks first, which
+render (handoff.py says why; two by default, so that one long render does not
+hold up the calls behind it). One more child serves the HTTP port
 (http_app.py). The supervisor loads the models before forking, so children
 start (and restart) without loading anything and share the loaded pages
 copy-on-write. It never touches gRPC itself: gRPC must not be initialised
@@ -36,7 +37,7 @@ from dataclasses import dataclass, replace
 
 from . import metrics
 from .auth import TokenCheck
-from .handoff import RenderProcess, serve_renders
+from .handoff import RenderProcess, RenderProcesses, serve_renders
 from .http_app import HttpApp, serve_http
 from .registry import ModelRegistry
 from .server import ServerOptions, start_server
@@ -143,6 +144,7 @@ class Supervisor:
             self.status,
             TokenCheck(self._options.tokens),
             self._options.limits.max_request_bytes,
+            self._options.limits.max_concurrent_rpcs,
         )
         os.write(ready_fd, b"1")  # the socket already listens
         os.close(ready_fd)
@@ -211,22 +213,28 @@ class Supervisor:
 
 
 def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float, ready_fd: int) -> int:
-    """A worker: its render process, forked first (gRPC must not start before a fork), then its gRPC server."""
-    grpc_end, render_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    """A worker: its render processes, forked first (gRPC must not start before a fork), then its gRPC server."""
     worker = os.getpid()
-    pid = os.fork()
-    if pid == 0:  # the render process
-        code = 1
-        try:
-            grpc_end.close()
-            os.close(ready_fd)  # the supervisor's "started" pipe is the gRPC process's to write
-            _serve_render_process(RenderService(registry, options.limits), render_end, worker)
-            code = 0
-        except BaseException:
-            log.exception("the render process failed")
-        finally:
-            os._exit(code)
-    render_end.close()
+    pids: list[int] = []
+    grpc_ends: list[socket.socket] = []
+    for _ in range(options.render_processes):
+        grpc_end, render_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:  # a render process
+            code = 1
+            try:
+                for sock in (*grpc_ends, grpc_end):  # the others' ends too: each sees its own EOF
+                    sock.close()
+                os.close(ready_fd)  # the supervisor's "started" pipe is the gRPC process's to write
+                _serve_render_process(RenderService(registry, options.limits), render_end, worker)
+                code = 0
+            except BaseException:
+                log.exception("the render process failed")
+            finally:
+                os._exit(code)
+        render_end.close()
+        pids.append(pid)
+        grpc_ends.append(grpc_end)
     stop, lost = threading.Event(), threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -235,7 +243,7 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
         lost.set()
         stop.set()
 
-    renders = RenderProcess(grpc_end, on_lost=on_lost)
+    renders = RenderProcesses([RenderProcess(sock, on_lost=on_lost) for sock in grpc_ends])
     running = start_server(registry, renders, replace(options, reuse_port=True))
     os.write(ready_fd, b"1")
     os.close(ready_fd)
@@ -245,11 +253,14 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
     running.set_serving(False)
     # Without a render process, calls end at once (UNAVAILABLE); only idle streams would wait.
     running.server.stop(_LOST_GRACE if lost.is_set() else grace).wait()
-    renders.close()  # the render process reads end-of-file and exits once its render is done...
-    status = _wait_or_kill(pid, _RENDER_EXIT_TIMEOUT)  # ...which nobody is left to take
+    renders.close()  # each render process reads end-of-file and exits once its render is done...
+    exit_by = time.monotonic() + _RENDER_EXIT_TIMEOUT
+    statuses = {pid: _wait_or_kill(pid, exit_by) for pid in pids}  # ...which nobody is left to take
     if lost.is_set():
-        # The supervisor starts the worker again, render process and all.
-        log.error("worker %d: its render process (pid %d) died: %s", worker, pid, _describe(status))
+        # The supervisor starts the worker again, render processes and all.
+        for pid, status in statuses.items():
+            if status != 0:
+                log.error("worker %d: its render process (pid %d) died: %s", worker, pid, _describe(status))
         return 1
     return 0
 
@@ -263,9 +274,8 @@ def _serve_render_process(service: RenderService, sock: socket.socket, worker: i
     serve_renders(sock, service.answer, as_render_error)
 
 
-def _wait_or_kill(pid: int, timeout: float) -> int:
-    """`pid`'s wait status once it exits; SIGKILLed if it has not within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+def _wait_or_kill(pid: int, deadline: float) -> int:
+    """`pid`'s wait status once it exits; SIGKILLed if it has not by `deadline` (time.monotonic())."""
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:

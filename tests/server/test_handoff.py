@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from render_client.errors import InvalidArgumentError, RenderError, UnavailableError
-from render_server.handoff import Answer, Kind, RenderProcess, Request, serve_renders
+from render_server.handoff import SLOW_RENDER, Answer, Kind, RenderProcess, RenderProcesses, Request, serve_renders
 
 SAMPLE, BATCH = Kind.SAMPLE, Kind.BATCH
 
@@ -235,3 +235,50 @@ def test_a_caller_leaving_mid_batch_stops_its_parts() -> None:
     finally:
         pair.close()
     assert len(built) == 2, "parts were built after the caller left"
+
+
+def test_calls_go_to_the_render_process_not_held_by_a_long_render() -> None:
+    long_started, release = threading.Event(), threading.Event()
+    served_by: dict[bytes, str] = {}
+
+    def answerer(name: str) -> Answerer:
+        def answer(request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+            served_by[request.body] = name
+            if request.body == b"long":
+                long_started.set()
+                release.wait(10)
+            elif request.body.startswith(b"short"):
+                time.sleep(0.05)
+            yield Answer(grpc.StatusCode.OK, request.body)
+
+        return answer
+
+    first, second = Pair(answerer("first")), Pair(answerer("second"))
+    renders = RenderProcesses([first.process, second.process])
+    try:
+        # Idle: ties go to the first, which a lightly loaded worker uses alone.
+        assert renders.start(SAMPLE, b"alone", deadline=math.inf).answers.get(timeout=10).body == b"alone"
+        long = renders.start(SAMPLE, b"long", deadline=math.inf)
+        assert long_started.wait(10)
+        # Fewest calls waiting or rendering: the second, while the first renders the long call.
+        assert renders.start(SAMPLE, b"small", deadline=math.inf).answers.get(timeout=10).body == b"small"
+        # The second is busy with a queue of short renders (1 s of them); the first has one call,
+        # but its render has run past SLOW_RENDER: the second takes the next call all the same.
+        shorts = [second.process.start(SAMPLE, b"short %d" % n, deadline=math.inf) for n in range(20)]
+        time.sleep(SLOW_RENDER + 0.1)
+        late = renders.start(SAMPLE, b"late", deadline=math.inf)
+        assert late.answers.get(timeout=10).body == b"late"
+        assert not long.answers.qsize(), "the long render ended early: the test proved nothing"
+        release.set()
+        assert long.answers.get(timeout=10).body == b"long"
+        assert all(call.answers.get(timeout=10).code is grpc.StatusCode.OK for call in shorts)
+    finally:
+        release.set()
+        first.close()
+        second.close()
+    assert (served_by[b"alone"], served_by[b"long"], served_by[b"small"], served_by[b"late"]) == (
+        "first",
+        "first",
+        "second",
+        "second",
+    )

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 import renderers
+from google.protobuf import json_format
 
 from render_client import RenderClient, build_training_sample
 from tests.reference import reference_renderer
-from tests.support import ServerProcess, corpus
+from tests.support import ServerProcess, corpus, running_server, slow_request
 
 
 def get(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
@@ -105,3 +108,73 @@ def test_json_errors_carry_the_grpc_code(server: ServerProcess) -> None:
     assert status == 400 and "colour" in json.loads(answer)["message"]
     status, answer, _ = get(url, data=b'{"model": "qwen3-template", "messages": [{"role": "user", "text": "x"}]}')
     assert status == 400 and json.loads(answer)["error_type"] == "ValueError"
+
+
+def test_json_renders_are_bounded_like_grpc_calls() -> None:
+    url_path = "/v1/render_training_sample"
+    slow = json_format.MessageToJson(slow_request()).encode()
+    small = b'{"model": "qwen3", "messages": [{"role": "user", "text": "hi"}]}'
+    with running_server("--workers", "1", "--max-concurrent-rpcs", "2") as server:
+        url = f"{server.http}{url_path}"
+        answers: dict[str, tuple[int, bytes, str]] = {}
+        threads = [threading.Thread(target=lambda: answers.update(slow=get(url, data=slow)))]
+        threads[0].start()
+        time.sleep(1.0)  # the 4096x4096 image renders for seconds: one place taken
+        threads.append(threading.Thread(target=lambda: answers.update(queued=get(url, data=small))))
+        threads[1].start()
+        time.sleep(0.5)  # the second waits for the render thread: both places taken
+        status, body, _ = get(url, data=small)
+        assert status == 429, body
+        assert json.loads(body) == {
+            "code": "RESOURCE_EXHAUSTED",
+            "message": "the HTTP port is rendering its limit of 2 requests at once (--max-concurrent-rpcs); "
+            "retry later",
+        }
+        assert "slow" not in answers, "the slow render ended early: the test proved nothing"
+        for thread in threads:
+            thread.join(timeout=120)
+        assert answers["slow"][0] == 200 and answers["queued"][0] == 200
+        assert get(url, data=small)[0] == 200  # places free again
+
+
+def test_the_renderer_protocol_has_json_routes(server: ServerProcess) -> None:
+    local = reference_renderer("qwen3")
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    wire_messages = [{"role": "user", "text": "What is 2 + 2?"}, {"role": "assistant", "text": "4"}]
+
+    def post(route: str, body: dict[str, Any]) -> dict[str, Any]:
+        status, answer, content_type = get(f"{server.http}/v1/{route}", data=json.dumps(body).encode())
+        assert (status, content_type) == (200, "application/json"), answer
+        return json.loads(answer)
+
+    rendered = post("render", {"model": "qwen3", "messages": wire_messages[:1], "add_generation_prompt": True})
+    expected = local.render(messages[:1], add_generation_prompt=True)
+    assert rendered["tokens"]["token_ids"] == expected.token_ids
+    assert rendered["tokens"]["message_indices"] == expected.message_indices  # -1s included
+    assert rendered["tokens"]["sampled_mask"] == expected.sampled_mask
+    assert rendered["tokens"]["message_roles"] == expected.message_roles
+
+    full = local.render_ids(messages)
+    completion = full[len(expected.token_ids) :]
+    parsed = post("parse_response", {"model": "qwen3", "token_ids": completion})["parsed"]
+    assert parsed["content"] == local.parse_response(completion).content == "4"
+
+    info = post("describe_renderer", {"model": "qwen3"})
+    assert info["stop_token_ids"] == local.get_stop_token_ids()
+
+    follow_up = [{"role": "user", "text": "And 3 + 3?"}]
+    bridged = post(
+        "bridge_to_next_turn",
+        {
+            "model": "qwen3",
+            "previous_prompt_ids": expected.token_ids,
+            "previous_completion_ids": completion,
+            "new_messages": follow_up,
+        },
+    )
+    in_process = local.bridge_to_next_turn(expected.token_ids, completion, [{"role": "user", "content": "And 3 + 3?"}])
+    assert in_process is not None
+    assert (bridged.get("tokens") or {}).get("token_ids") == (None if in_process is None else in_process.token_ids)
+
+    status, answer, _ = get(f"{server.http}/v1/render", data=b'{"model": "qwen3", "messages": [{"role": "wizard"}]}')
+    assert status == 400 and json.loads(answer)["message"].startswith("messages[0].role: ")

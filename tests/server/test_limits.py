@@ -81,6 +81,12 @@ CASES = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "messages: the sample has ",
     ),
+    "text": (
+        # 400 tokens x 16 bytes: refused unread, before the tokenizer would find ~900 tokens.
+        request("qwen3", pb.Message(role="user", text="x" * 7000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "messages: 70",
+    ),
     "request size": (
         request("qwen3", pb.Message(role="user", text="x" * (2 * 1024 * 1024))),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -99,6 +105,7 @@ def test_each_limit_is_enforced_and_named(stub: RenderServiceStub, case: str) ->
     limit_flag = {
         "image bytes": "(--max-image-mb)",
         "tokens": "over the limit of 400 (--max-tokens)",
+        "text": "bytes of text exceed the limit of 6400 bytes (--max-tokens 400 x --max-text-bytes-per-token 16)",
         "request size": "1048576",
     }.get(case)
     if limit_flag:

@@ -1,10 +1,12 @@
-"""How a renderer's own exceptions become statuses."""
+"""How a renderer's own exceptions become statuses: one line, naming the field."""
 
 from __future__ import annotations
 
 import grpc
 import jinja2
+import pydantic
 import pytest
+import renderers
 
 from render_server.rendering import renderer_error
 
@@ -15,23 +17,38 @@ from render_server.rendering import renderer_error
         (
             ValueError("Unexpected message role: wizard"),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "Unexpected message role: wizard",
+            "messages: Unexpected message role: wizard",
         ),
         (
             NotImplementedError("Video parts are not yet supported"),
             grpc.StatusCode.UNIMPLEMENTED,
-            "Video parts are not yet supported",
+            "messages: Video parts are not yet supported",
         ),
-        (KeyError("content"), grpc.StatusCode.INVALID_ARGUMENT, "KeyError: 'content'"),
+        (KeyError("content"), grpc.StatusCode.INVALID_ARGUMENT, "messages: KeyError: 'content'"),
         (
             jinja2.exceptions.UndefinedError("'list object' has no attribute 'startswith'"),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "UndefinedError: 'list object' has no attribute 'startswith'",
+            "messages: UndefinedError: 'list object' has no attribute 'startswith'",
         ),
-        (TypeError(), grpc.StatusCode.INVALID_ARGUMENT, "TypeError"),
-        (MemoryError(), grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory rendering this sample"),
+        (TypeError(), grpc.StatusCode.INVALID_ARGUMENT, "messages: TypeError"),
+        (
+            ValueError("Tool call parse failed:\n  line 1\n\n  line 2  "),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "messages: Tool call parse failed: line 1 line 2",
+        ),
+        (MemoryError(), grpc.StatusCode.RESOURCE_EXHAUSTED, "messages: out of memory rendering this sample"),
     ],
 )
 def test_renderer_exceptions_map_to_statuses(exc: Exception, code: grpc.StatusCode, details: str) -> None:
-    error = renderer_error(exc)
+    error = renderer_error(exc, "messages")
     assert error.code == code and error.details == details and error.error_type == type(exc).__name__
+
+
+def test_a_renderer_config_refusing_chat_template_kwargs_names_each_key() -> None:
+    # What renderers raises for chat_template_kwargs {"enable_thinking": [1]}: pydantic's multi-line error.
+    with pytest.raises(pydantic.ValidationError) as caught:
+        renderers.merge_chat_template_kwargs(renderers.config_from_name("qwen3"), {"enable_thinking": [1]})
+    assert "\n" in str(caught.value)
+    error = renderer_error(caught.value, "chat_template_kwargs")
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.error_type == "ValidationError"
+    assert error.details == "chat_template_kwargs.enable_thinking: Input should be a valid boolean (got [1])"

@@ -107,12 +107,21 @@ CASES = {
     "video": (
         request("qwen3-vl", user_with_image(b"\x00\x00\x00\x18ftypmp42", kind="video")),
         grpc.StatusCode.UNIMPLEMENTED,
-        "Video parts are not yet supported by Qwen3VLRenderer.",
+        "messages: Video parts are not yet supported by Qwen3VLRenderer.",
     ),
     "renderer rejects": (
         request("qwen3-template", pb.Message(role="user", parts=pb.ContentParts(parts=[pb.ContentPart(text="x")]))),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "UndefinedError: 'list object' has no attribute 'startswith'",
+        "messages: UndefinedError: 'list object' has no attribute 'startswith'",
+    ),
+    "chat_template_kwargs a renderer refuses": (
+        pb.RenderTrainingSampleRequest(
+            model="qwen3",
+            messages=[pb.Message(role="user", text="hi")],
+            chat_template_kwargs_json='{"enable_thinking": [1]}',
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chat_template_kwargs.enable_thinking: Input should be a valid boolean (got [1])",
     ),
 }
 

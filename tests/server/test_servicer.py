@@ -8,6 +8,7 @@ import grpc
 
 from render_client._pb import render_pb2 as pb
 from render_client._pb.render_pb2_grpc import RenderServiceStub
+from render_server.limits import Limits
 from tests.server.test_http import get, metric
 from tests.support import ServerProcess, slow_request
 
@@ -18,39 +19,46 @@ def text_request() -> pb.RenderTrainingSampleRequest:
     )
 
 
-def cancelled_renders(server: ServerProcess) -> float:
+def skipped_renders(server: ServerProcess) -> tuple[float, float]:
+    """How many qwen3 calls the render processes skipped: (caller left, deadline passed)."""
     text = get(f"{server.http}/metrics")[1].decode()
-    return metric(text, "render_requests_total", method="RenderTrainingSample", model="qwen3", code="CANCELLED")
+    return tuple(
+        metric(text, "render_requests_total", method="RenderTrainingSample", model="qwen3", code=code)
+        for code in ("CANCELLED", "DEADLINE_EXCEEDED")
+    )
 
 
 def test_calls_whose_caller_left_while_queued_are_not_rendered(server: ServerProcess) -> None:
-    before = cancelled_renders(server)
-    # One channel is one connection, so one worker: the later calls queue behind the slow render.
+    before = skipped_renders(server)
+    # One channel is one connection, so one worker; two slow renders hold both its render
+    # processes, so the later calls queue behind them.
     with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1)]) as channel:
         stub = RenderServiceStub(channel)
-        slow = stub.RenderTrainingSample.future(slow_request(), timeout=120)
+        slow = [stub.RenderTrainingSample.future(slow_request(), timeout=120) for _ in range(2)]
         time.sleep(0.5)
         in_flight_text = stub.RenderTrainingSample.future(text_request(), timeout=120)
         expiring = stub.RenderTrainingSample.future(text_request(), timeout=1.0)
         abandoned = stub.RenderTrainingSample.future(text_request(), timeout=120)
-        in_flight = wait_for_in_flight(server, 4)
+        in_flight = wait_for_in_flight(server, 5)
         abandoned.cancel()
         assert expiring.exception(timeout=10).code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert slow.done() is False, "the slow render ended early: the test proved nothing"
-        assert slow.result().sample.multi_modal_data.mm_items
+        assert not any(call.done() for call in slow), "a slow render ended early: the test proved nothing"
+        assert all(call.result().sample.multi_modal_data.mm_items for call in slow)
         assert list(in_flight_text.result().sample.token_ids)
     assert abandoned.cancelled()
-    assert in_flight == 4, "queued calls count as in flight"
-    # Both left before their turn came: the render process skipped them.
+    assert in_flight == 5, "queued calls count as in flight"
+    # Both left before their turn came: the render processes skipped them, each with its own status.
+    expected = (before[0] + 1, before[1] + 1)
     deadline = time.monotonic() + 10
-    while cancelled_renders(server) - before < 2 and time.monotonic() < deadline:
+    while skipped_renders(server) != expected and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert cancelled_renders(server) - before == 2
+    assert skipped_renders(server) == expected
 
 
 def test_a_stream_cancelled_mid_batch_stops_rendering(server: ServerProcess) -> None:
     text = get(f"{server.http}/metrics")[1].decode()
     before = metric(text, "render_requests_total", method="RenderTrainingSamples", model="qwen3")
+    slow_before = metric(text, "render_requests_total", method="RenderTrainingSamples", model="qwen3-vl")
     batch = pb.RenderTrainingSamplesRequest(requests=[slow_request(), *[text_request()] * 50])
     with grpc.insecure_channel(server.target) as channel:
         stub = RenderServiceStub(channel)
@@ -64,12 +72,53 @@ def test_a_stream_cancelled_mid_batch_stops_rendering(server: ServerProcess) -> 
                 results.extend(response.results)
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.CANCELLED
-        # Same connection, same worker: the render process takes this call after the batch.
-        assert list(stub.RenderTrainingSample(text_request(), timeout=120).sample.token_ids)
     assert results == []
+    # The render process finishes the slow item it had started, then checks before each next one:
+    # had it gone on, items of a few ms each would be counted within the second after.
+    wait_for_count(server, "RenderTrainingSamples", "qwen3-vl", slow_before + 1)
+    time.sleep(1.0)
     text = get(f"{server.http}/metrics")[1].decode()
     rendered = metric(text, "render_requests_total", method="RenderTrainingSamples", model="qwen3") - before
     assert rendered == 0, f"{rendered} items rendered after the stream was cancelled"
+
+
+def wait_for_count(server: ServerProcess, method: str, model: str, count: float) -> None:
+    """Wait (up to 60 s) until render_requests_total for `method` and `model` reaches `count`."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = get(f"{server.http}/metrics")[1].decode()
+        if metric(text, "render_requests_total", method=method, model=model) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{method} {model} never reached {count} renders")
+
+
+def test_small_calls_do_not_wait_behind_a_maximal_legal_request(server: ServerProcess) -> None:
+    limits = Limits()
+    # The most text the limits let through, made of long space runs so that it also stays under
+    # --max-tokens (about 2 tokens per 64 bytes): a render of seconds that is answered.
+    unit = "x" + " " * 63
+    text = unit * ((limits.max_tokens * limits.max_text_bytes_per_token - 1024) // len(unit))
+    largest = pb.RenderTrainingSampleRequest(
+        model="qwen3", messages=[pb.Message(role="user", text=text), pb.Message(role="assistant", text="ok")]
+    )
+    with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+        stub = RenderServiceStub(channel)  # one connection: the worker rendering the large request
+        started = time.monotonic()
+        large = stub.RenderTrainingSample.future(largest, timeout=120)
+        time.sleep(0.3)  # it is rendering
+        latencies = []
+        for _ in range(10):
+            sent = time.monotonic()
+            assert list(stub.RenderTrainingSample(text_request(), timeout=60).sample.token_ids)
+            latencies.append(time.monotonic() - sent)
+        answered_first = large.done()
+        tokens = len(large.result().sample.token_ids)
+        took = time.monotonic() - started
+    assert tokens <= limits.max_tokens
+    # With one render process per worker, the first small call would wait for the whole large render.
+    assert max(latencies) < took / 4, f"small calls took up to {max(latencies):.2f}s beside a {took:.2f}s render"
+    assert not answered_first, "the large request was answered before the small calls: the test proved nothing"
 
 
 def wait_for_in_flight(server: ServerProcess, count: int, method: str = "RenderTrainingSample") -> float:

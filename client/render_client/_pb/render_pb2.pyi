@@ -242,17 +242,181 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., renderers_version: _Optional[str] = ..., transformers_version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "renderer", "accepts_images", "tokenizer_fingerprint", "roles", "renderer_config_json")
+    __slots__ = ("id", "renderer", "accepts_images", "tokenizer_fingerprint", "roles", "renderer_config_json", "renderer_info")
     ID_FIELD_NUMBER: _ClassVar[int]
     RENDERER_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     RENDERER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    RENDERER_INFO_FIELD_NUMBER: _ClassVar[int]
     id: str
     renderer: str
     accepts_images: bool
     tokenizer_fingerprint: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     renderer_config_json: str
-    def __init__(self, id: _Optional[str] = ..., renderer: _Optional[str] = ..., accepts_images: _Optional[bool] = ..., tokenizer_fingerprint: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., renderer_config_json: _Optional[str] = ...) -> None: ...
+    renderer_info: RendererInfo
+    def __init__(self, id: _Optional[str] = ..., renderer: _Optional[str] = ..., accepts_images: _Optional[bool] = ..., tokenizer_fingerprint: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., renderer_config_json: _Optional[str] = ..., renderer_info: _Optional[_Union[RendererInfo, _Mapping]] = ...) -> None: ...
+
+class RendererInfo(_message.Message):
+    __slots__ = ("stop_token_ids", "is_prefix_stable", "multimodal", "mm_token_type_id_map")
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    IS_PREFIX_STABLE_FIELD_NUMBER: _ClassVar[int]
+    MULTIMODAL_FIELD_NUMBER: _ClassVar[int]
+    MM_TOKEN_TYPE_ID_MAP_FIELD_NUMBER: _ClassVar[int]
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    is_prefix_stable: bool
+    multimodal: bool
+    mm_token_type_id_map: _containers.RepeatedCompositeFieldContainer[TokenTypeEntry]
+    def __init__(self, stop_token_ids: _Optional[_Iterable[int]] = ..., is_prefix_stable: _Optional[bool] = ..., multimodal: _Optional[bool] = ..., mm_token_type_id_map: _Optional[_Iterable[_Union[TokenTypeEntry, _Mapping]]] = ...) -> None: ...
+
+class TokenTypeEntry(_message.Message):
+    __slots__ = ("token_id", "type_id")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_ID_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    type_id: int
+    def __init__(self, token_id: _Optional[int] = ..., type_id: _Optional[int] = ...) -> None: ...
+
+class DescribeRendererRequest(_message.Message):
+    __slots__ = ("model", "chat_template_kwargs_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    chat_template_kwargs_json: str
+    def __init__(self, model: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
+
+class RenderRequest(_message.Message):
+    __slots__ = ("model", "messages", "tools_json", "add_generation_prompt", "chat_template_kwargs_json", "ids_only")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    IDS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    tools_json: str
+    add_generation_prompt: bool
+    chat_template_kwargs_json: str
+    ids_only: bool
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ..., ids_only: _Optional[bool] = ...) -> None: ...
+
+class RenderResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: RenderedTokens
+    def __init__(self, tokens: _Optional[_Union[RenderedTokens, _Mapping]] = ...) -> None: ...
+
+class RenderedTokens(_message.Message):
+    __slots__ = ("token_ids", "message_indices", "sampled_mask", "is_content", "message_roles", "message_tool_names", "multi_modal_data")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_INDICES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_MASK_FIELD_NUMBER: _ClassVar[int]
+    IS_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ROLES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_TOOL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    MULTI_MODAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    message_indices: _containers.RepeatedScalarFieldContainer[int]
+    sampled_mask: _containers.RepeatedScalarFieldContainer[bool]
+    is_content: _containers.RepeatedScalarFieldContainer[bool]
+    message_roles: _containers.RepeatedScalarFieldContainer[str]
+    message_tool_names: _containers.RepeatedCompositeFieldContainer[ToolName]
+    multi_modal_data: MultiModalData
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., message_indices: _Optional[_Iterable[int]] = ..., sampled_mask: _Optional[_Iterable[bool]] = ..., is_content: _Optional[_Iterable[bool]] = ..., message_roles: _Optional[_Iterable[str]] = ..., message_tool_names: _Optional[_Iterable[_Union[ToolName, _Mapping]]] = ..., multi_modal_data: _Optional[_Union[MultiModalData, _Mapping]] = ...) -> None: ...
+
+class ToolName(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ParseResponseRequest(_message.Message):
+    __slots__ = ("model", "token_ids", "tools_json", "prompt_ids", "chat_template_kwargs_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    tools_json: str
+    prompt_ids: TokenIds
+    chat_template_kwargs_json: str
+    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tools_json: _Optional[str] = ..., prompt_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ParseResponseResponse(_message.Message):
+    __slots__ = ("parsed",)
+    PARSED_FIELD_NUMBER: _ClassVar[int]
+    parsed: ParsedResponse
+    def __init__(self, parsed: _Optional[_Union[ParsedResponse, _Mapping]] = ...) -> None: ...
+
+class ParsedResponse(_message.Message):
+    __slots__ = ("content", "reasoning_content", "tool_calls", "reasoning_complete")
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    REASONING_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    REASONING_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    content: str
+    reasoning_content: str
+    tool_calls: _containers.RepeatedCompositeFieldContainer[ParsedToolCall]
+    reasoning_complete: bool
+    def __init__(self, content: _Optional[str] = ..., reasoning_content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ParsedToolCall, _Mapping]]] = ..., reasoning_complete: _Optional[bool] = ...) -> None: ...
+
+class ParsedToolCall(_message.Message):
+    __slots__ = ("raw", "name", "arguments_json", "arguments_text", "token_span", "status", "id")
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SPAN_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    raw: str
+    name: str
+    arguments_json: str
+    arguments_text: str
+    token_span: TokenSpan
+    status: str
+    id: str
+    def __init__(self, raw: _Optional[str] = ..., name: _Optional[str] = ..., arguments_json: _Optional[str] = ..., arguments_text: _Optional[str] = ..., token_span: _Optional[_Union[TokenSpan, _Mapping]] = ..., status: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+
+class TokenSpan(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class BridgeToNextTurnRequest(_message.Message):
+    __slots__ = ("model", "previous_prompt_ids", "previous_completion_ids", "new_messages", "tools_json", "previous_multi_modal_data", "chat_template_kwargs_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_COMPLETION_IDS_FIELD_NUMBER: _ClassVar[int]
+    NEW_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_MULTI_MODAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    previous_prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    previous_completion_ids: _containers.RepeatedScalarFieldContainer[int]
+    new_messages: _containers.RepeatedCompositeFieldContainer[Message]
+    tools_json: str
+    previous_multi_modal_data: MultiModalData
+    chat_template_kwargs_json: str
+    def __init__(self, model: _Optional[str] = ..., previous_prompt_ids: _Optional[_Iterable[int]] = ..., previous_completion_ids: _Optional[_Iterable[int]] = ..., new_messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., previous_multi_modal_data: _Optional[_Union[MultiModalData, _Mapping]] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
+
+class BridgeToNextTurnResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: RenderedTokens
+    def __init__(self, tokens: _Optional[_Union[RenderedTokens, _Mapping]] = ...) -> None: ...

@@ -51,6 +51,26 @@ class RenderServiceStub:
                 request_serializer=render_dot_v1_dot_render__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=render_dot_v1_dot_render__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Render = channel.unary_unary(
+                '/render.v1.RenderService/Render',
+                request_serializer=render_dot_v1_dot_render__pb2.RenderRequest.SerializeToString,
+                response_deserializer=render_dot_v1_dot_render__pb2.RenderResponse.FromString,
+                _registered_method=True)
+        self.ParseResponse = channel.unary_unary(
+                '/render.v1.RenderService/ParseResponse',
+                request_serializer=render_dot_v1_dot_render__pb2.ParseResponseRequest.SerializeToString,
+                response_deserializer=render_dot_v1_dot_render__pb2.ParseResponseResponse.FromString,
+                _registered_method=True)
+        self.BridgeToNextTurn = channel.unary_unary(
+                '/render.v1.RenderService/BridgeToNextTurn',
+                request_serializer=render_dot_v1_dot_render__pb2.BridgeToNextTurnRequest.SerializeToString,
+                response_deserializer=render_dot_v1_dot_render__pb2.BridgeToNextTurnResponse.FromString,
+                _registered_method=True)
+        self.DescribeRenderer = channel.unary_unary(
+                '/render.v1.RenderService/DescribeRenderer',
+                request_serializer=render_dot_v1_dot_render__pb2.DescribeRendererRequest.SerializeToString,
+                response_deserializer=render_dot_v1_dot_render__pb2.RendererInfo.FromString,
+                _registered_method=True)
 
 
 class RenderServiceServicer:
@@ -85,6 +105,41 @@ class RenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Render(self, request, context):
+        """The rest of renderers' Renderer / MultimodalRenderer protocol, for RL
+        rollout workers and for renderers' own helpers (build_trajectory_step, ...)
+        running on a remote renderer. Each answers exactly what the method returns
+        in-process on a renderer built for the model and chat-template kwargs.
+
+        Renderer.render, or Renderer.render_ids with ids_only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ParseResponse(self, request, context):
+        """Renderer.parse_response.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BridgeToNextTurn(self, request, context):
+        """Renderer.bridge_to_next_turn (MultimodalRenderer's form for models that
+        take images).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeRenderer(self, request, context):
+        """What the renderer for a model and chat-template kwargs declares:
+        get_stop_token_ids, is_prefix_stable, mm_token_type_id_map.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -102,6 +157,26 @@ def add_RenderServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=render_dot_v1_dot_render__pb2.ListModelsRequest.FromString,
                     response_serializer=render_dot_v1_dot_render__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Render': grpc.unary_unary_rpc_method_handler(
+                    servicer.Render,
+                    request_deserializer=render_dot_v1_dot_render__pb2.RenderRequest.FromString,
+                    response_serializer=render_dot_v1_dot_render__pb2.RenderResponse.SerializeToString,
+            ),
+            'ParseResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.ParseResponse,
+                    request_deserializer=render_dot_v1_dot_render__pb2.ParseResponseRequest.FromString,
+                    response_serializer=render_dot_v1_dot_render__pb2.ParseResponseResponse.SerializeToString,
+            ),
+            'BridgeToNextTurn': grpc.unary_unary_rpc_method_handler(
+                    servicer.BridgeToNextTurn,
+                    request_deserializer=render_dot_v1_dot_render__pb2.BridgeToNextTurnRequest.FromString,
+                    response_serializer=render_dot_v1_dot_render__pb2.BridgeToNextTurnResponse.SerializeToString,
+            ),
+            'DescribeRenderer': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeRenderer,
+                    request_deserializer=render_dot_v1_dot_render__pb2.DescribeRendererRequest.FromString,
+                    response_serializer=render_dot_v1_dot_render__pb2.RendererInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +261,114 @@ class RenderService:
             '/render.v1.RenderService/ListModels',
             render_dot_v1_dot_render__pb2.ListModelsRequest.SerializeToString,
             render_dot_v1_dot_render__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Render(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/render.v1.RenderService/Render',
+            render_dot_v1_dot_render__pb2.RenderRequest.SerializeToString,
+            render_dot_v1_dot_render__pb2.RenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ParseResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/render.v1.RenderService/ParseResponse',
+            render_dot_v1_dot_render__pb2.ParseResponseRequest.SerializeToString,
+            render_dot_v1_dot_render__pb2.ParseResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BridgeToNextTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/render.v1.RenderService/BridgeToNextTurn',
+            render_dot_v1_dot_render__pb2.BridgeToNextTurnRequest.SerializeToString,
+            render_dot_v1_dot_render__pb2.BridgeToNextTurnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeRenderer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/render.v1.RenderService/DescribeRenderer',
+            render_dot_v1_dot_render__pb2.DescribeRendererRequest.SerializeToString,
+            render_dot_v1_dot_render__pb2.RendererInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,155 @@
+"""The Renderer protocol over gRPC beside the same calls in-process, measured in one run.
+
+    .venv/bin/python -m bench --only protocol
+
+For each call a trainer or rollout worker makes (build_training_sample three
+ways, render, parse_response, bridge_to_next_turn) on the qwen3 corpus: the
+in-process rate on one core (the anchor, measured just before), the rate through
+a remote renderer at concurrency 8 against a one-worker server, their ratio, and
+the trainer-side cost: this process's CPU per remote call over the in-process
+CPU per call (the server runs in processes of its own, so this process's CPU
+is the client's).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import renderers
+
+import render_client
+from render_client import RenderClient
+from tests.reference import reference_renderer
+from tests.support import corpus, running_server
+
+MODEL = "qwen3"
+CONCURRENCY = 8
+
+Call = Callable[[Any, dict[str, Any]], Any]  # (renderer, case) -> result
+
+
+def _assistant(message: dict[str, Any]) -> bool:
+    return message["role"] == "assistant"
+
+
+def cases(local: Any) -> list[dict[str, Any]]:
+    """Per conversation the corpus renders: its messages, tools, and a last assistant turn split
+    into prompt and completion tokens, with the turn after it for bridging."""
+    kept = []
+    for conversation in corpus():
+        messages, tools = conversation["messages"], conversation.get("tools")
+        turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+        if not turns:
+            continue
+        last = turns[-1]
+        try:
+            renderers.build_training_sample(local, messages, tools=tools, role_to_mask=_assistant)
+            prompt = local.render_ids(messages[:last], tools=tools, add_generation_prompt=True)
+            full = local.render_ids(messages[: last + 1], tools=tools)
+        except Exception:
+            continue
+        if full[: len(prompt)] != prompt:
+            continue
+        follow_up = [{"role": "user", "content": "Thanks. One more question, please."}]
+        kept.append(
+            {
+                "messages": messages,
+                "tools": tools,
+                "prompt": prompt,
+                "completion": full[len(prompt) :],
+                "follow_up": follow_up,
+            }
+        )
+    return kept
+
+
+CALLS: dict[str, Call] = {
+    "build_training_sample": lambda r, c: renderers.build_training_sample(
+        r, c["messages"], tools=c["tools"], role_to_mask=_assistant
+    ),
+    "render": lambda r, c: r.render(c["messages"], tools=c["tools"], add_generation_prompt=True),
+    "parse_response": lambda r, c: r.parse_response(c["completion"], tools=c["tools"], prompt_ids=c["prompt"]),
+    "bridge_to_next_turn": lambda r, c: r.bridge_to_next_turn(
+        c["prompt"], c["completion"], c["follow_up"], tools=c["tools"]
+    ),
+}
+
+
+def in_process(call: Call, renderer: Any, work: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+    """Calls per second and CPU per call on one thread of this process."""
+    calls, cpu, started = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        call(renderer, work[calls % len(work)])
+        calls += 1
+    elapsed = time.perf_counter() - started
+    return {"calls_per_s": calls / elapsed, "cpu_ms_per_call": (time.process_time() - cpu) * 1e3 / calls}
+
+
+def remote(call: Call, renderer: Any, work: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+    """Calls per second at CONCURRENCY threads, and this process's CPU per call."""
+    counts = [0] * CONCURRENCY
+    stop = threading.Event()
+
+    def loop(thread: int) -> None:
+        index = thread
+        while not stop.is_set():
+            call(renderer, work[index % len(work)])
+            counts[thread] += 1
+            index += CONCURRENCY
+
+    threads = [threading.Thread(target=loop, args=(n,)) for n in range(CONCURRENCY)]
+    cpu, started = time.process_time(), time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    elapsed, calls = time.perf_counter() - started, sum(counts)
+    return {"calls_per_s": calls / elapsed, "cpu_ms_per_call": (time.process_time() - cpu) * 1e3 / calls}
+
+
+def protocol(quick: bool) -> list[dict[str, Any]]:
+    seconds = 4.0 if quick else 15.0
+    local = reference_renderer(MODEL)
+    work = cases(local)
+    rows = []
+    with (
+        running_server("--workers", "1") as server,
+        RenderClient(server.target, timeout=120, connections=4) as client,
+    ):
+        remote_renderer = client.renderer(MODEL)
+        server_side = lambda r, c: render_client.build_training_sample(  # noqa: E731
+            r, c["messages"], tools=c["tools"], role_to_mask=_assistant
+        )
+        plan = [
+            ("build_training_sample (RenderTrainingSample)", CALLS["build_training_sample"], server_side),
+            ("renderers.build_training_sample(remote)", CALLS["build_training_sample"], CALLS["build_training_sample"]),
+            *((name, call, call) for name, call in CALLS.items() if name != "build_training_sample"),
+        ]
+        for name, local_call, remote_call in plan:
+            for case in work[:4]:  # warm both sides
+                local_call(local, case)
+                remote_call(remote_renderer, case)
+            anchor = in_process(local_call, local, work, seconds)
+            service = remote(remote_call, remote_renderer, work, seconds)
+            row = {
+                "call": name,
+                "in_process_per_s": anchor["calls_per_s"],
+                "remote_per_s": service["calls_per_s"],
+                "ratio": service["calls_per_s"] / anchor["calls_per_s"],
+                "in_process_cpu_ms": anchor["cpu_ms_per_call"],
+                "client_cpu_ms": service["cpu_ms_per_call"],
+                "client_cpu_share": service["cpu_ms_per_call"] / anchor["cpu_ms_per_call"],
+            }
+            rows.append(row)
+            print(
+                f"{name:46} in-process {row['in_process_per_s']:7.1f}/s  remote c={CONCURRENCY} "
+                f"{row['remote_per_s']:7.1f}/s  x{row['ratio']:.2f}  client CPU "
+                f"{row['client_cpu_ms']:.2f} ms = {row['client_cpu_share']:.0%} of in-process {row['in_process_cpu_ms']:.2f} ms",
+                flush=True,
+            )
+    return rows
