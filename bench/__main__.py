@@ -22,6 +22,8 @@ Parts:
   machine charges a thread per wake-up (bench/floor.py).
 - protocol: renderers' Renderer protocol through a remote renderer beside the
   same calls in-process: rates and client CPU per call (bench/protocol.py).
+- images_wire: pixel tensors raw beside their compact form (issue 13): bytes per
+  image, images/s over a 1 Gbit/s link, client CPU, peak RSS (bench/images_wire.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import renderers
 from PIL import Image
 
 from bench.floor import floor
+from bench.images_wire import images_wire
 from bench.load import metric_total
 from bench.protocol import protocol
 from render_client import RenderClient
@@ -52,7 +55,7 @@ from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, corpus, running_s
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 CORES = len(os.sched_getaffinity(0))
-PARTS = ("throughput", "latency", "length", "images", "memory", "floor", "protocol")
+PARTS = ("throughput", "latency", "length", "images", "memory", "floor", "protocol", "images_wire")
 
 
 def assistant_only(message: dict[str, Any]) -> bool:
@@ -423,6 +426,8 @@ def main() -> None:
         results["floor"] = floor(args.quick)
     if "protocol" in parts:
         results["protocol"] = protocol(args.quick)
+    if "images_wire" in parts:
+        results["images_wire"] = images_wire(args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

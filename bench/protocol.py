@@ -5,7 +5,8 @@
 For each call a trainer or rollout worker makes (build_training_sample three
 ways, render, parse_response, bridge_to_next_turn) on the qwen3 corpus: the
 in-process rate on one core (the anchor, measured just before), the rate through
-a remote renderer at concurrency 8 against a one-worker server, their ratio, and
+a remote renderer at concurrency 8 against a one-worker server (and render
+streamed through render_many_tokens at concurrency 64), their ratio, and
 the trainer-side cost: this process's CPU per remote call over the in-process
 CPU per call (the server runs in processes of its own, so this process's CPU
 is the client's).
@@ -27,6 +28,7 @@ from tests.support import corpus, running_server
 
 MODEL = "qwen3"
 CONCURRENCY = 8
+STREAMED_CONCURRENCY = 64
 
 Call = Callable[[Any, dict[str, Any]], Any]  # (renderer, case) -> result
 
@@ -112,6 +114,23 @@ def remote(call: Call, renderer: Any, work: list[dict[str, Any]], seconds: float
     return {"calls_per_s": calls / elapsed, "cpu_ms_per_call": (time.process_time() - cpu) * 1e3 / calls}
 
 
+def streamed(client: RenderClient, renderer: Any, work: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+    """render_many_tokens (Renders streams) over the work, for `seconds`: calls per second and CPU per call."""
+
+    def requests() -> Any:
+        index = 0
+        while time.perf_counter() < deadline:
+            case = work[index % len(work)]
+            yield renderer.render_request(case["messages"], tools=case["tools"], add_generation_prompt=True)
+            index += 1
+
+    cpu, started = time.process_time(), time.perf_counter()
+    deadline = started + seconds
+    calls = sum(1 for _ in client.render_many_tokens(requests(), concurrency=STREAMED_CONCURRENCY))
+    elapsed = time.perf_counter() - started
+    return {"calls_per_s": calls / elapsed, "cpu_ms_per_call": (time.process_time() - cpu) * 1e3 / calls}
+
+
 def protocol(quick: bool) -> list[dict[str, Any]]:
     seconds = 4.0 if quick else 15.0
     local = reference_renderer(MODEL)
@@ -125,19 +144,25 @@ def protocol(quick: bool) -> list[dict[str, Any]]:
         server_side = lambda r, c: render_client.build_training_sample(  # noqa: E731
             r, c["messages"], tools=c["tools"], role_to_mask=_assistant
         )
-        plan = [
+        plan: list[tuple[str, Call, Call | None]] = [
             ("build_training_sample (RenderTrainingSample)", CALLS["build_training_sample"], server_side),
             ("renderers.build_training_sample(remote)", CALLS["build_training_sample"], CALLS["build_training_sample"]),
             *((name, call, call) for name, call in CALLS.items() if name != "build_training_sample"),
         ]
+        plan.append(("render (render_many_tokens, streamed)", CALLS["render"], None))
         for name, local_call, remote_call in plan:
             for case in work[:4]:  # warm both sides
                 local_call(local, case)
-                remote_call(remote_renderer, case)
+                if remote_call is not None:
+                    remote_call(remote_renderer, case)
             anchor = in_process(local_call, local, work, seconds)
-            service = remote(remote_call, remote_renderer, work, seconds)
+            if remote_call is None:
+                service = streamed(client, remote_renderer, work, seconds)
+            else:
+                service = remote(remote_call, remote_renderer, work, seconds)
             row = {
                 "call": name,
+                "concurrency": STREAMED_CONCURRENCY if remote_call is None else CONCURRENCY,
                 "in_process_per_s": anchor["calls_per_s"],
                 "remote_per_s": service["calls_per_s"],
                 "ratio": service["calls_per_s"] / anchor["calls_per_s"],
@@ -147,7 +172,7 @@ def protocol(quick: bool) -> list[dict[str, Any]]:
             }
             rows.append(row)
             print(
-                f"{name:46} in-process {row['in_process_per_s']:7.1f}/s  remote c={CONCURRENCY} "
+                f"{name:46} in-process {row['in_process_per_s']:7.1f}/s  remote c={row['concurrency']} "
                 f"{row['remote_per_s']:7.1f}/s  x{row['ratio']:.2f}  client CPU "
                 f"{row['client_cpu_ms']:.2f} ms = {row['client_cpu_share']:.0%} of in-process {row['in_process_cpu_ms']:.2f} ms",
                 flush=True,

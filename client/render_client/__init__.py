@@ -7,6 +7,7 @@ Needs only grpcio, protobuf and numpy (and pillow only to pass PIL images).
 
 from .channel import target_for, tls_credentials
 from .client import RenderClient, build_training_sample
+from .compact import CompactTensor
 from .errors import (
     CallCancelledError,
     DeadlineExceededError,
@@ -23,20 +24,24 @@ from .types import (
     ModelInfo,
     MultiModalData,
     PlaceholderRange,
+    RemoteMultimodalRenderer,
     RemoteRenderer,
     RenderedTrainingSample,
     SampleRequest,
     ServerModels,
+    TokensRequest,
 )
 
 __all__ = [
     "CallCancelledError",
+    "CompactTensor",
     "DeadlineExceededError",
     "InvalidArgumentError",
     "ModelInfo",
     "ModelNotFoundError",
     "MultiModalData",
     "PlaceholderRange",
+    "RemoteMultimodalRenderer",
     "RemoteRenderer",
     "RenderClient",
     "RenderError",
@@ -44,6 +49,7 @@ __all__ = [
     "ResourceExhaustedError",
     "SampleRequest",
     "ServerModels",
+    "TokensRequest",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

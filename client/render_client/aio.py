@@ -18,10 +18,11 @@ import grpc
 
 from ._pb import render_pb2 as pb
 from .channel import ChannelOptions, Connection, deadline_for, remaining
+from .compact import materialize_all
 from .convert import decode_models, decode_response, encode_sample_request
 from .errors import RenderError, error_from_rpc
-from .streaming import render_many_async
-from .types import RemoteRenderer, RenderedTrainingSample, SampleRequest, ServerModels
+from .streaming import SAMPLES, TOKENS, StreamMethod, render_many_async
+from .types import RemoteRenderer, RenderedTrainingSample, SampleRequest, ServerModels, TokensRequest
 
 Message = Mapping[str, Any]
 
@@ -38,12 +39,15 @@ class AsyncRenderClient:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
+        compact_tensors: bool = False,
     ) -> None:
-        """As RenderClient: `timeout` per unary call, `connections` HTTP/2 connections, `token`, TLS."""
+        """As RenderClient: `timeout` per unary call, `connections` HTTP/2 connections, `token`, TLS,
+        `compact_tensors` to keep pixel tensors in their compact form."""
         self._connection = Connection(
             target, connections=connections, token=token, credentials=credentials, options=options, asyncio=True
         )
         self._timeout = timeout
+        self._compact_tensors = compact_tensors
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
         """A handle on a server model, to pass to `build_training_sample`."""
@@ -59,7 +63,8 @@ class AsyncRenderClient:
                 response = await self._connection.next_stub().RenderTrainingSample(
                     encoded, timeout=remaining(deadline), metadata=self._connection.metadata
                 )
-                return decode_response(response)
+                sample = decode_response(response)
+                return sample if self._compact_tensors else materialize_all(sample)
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             delay = self._connection.resend_delay(error, attempt, deadline)
@@ -77,14 +82,37 @@ class AsyncRenderClient:
         timeout: float | None = None,
     ) -> AsyncIterator[RenderedTrainingSample | RenderError]:
         """As RenderClient.render_many, as an async iterator."""
-        return render_many_async(
+        return self._streamed(SAMPLES, requests, concurrency, return_exceptions, timeout)
+
+    def render_many_tokens(
+        self,
+        requests: Iterable[TokensRequest] | AsyncIterable[TokensRequest],
+        *,
+        concurrency: int = 16,
+        return_exceptions: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Any]:
+        """As RenderClient.render_many_tokens, as an async iterator."""
+        return self._streamed(TOKENS, requests, concurrency, return_exceptions, timeout)
+
+    def _streamed(
+        self,
+        method: StreamMethod,
+        requests: Iterable[Any] | AsyncIterable[Any],
+        concurrency: int,
+        return_exceptions: bool,
+        timeout: float | None,
+    ) -> AsyncIterator[Any]:
+        results = render_many_async(
             self._connection.stubs,
             requests,
             concurrency=concurrency,
             timeout=timeout,
             metadata=self._connection.metadata,
             return_exceptions=return_exceptions,
+            method=method,
         )
+        return results if self._compact_tensors else _materialized(results)
 
     async def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
@@ -106,6 +134,14 @@ class AsyncRenderClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+async def _materialized(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    try:
+        async for result in results:
+            yield materialize_all(result)
+    finally:
+        await results.aclose()  # type: ignore[attr-defined]  # the streams end with the caller's loop
 
 
 async def build_training_sample(

@@ -218,6 +218,9 @@ class RenderStub(RenderServiceStub):
         self.Render = channel.unary_unary(
             _METHOD_PATH.format("Render"), request_serializer=pb.RenderRequest.SerializeToString
         )
+        self.Renders = channel.stream_stream(
+            _METHOD_PATH.format("Renders"), request_serializer=pb.RendersRequest.SerializeToString
+        )
         # Its request comes serialised: the previous turn's tensors are joined in as they are.
         self.BridgeToNextTurn = channel.unary_unary(_METHOD_PATH.format("BridgeToNextTurn"))
 

@@ -18,12 +18,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from ._pb import render_pb2 as pb
 from .channel import ChannelOptions, Connection, ConnectionSettings, deadline_for, remaining
+from .compact import materialize_all
 from .convert import decode_models, decode_renderer_info, decode_response, encode_sample_request
 from .convert_protocol import (
     decode_parsed_response,
@@ -35,7 +36,7 @@ from .convert_protocol import (
 )
 from .errors import ModelNotFoundError, RenderError, error_from_rpc
 from .jsonvalue import dump_json
-from .streaming import render_many
+from .streaming import SAMPLES, TOKENS, StreamMethod, render_many
 from .types import (
     ModelInfo,
     RemoteMultimodalRenderer,
@@ -44,9 +45,11 @@ from .types import (
     RendererInfo,
     SampleRequest,
     ServerModels,
+    TokensRequest,
 )
 
 Message = Mapping[str, Any]
+T = TypeVar("T")
 
 
 class RenderClient:
@@ -66,6 +69,7 @@ class RenderClient:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
+        compact_tensors: bool = False,
     ) -> None:
         """Connect to `target`: a gRPC target ("host:port", "dns:///name:port"), or a list
         of "ip:port" addresses to spread calls over (round_robin).
@@ -78,11 +82,16 @@ class RenderClient:
         `token` is sent as `authorization: Bearer <token>` on every call;
         `credentials` (e.g. `channel.tls_credentials(...)`) turns on TLS.
         Calls that fail UNAVAILABLE are retried with backoff (channel.py).
+        Pixel tensors arrive in an exact compact form, 1/8 of their bytes, and are
+        rebuilt into the same arrays; with `compact_tensors` they are left as
+        `render_client.CompactTensor`s (codes and tables; `.materialize()` gives the
+        array) for trainers that expand them on their own device.
         """
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
         self._settings = ConnectionSettings(target, connections, token, credentials, tuple(options))
         self._timeout = timeout
+        self._compact_tensors = compact_tensors
         self._process_connection: tuple[int, Connection] | None = None
         self._closed = False
         # What the server declares, kept across forks and pickling: it does not change.
@@ -147,7 +156,9 @@ class RenderClient:
 
     def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
-        return decode_response(self._call("RenderTrainingSample", encode_sample_request(request), timeout))
+        return self._tensors(
+            decode_response(self._call("RenderTrainingSample", encode_sample_request(request), timeout))
+        )
 
     def render_tokens(
         self,
@@ -170,7 +181,7 @@ class RenderClient:
             chat_template_kwargs=chat_template_kwargs,
             ids_only=ids_only,
         )
-        return decode_tokens_response(self._call("Render", request, timeout))
+        return self._tensors(decode_tokens_response(self._call("Render", request, timeout)))
 
     def parse_response(
         self,
@@ -210,7 +221,7 @@ class RenderClient:
             previous_multi_modal_data=previous_multi_modal_data,
             chat_template_kwargs=chat_template_kwargs,
         )
-        return decode_tokens_response(self._call("BridgeToNextTurn", request, timeout))
+        return self._tensors(decode_tokens_response(self._call("BridgeToNextTurn", request, timeout)))
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         """A unary call of `method`, resent while the server is restarting or going away."""
@@ -244,14 +255,45 @@ class RenderClient:
         the iteration), or with `return_exceptions` is yielded in its place.
         `timeout` bounds the whole iteration; by default it has none.
         """
-        return render_many(
-            self._connection.stubs,
+        return self._streamed(SAMPLES, requests, concurrency, return_exceptions, timeout)
+
+    def render_many_tokens(
+        self,
+        requests: Iterable[TokensRequest],
+        *,
+        concurrency: int = 16,
+        return_exceptions: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """Renderer.render for every request (from `RemoteRenderer.render_request`), yielding
+        renderers.RenderedTokens in input order over Renders streams: `render_many` for prompts."""
+        return self._streamed(TOKENS, requests, concurrency, return_exceptions, timeout)
+
+    def _streamed(
+        self,
+        method: StreamMethod,
+        requests: Iterable[Any],
+        concurrency: int,
+        return_exceptions: bool,
+        timeout: float | None,
+    ) -> Iterator[Any]:
+        connection = self._connection
+        results = render_many(
+            connection.stubs,
             requests,
             concurrency=concurrency,
             timeout=timeout,
-            metadata=self._connection.metadata,
+            metadata=connection.metadata,
             return_exceptions=return_exceptions,
+            method=method,
         )
+        return results if self._compact_tensors else _materialized(results)
+
+    def _tensors(self, result: T) -> T:
+        """`result` with its compact pixel tensors rebuilt into arrays, unless they are to be kept."""
+        if not self._compact_tensors:
+            materialize_all(result)
+        return result
 
     def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
@@ -270,6 +312,14 @@ class RenderClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _materialized(results: Iterator[T]) -> Iterator[T]:
+    try:
+        for result in results:
+            yield materialize_all(result)  # type: ignore[misc]
+    finally:
+        results.close()  # type: ignore[attr-defined]  # the streams end with the caller's loop
 
 
 # Guards opening a client's connection. A child process gets it unlocked whatever

@@ -23,6 +23,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ._pb import render_pb2 as pb
+from .compact import CompactTensor, compact
 from .errors import RenderError, error_from_status, invalid
 from .jsonvalue import dump_json, load_json
 from .media import check_not_a_reference, media_bytes
@@ -455,10 +456,11 @@ def _decode_tool_call(call: pb.ToolCall, message: str, index: int) -> dict[str, 
 # ---------------------------------------------------------------------------
 
 
-def encode_sample(sample: Any) -> WireMessage:
+def encode_sample(sample: Any, *, compact_tensors: bool = False) -> WireMessage:
     """A renderers.RenderedTrainingSample (or a mirror of one) as a RenderedTrainingSample message.
 
-    Its arrays stay in place until the message is joined (see wire.py).
+    Its arrays stay in place until the message is joined (see wire.py); with
+    `compact_tensors`, pixel tensors go in compact form where it is exact.
     """
     loss_mask = packed_bools(sample.loss_mask)
     if loss_mask is None:
@@ -471,7 +473,8 @@ def encode_sample(sample: Any) -> WireMessage:
             message.append_bytes_field(pb.RenderedTrainingSample.LOSS_MASK_FIELD_NUMBER, loss_mask)
     if sample.multi_modal_data is not None:
         message.append_message_field(
-            pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER, encode_multi_modal_data(sample.multi_modal_data)
+            pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER,
+            encode_multi_modal_data(sample.multi_modal_data, compact_tensors=compact_tensors),
         )
     if sample.mm_token_type_ids is not None:
         message.append_message_field(
@@ -507,7 +510,9 @@ def encode_response(sample: WireMessage) -> bytes:
 def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage:
     """One `results` entry of a RenderTrainingSamplesResponse: the sample or the error of request `index`.
 
-    A response is its entries one after another (WireMessage.extend).
+    A response is its entries one after another (WireMessage.extend). A
+    RendersResponse is the same on the wire, with a RenderedTokens message as
+    `outcome` (RenderResult numbers its fields as RenderTrainingSampleResult does).
     """
     if isinstance(outcome, RenderError):
         error = pb.Error(code=outcome.code.value[0], message=outcome.details, error_type=outcome.error_type or "")
@@ -520,7 +525,9 @@ def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage
     return entry
 
 
-def encode_multi_modal_data(data: Any) -> WireMessage:
+def encode_multi_modal_data(data: Any, *, compact_tensors: bool = False) -> WireMessage:
+    """A MultiModalData message; with `compact_tensors`, each tensor that compact.py's form
+    holds exactly travels in it (a CompactTensor value always does)."""
     message = WireMessage(
         pb.MultiModalData(
             mm_hashes=[pb.ModalityHashes(modality=m, hashes=hashes) for m, hashes in data.mm_hashes.items()],
@@ -538,20 +545,44 @@ def encode_multi_modal_data(data: Any) -> WireMessage:
             encoded_item = WireMessage()
             for name, value in item.items():
                 named = WireMessage(pb.NamedTensor(name=name).SerializeToString())
-                named.append_message_field(pb.NamedTensor.TENSOR_FIELD_NUMBER, _encode_tensor(value))
+                named.append_message_field(pb.NamedTensor.TENSOR_FIELD_NUMBER, _encode_tensor(value, compact_tensors))
                 encoded_item.append_message_field(pb.MultiModalItem.FIELDS_FIELD_NUMBER, named)
             entry.append_message_field(pb.ModalityItems.ITEMS_FIELD_NUMBER, encoded_item)
         message.append_message_field(pb.MultiModalData.MM_ITEMS_FIELD_NUMBER, entry)
     return message
 
 
-def _encode_tensor(value: Any) -> WireMessage:
+def _encode_tensor(value: Any, compact_tensors: bool) -> WireMessage:
+    if isinstance(value, CompactTensor):
+        return _encode_compact(value)
     if not isinstance(value, np.ndarray) or value.dtype.hasobject:
         raise TypeError(f"mm_items values must be numeric numpy arrays, got {type(value).__name__}")
+    if compact_tensors and value.nbytes >= _COMPACT_FROM_BYTES:
+        compacted = compact(value)  # None unless it decodes back to these very bytes
+        if compacted is not None:
+            return _encode_compact(compacted)
     tensor = WireMessage(pb.Tensor(dtype=value.dtype.str, shape=value.shape).SerializeToString())
     data = byte_view(value)  # C order whatever the array's layout
     if len(data):  # proto3 leaves an empty bytes field out
         tensor.append_bytes_field(pb.Tensor.DATA_FIELD_NUMBER, data)
+    return tensor
+
+
+# Below this, the tables cost more than the codes save.
+_COMPACT_FROM_BYTES = 64 * 1024
+
+
+def _encode_compact(value: CompactTensor) -> WireMessage:
+    tensor = WireMessage(pb.Tensor(dtype=value.dtype.str, shape=value.shape).SerializeToString())
+    form = WireMessage(
+        pb.CompactTensor(
+            tables=b"".join(table.tobytes() for table in value.tables),
+            table_sizes=[len(table) for table in value.tables],
+            repeats=value.repeats,
+        ).SerializeToString()
+    )
+    form.append_bytes_field(pb.CompactTensor.CODES_FIELD_NUMBER, byte_view(value.codes))
+    tensor.append_message_field(pb.Tensor.COMPACT_FIELD_NUMBER, form)
     return tensor
 
 
@@ -570,12 +601,16 @@ def decode_response(data: bytes) -> RenderedTrainingSample:
         raise RenderError(f"malformed response: {exc}") from None
 
 
-def decode_results(data: bytes) -> list[tuple[int, RenderedTrainingSample | RenderError]]:
-    """Each (index, sample or error) a serialised RenderTrainingSamplesResponse carries."""
+def decode_results(data: bytes, decode_payload: Callable[[memoryview], Any] | None = None) -> list[tuple[int, Any]]:
+    """Each (index, sample or error) a serialised RenderTrainingSamplesResponse carries.
+
+    With `decode_payload` (for RenderedTokens), each (index, tokens or error) of a
+    RendersResponse, which is the same on the wire (see encode_result).
+    """
     try:
         rest, results = split_field(memoryview(data), pb.RenderTrainingSamplesResponse.RESULTS_FIELD_NUMBER)
         pb.RenderTrainingSamplesResponse.FromString(rest)
-        return [_decode_result(result) for result in results]
+        return [_decode_result(result, decode_payload or _decode_sample) for result in results]
     except (WireFormatError, DecodeError) as exc:
         raise RenderError(f"malformed response: {exc}") from None
 
@@ -584,14 +619,14 @@ def decode_results(data: bytes) -> list[tuple[int, RenderedTrainingSample | Rend
 # (wire.split_field); everything else is parsed by upb.
 
 
-def _decode_result(data: memoryview) -> tuple[int, RenderedTrainingSample | RenderError]:
+def _decode_result(data: memoryview, decode_payload: Callable[[memoryview], Any]) -> tuple[int, Any]:
     rest, samples = split_field(data, pb.RenderTrainingSampleResult.SAMPLE_FIELD_NUMBER)
     result = pb.RenderTrainingSampleResult.FromString(rest)
     if samples and result.HasField("error"):
         # Valid protobuf (the last one wins) but never sent: refuse rather than guess.
         raise WireFormatError(f"result {result.index} carries both a sample and an error")
     if samples:
-        return result.index, _decode_sample(merged(samples))
+        return result.index, decode_payload(merged(samples))
     error = result.error
     status = _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
     return result.index, error_from_status(status, error.message, error.error_type or None)
@@ -640,22 +675,27 @@ def decode_multi_modal_data(
     )
 
 
-def _decode_item(data: memoryview) -> dict[str, np.ndarray]:
+def _decode_item(data: memoryview) -> dict[str, np.ndarray | CompactTensor]:
     _, fields = split_field(data, pb.MultiModalItem.FIELDS_FIELD_NUMBER)
-    item: dict[str, np.ndarray] = {}
+    item: dict[str, np.ndarray | CompactTensor] = {}
     for field in fields:
         rest, tensors = split_field(field, pb.NamedTensor.TENSOR_FIELD_NUMBER)
         item[pb.NamedTensor.FromString(rest).name] = _decode_tensor(merged(tensors) if tensors else memoryview(b""))
     return item
 
 
-def _decode_tensor(data: memoryview) -> np.ndarray:
+def _decode_tensor(data: memoryview) -> np.ndarray | CompactTensor:
+    """A Tensor message as an array, or as a CompactTensor when it came in that form
+    (compact.materialize_all turns those into arrays, unless the caller keeps them)."""
     rest, payloads = split_field(data, pb.Tensor.DATA_FIELD_NUMBER)
+    rest, forms = split_field(memoryview(rest), pb.Tensor.COMPACT_FIELD_NUMBER)
     tensor = pb.Tensor.FromString(rest)
     try:
         dtype = np.dtype(tensor.dtype)
         if dtype.hasobject:
             raise TypeError("object arrays are not accepted")
+        if forms:
+            return _decode_compact(merged(forms), dtype, tuple(tensor.shape))
         # A view of the response's bytes (the last occurrence wins): no copy, read-only.
         array = np.frombuffer(payloads[-1] if payloads else b"", dtype=dtype).reshape(tuple(tensor.shape))
     except (TypeError, ValueError) as exc:
@@ -669,6 +709,25 @@ def _decode_tensor(data: memoryview) -> np.ndarray:
 
 
 _SHARE_FROM_BYTES = 1 << 20
+
+
+def _decode_compact(data: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> CompactTensor:
+    rest, codes = split_field(data, pb.CompactTensor.CODES_FIELD_NUMBER)
+    form = pb.CompactTensor.FromString(rest)
+    sizes = list(form.table_sizes)
+    groups = len(sizes)
+    if len(shape) != 2 or not groups or form.repeats < 1 or shape[1] % (groups * form.repeats):
+        raise ValueError(f"shape {shape} does not split into {groups} groups of {form.repeats} copies")
+    span = shape[1] // (groups * form.repeats)
+    code_array = np.frombuffer(codes[-1] if codes else b"", dtype=np.uint8).reshape(shape[0], groups, span)
+    values = np.frombuffer(form.tables, dtype=dtype)
+    if len(values) != sum(sizes):
+        raise ValueError(f"{len(values)} table values for table sizes {sizes}")
+    tables = tuple(np.split(values, np.cumsum(sizes)[:-1]))
+    for group, table in enumerate(tables):
+        if code_array.size and int(code_array[:, group].max()) >= len(table):
+            raise ValueError(f"a code of group {group} is past its table of {len(table)}")
+    return CompactTensor(dtype, shape, form.repeats, code_array, tables)
 
 
 # ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ RenderTrainingSample, so every request carrying a conversation reads it alike.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ._pb import render_pb2 as pb
+from .compact import materialize_all
 from .convert import (
     Conversation,
     as_list,
@@ -33,7 +35,7 @@ from .convert import (
 )
 from .errors import RenderError, invalid
 from .jsonvalue import dump_json, load_json
-from .types import result_types
+from .types import TokensRequest, result_types
 from .wire import WireFormatError, WireMessage, merged, split_field
 
 Message = Mapping[str, Any]
@@ -87,6 +89,18 @@ def encode_render_request(
     _set_conversation_options(request, model, tools, chat_template_kwargs)
     _add_messages(request.messages, messages, "messages")
     return request
+
+
+def encode_tokens_request(request: TokensRequest) -> pb.RenderRequest:
+    """The request for a TokensRequest (its fields are encode_render_request's arguments)."""
+    return encode_render_request(
+        request.model,
+        request.messages,
+        tools=request.tools,
+        add_generation_prompt=request.add_generation_prompt,
+        chat_template_kwargs=request.chat_template_kwargs,
+        ids_only=request.ids_only,
+    )
 
 
 def encode_parse_request(
@@ -176,6 +190,8 @@ class BridgeArgs:
     previous_prompt_ids: list[int]
     previous_completion_ids: list[int]
     previous_multi_modal_data: Any  # renderers.MultiModalData or None
+    # The request's size without previous_multi_modal_data: its pixel tensors are no text to limit.
+    request_bytes: int
 
 
 def decode_render_request(request: pb.RenderRequest) -> RenderArgs:
@@ -208,6 +224,7 @@ def decode_bridge_request(data: bytes) -> BridgeArgs:
         previous = (
             decode_multi_modal_data(merged(media), types.MultiModalData, types.PlaceholderRange) if media else None
         )
+        materialize_all(previous)  # the renderer takes arrays
     except (WireFormatError, DecodeError, RenderError) as exc:
         raise invalid("request", f"not a valid render.v1.BridgeToNextTurnRequest ({exc})") from None
     return BridgeArgs(
@@ -215,6 +232,7 @@ def decode_bridge_request(data: bytes) -> BridgeArgs:
         previous_prompt_ids=as_list(request.previous_prompt_ids),
         previous_completion_ids=as_list(request.previous_completion_ids),
         previous_multi_modal_data=previous,
+        request_bytes=len(rest),
     )
 
 
@@ -223,8 +241,9 @@ def decode_bridge_request(data: bytes) -> BridgeArgs:
 # ---------------------------------------------------------------------------
 
 
-def encode_rendered_tokens(tokens: Any) -> WireMessage:
-    """A renderers.RenderedTokens as a RenderedTokens message (its tensors joined in as they are)."""
+def encode_rendered_tokens(tokens: Any, *, compact_tensors: bool = False) -> WireMessage:
+    """A renderers.RenderedTokens as a RenderedTokens message (its tensors joined in as they are;
+    with `compact_tensors`, pixel tensors in compact form where it is exact)."""
     message = pb.RenderedTokens(
         token_ids=tokens.token_ids,
         message_indices=tokens.message_indices,
@@ -247,16 +266,17 @@ def encode_rendered_tokens(tokens: Any) -> WireMessage:
     encoded.extend(packed)
     if tokens.multi_modal_data is not None:
         encoded.append_message_field(
-            pb.RenderedTokens.MULTI_MODAL_DATA_FIELD_NUMBER, encode_multi_modal_data(tokens.multi_modal_data)
+            pb.RenderedTokens.MULTI_MODAL_DATA_FIELD_NUMBER,
+            encode_multi_modal_data(tokens.multi_modal_data, compact_tensors=compact_tensors),
         )
     return encoded
 
 
-def encode_tokens_response(tokens: Any) -> bytes:
-    """A RenderResponse or BridgeToNextTurnResponse carrying `tokens` (None: unset), serialised."""
+def encode_tokens_response(tokens: WireMessage | None) -> bytes:
+    """A RenderResponse or BridgeToNextTurnResponse carrying encoded `tokens` (None: unset), serialised."""
     response = WireMessage()
     if tokens is not None:
-        response.append_message_field(_TOKENS_FIELD, encode_rendered_tokens(tokens))
+        response.append_message_field(_TOKENS_FIELD, tokens)
     return response.join()
 
 
@@ -276,10 +296,15 @@ def encode_parsed_response(parsed: Any) -> pb.ParseResponseResponse:
         out = message.tool_calls.add(raw=call.raw, status=str(call.status))
         if call.name is not None:
             out.name = call.name
-        if isinstance(call.arguments, str):
-            out.arguments_text = call.arguments
-        elif call.arguments is not None:
-            out.arguments_json = dump_json(call.arguments, f"tool_calls[{index}].arguments")
+        try:
+            if isinstance(call.arguments, str):
+                out.arguments_text = call.arguments
+            elif call.arguments is not None:
+                out.arguments_json = dump_json(call.arguments, f"tool_calls[{index}].arguments")
+        except UnicodeEncodeError:
+            # A lone surrogate (the model wrote a JSON "\ud800" escape) is no UTF-8 protobuf string;
+            # as an ASCII JSON escape it comes back exactly (a str argument as a JSON string).
+            out.arguments_json = json.dumps(call.arguments, separators=(",", ":"))
         if call.token_span is not None:
             out.token_span.start, out.token_span.end = call.token_span
         if call.id is not None:

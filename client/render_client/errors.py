@@ -9,6 +9,9 @@ switching to the service keeps existing `except` clauses working.
 
 from __future__ import annotations
 
+import builtins
+import functools
+
 import grpc
 
 # Trailing-metadata key naming the Python exception type a renderer raised.
@@ -26,6 +29,13 @@ class RenderError(Exception):
         # The exception type the renderer raised, e.g. "ValueError"; None when the
         # error did not come from the renderer.
         self.error_type = error_type
+
+    def __str__(self) -> str:
+        return self.details  # not KeyError's quoted repr when it is one too
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt through error_from_status, so that it keeps the builtin family it was given.
+        return (error_from_status, (self.code, self.details, self.error_type))
 
 
 class InvalidArgumentError(RenderError, ValueError):
@@ -97,13 +107,39 @@ def invalid(field: str, problem: str) -> InvalidArgumentError:
 
 
 def error_from_status(code: grpc.StatusCode, details: str | None, error_type: str | None = None) -> RenderError:
-    """The RenderError for a status the server answered with."""
+    """The RenderError for a status the server answered with.
+
+    When a renderer raised a builtin exception (error_type "AttributeError",
+    "KeyError", ...), the error is an instance of that builtin too, so trainer
+    code catching what renderers raises in-process catches it remotely as well.
+    """
     cls = _BY_CODE.get(code)
     if cls is None:
         error = RenderError(details or code.name, error_type=error_type)
         error.code = code
         return error
-    return cls(details or code.name, error_type=error_type)
+    return _in_builtin_family(cls, error_type)(details or code.name, error_type=error_type)
+
+
+def _in_builtin_family(cls: type[RenderError], error_type: str | None) -> type[RenderError]:
+    # What a renderer raises on a request is answered INVALID_ARGUMENT (NotImplementedError: UNIMPLEMENTED).
+    if cls is not InvalidArgumentError:
+        return cls
+    builtin = getattr(builtins, error_type, None) if error_type else None
+    if not isinstance(builtin, type) or not issubclass(builtin, Exception) or issubclass(cls, builtin):
+        return cls
+    return _combined(cls, builtin)
+
+
+@functools.cache
+def _combined(cls: type[RenderError], builtin: type[Exception]) -> type[RenderError]:
+    """`cls` that is also a `builtin` (cls itself where the two cannot be combined)."""
+    try:
+        combined = type(cls.__name__, (cls, builtin), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        combined("probe")  # some builtins (UnicodeDecodeError, ...) take other arguments
+    except TypeError:
+        return cls
+    return combined
 
 
 def error_from_rpc(exc: grpc.RpcError) -> RenderError:

@@ -1,5 +1,8 @@
 """render_many: a dataset's requests through RenderTrainingSamples streams, results in input order.
 
+(And the same for Renders streams, whose results are RenderedTokens: a
+StreamMethod says which; everything else is common to both.)
+
 One stream per connection (see RenderClient's `connections`), so that each of
 a server's worker processes gets work. Requests go in batches to the stream
 with the fewest unanswered requests; a batch holds whatever requests are
@@ -23,7 +26,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +35,39 @@ import grpc
 from ._pb import render_pb2 as pb
 from .channel import RenderStub, resend_delay
 from .convert import decode_results, encode_sample_request
+from .convert_protocol import decode_rendered_tokens, encode_tokens_request
 from .errors import RenderError, error_from_rpc
-from .types import RenderedTrainingSample, SampleRequest
 
-Result = RenderedTrainingSample | RenderError
-Item = SampleRequest | pb.RenderTrainingSampleRequest
+Result = Any  # a sample, RenderedTokens, or a RenderError
+Item = Any  # a SampleRequest or TokensRequest, or the request message itself
 Metadata = tuple[tuple[str, str], ...] | None
+
+
+@dataclass(frozen=True)
+class StreamMethod:
+    """A stream method render_many can drive: how its items are sent and its results read."""
+
+    name: str  # the stub's method
+    request_class: Any  # items of this class are sent as they are
+    encode: Callable[[Any], Any]  # an item -> its request message
+    batch_class: Any  # the batch message: batch_class(requests=[...])
+    decode: Callable[[bytes], list[tuple[int, Any]]]  # a response -> (index, result or RenderError)
+
+
+SAMPLES = StreamMethod(
+    "RenderTrainingSamples",
+    pb.RenderTrainingSampleRequest,
+    encode_sample_request,
+    pb.RenderTrainingSamplesRequest,
+    decode_results,
+)
+TOKENS = StreamMethod(
+    "Renders",
+    pb.RenderRequest,
+    encode_tokens_request,
+    pb.RendersRequest,
+    lambda data: decode_results(data, decode_rendered_tokens),
+)
 
 # Beyond this many requests per message, batching saves nothing measurable.
 _MAX_BATCH = 32
@@ -76,13 +106,13 @@ class _Pending:
     """The requests a stream has sent and not had answered, in the order sent."""
 
     def __init__(self) -> None:
-        self._items: deque[tuple[int, pb.RenderTrainingSampleRequest]] = deque()
+        self._items: deque[tuple[int, Any]] = deque()
         self._first_index = 0  # index in the current call of the oldest unanswered request
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def sent(self, positions: list[int], requests: list[pb.RenderTrainingSampleRequest]) -> None:
+    def sent(self, positions: list[int], requests: list[Any]) -> None:
         self._items.extend(zip(positions, requests, strict=True))
 
     def answered(self, index: int) -> int:
@@ -92,7 +122,7 @@ class _Pending:
         self._first_index += 1
         return self._items.popleft()[0]
 
-    def restart(self) -> tuple[list[int], list[pb.RenderTrainingSampleRequest]]:
+    def restart(self) -> tuple[list[int], list[Any]]:
         """Everything unanswered, to send again on a new call (whose indices start at 0)."""
         self._first_index = 0
         return [position for position, _ in self._items], [request for _, request in self._items]
@@ -109,12 +139,12 @@ def _batch_size(concurrency: int, streams: int) -> int:
     return max(1, min(_MAX_BATCH, concurrency // (2 * streams)))
 
 
-def _encode(items: list[tuple[int, Item]], results: Any) -> tuple[list[int], list[pb.RenderTrainingSampleRequest]]:
+def _encode(items: list[tuple[int, Item]], results: Any, method: StreamMethod) -> tuple[list[int], list[Any]]:
     """The batch's encodable requests; the others get their error as their result."""
     positions, requests = [], []
     for position, item in items:
         try:
-            request = item if isinstance(item, pb.RenderTrainingSampleRequest) else encode_sample_request(item)
+            request = item if isinstance(item, method.request_class) else method.encode(item)
         except RenderError as exc:
             results.put_nowait((position, exc))
         else:
@@ -140,10 +170,16 @@ class _Stream:
     """A RenderTrainingSamples call (opened again if it breaks) and the requests it owes."""
 
     def __init__(
-        self, stub: RenderStub, timeout: float | None, metadata: Metadata, results: queue.SimpleQueue[Any]
+        self,
+        stub: RenderStub,
+        timeout: float | None,
+        metadata: Metadata,
+        results: queue.SimpleQueue[Any],
+        method: StreamMethod,
     ) -> None:
         self._stub, self._timeout, self._metadata = stub, timeout, metadata
         self._results = results
+        self._method = method
         self._lock = threading.Lock()
         self._pending = _Pending()
         self._failure: RenderError | None = None
@@ -155,25 +191,25 @@ class _Stream:
     def unanswered(self) -> int:
         return len(self._pending)
 
-    def _new_call(self, requests: list[pb.RenderTrainingSampleRequest]) -> Any:
+    def _new_call(self, requests: list[Any]) -> Any:
         """A call whose request stream starts with `requests` (and ends if finished)."""
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         if requests:
-            self._outbox.put(pb.RenderTrainingSamplesRequest(requests=requests))
+            self._outbox.put(self._method.batch_class(requests=requests))
         if self._finished:
             self._outbox.put(None)
-        return self._stub.RenderTrainingSamples(
+        return getattr(self._stub, self._method.name)(
             iter(self._outbox.get, None), timeout=self._timeout, metadata=self._metadata
         )
 
-    def send(self, positions: list[int], requests: list[pb.RenderTrainingSampleRequest]) -> None:
+    def send(self, positions: list[int], requests: list[Any]) -> None:
         with self._lock:
             if self._failure is not None:
                 for position in positions:
                     self._results.put((position, self._failure))
                 return
             self._pending.sent(positions, requests)
-            self._outbox.put(pb.RenderTrainingSamplesRequest(requests=requests))
+            self._outbox.put(self._method.batch_class(requests=requests))
 
     def finish(self) -> None:
         with self._lock:
@@ -193,7 +229,7 @@ class _Stream:
             try:
                 for response in call:
                     attempt = 0
-                    for index, outcome in decode_results(response):
+                    for index, outcome in self._method.decode(response):
                         with self._lock:
                             position = self._pending.answered(index)
                         self._results.put((position, outcome))
@@ -233,11 +269,12 @@ def render_many(
     timeout: float | None,
     metadata: Metadata,
     return_exceptions: bool,
+    method: StreamMethod = SAMPLES,
 ) -> Iterator[Result]:
     streams_wanted = min(len(stubs), concurrency) if concurrency > 0 else 1
     batch_size = _batch_size(concurrency, streams_wanted)
     results: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    streams = [_Stream(stub, timeout, metadata, results) for stub in stubs[:streams_wanted]]
+    streams = [_Stream(stub, timeout, metadata, results, method) for stub in stubs[:streams_wanted]]
     slots = threading.Semaphore(concurrency)
     closed = threading.Event()
 
@@ -264,7 +301,7 @@ def render_many(
                         break
                     batch.append((position, item))
                     position += 1
-                positions, encoded = _encode(batch, results)
+                positions, encoded = _encode(batch, results, method)
                 if encoded:
                     min(streams, key=lambda stream: stream.unanswered).send(positions, encoded)
                 if item is _END:
@@ -305,15 +342,21 @@ class _AsyncStream:
     """An asyncio RenderTrainingSamples call (opened again if it breaks) and the requests it owes."""
 
     def __init__(
-        self, stub: RenderStub, timeout: float | None, metadata: Metadata, results: asyncio.Queue[Any]
+        self,
+        stub: RenderStub,
+        timeout: float | None,
+        metadata: Metadata,
+        results: asyncio.Queue[Any],
+        method: StreamMethod,
     ) -> None:
         self._stub, self._timeout, self._metadata = stub, timeout, metadata
         self._results = results
+        self._method = method
         self._pending = _Pending()
         self._failure: RenderError | None = None
         self._finished = False
         self._ready = asyncio.Event()  # set while self.call accepts writes
-        self.call = self._stub.RenderTrainingSamples(timeout=timeout, metadata=metadata)
+        self.call = self._open()
         self._ready.set()
         self.reader = asyncio.ensure_future(self._read())
 
@@ -321,7 +364,7 @@ class _AsyncStream:
     def unanswered(self) -> int:
         return len(self._pending)
 
-    async def send(self, positions: list[int], requests: list[pb.RenderTrainingSampleRequest]) -> None:
+    async def send(self, positions: list[int], requests: list[Any]) -> None:
         # Not while the reader reopens the call: it sends what was pending then, and
         # these would go twice.
         await self._ready.wait()
@@ -332,7 +375,10 @@ class _AsyncStream:
         self._pending.sent(positions, requests)
         # A broken call fails the write; the reader opens a new one and sends these again.
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await self.call.write(pb.RenderTrainingSamplesRequest(requests=requests))
+            await self.call.write(self._method.batch_class(requests=requests))
+
+    def _open(self) -> Any:
+        return getattr(self._stub, self._method.name)(timeout=self._timeout, metadata=self._metadata)
 
     async def finish(self) -> None:
         self._finished = True
@@ -351,7 +397,7 @@ class _AsyncStream:
             try:
                 while (response := await self.call.read()) is not grpc.aio.EOF:
                     attempt = 0
-                    for index, outcome in decode_results(response):
+                    for index, outcome in self._method.decode(response):
                         self._results.put_nowait((self._pending.answered(index), outcome))
                 if not len(self._pending):
                     return  # ended normally, everything answered
@@ -368,10 +414,10 @@ class _AsyncStream:
                 attempt += 1
                 # Open the call again and send what it owed.
                 _, requests = self._pending.restart()
-                self.call = self._stub.RenderTrainingSamples(timeout=self._timeout, metadata=self._metadata)
+                self.call = self._open()
                 with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                     if requests:
-                        await self.call.write(pb.RenderTrainingSamplesRequest(requests=requests))
+                        await self.call.write(self._method.batch_class(requests=requests))
                     if self._finished:
                         await self.call.done_writing()
                 self._ready.set()
@@ -396,11 +442,12 @@ async def render_many_async(
     timeout: float | None,
     metadata: Metadata,
     return_exceptions: bool,
+    method: StreamMethod = SAMPLES,
 ) -> AsyncIterator[Result]:
     streams_wanted = min(len(stubs), concurrency) if concurrency > 0 else 1
     batch_size = _batch_size(concurrency, streams_wanted)
     results: asyncio.Queue[Any] = asyncio.Queue()
-    streams = [_AsyncStream(stub, timeout, metadata, results) for stub in stubs[:streams_wanted]]
+    streams = [_AsyncStream(stub, timeout, metadata, results, method) for stub in stubs[:streams_wanted]]
     slots = asyncio.Semaphore(concurrency)
     items = aiter(requests) if isinstance(requests, AsyncIterable) else _as_async(requests)
 
@@ -421,7 +468,7 @@ async def render_many_async(
                         break
                     batch.append((position, item))
                     position += 1
-                positions, encoded = _encode(batch, results)
+                positions, encoded = _encode(batch, results, method)
                 if encoded:
                     await min(streams, key=lambda stream: stream.unanswered).send(positions, encoded)
                 if item is _END:

@@ -194,6 +194,21 @@ class SampleRequest:
 
 
 @dataclass(frozen=True)
+class TokensRequest:
+    """The arguments of one Renderer.render (or render_ids) call, for `render_many_tokens`.
+
+    Make one with `RemoteRenderer.render_request(messages, ...)`.
+    """
+
+    model: str
+    messages: Sequence[Mapping[str, Any]]
+    tools: Sequence[Any] | None = None
+    add_generation_prompt: bool = False
+    chat_template_kwargs: Mapping[str, Any] | None = None
+    ids_only: bool = False
+
+
+@dataclass(frozen=True)
 class RemoteRenderer:
     """A server model standing in for a local `renderers.Renderer`.
 
@@ -232,6 +247,24 @@ class RemoteRenderer:
             ensure_final_stop=ensure_final_stop,
             message_loss_mask=message_loss_mask,
             chat_template_kwargs=self.chat_template_kwargs,
+        )
+
+    def render_request(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Any] | None = None,
+        add_generation_prompt: bool = False,
+        ids_only: bool = False,
+    ) -> TokensRequest:
+        """A render (with ids_only: render_ids) call on this model, for `render_many_tokens`."""
+        return TokensRequest(
+            self.model,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=self.chat_template_kwargs,
+            ids_only=ids_only,
         )
 
     # -- renderers' Renderer protocol ---------------------------------------------

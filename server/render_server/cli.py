@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10.0,
         help="seconds in-flight calls get to finish on SIGTERM (default: %(default)s)",
     )
+    add(
+        "--raw-tensors",
+        action="store_true",
+        help="send pixel tensors raw over gRPC, never in their exact compact form (1/8 of the bytes)",
+    )
     add("--log-level", default="INFO", help="logging level (default: %(default)s)")
     add(
         "--image-cache-mb",
@@ -179,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             port=port,
             threads=args.threads,
             render_processes=args.render_processes,
+            compact_tensors=not args.raw_tensors,
             limits=limits,
             tls=tls,
             tokens=tokens,

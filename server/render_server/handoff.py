@@ -58,6 +58,7 @@ class Kind(enum.IntEnum):
     PARSE = 6  # a ParseResponseRequest
     BRIDGE = 7  # a BridgeToNextTurnRequest
     DESCRIBE = 8  # a DescribeRendererRequest
+    RENDER_BATCH = 9  # a RendersRequest
 
 
 # A render process busy on one call for longer than this gets no new calls while another is free of such a render.

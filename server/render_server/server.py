@@ -44,6 +44,7 @@ class ServerOptions:
     max_connection_grace: float = 600.0
     reuse_port: bool = False  # let worker processes share the port (workers.py)
     render_processes: int = 2  # per worker: a call need not wait behind one long render (handoff.RenderProcesses)
+    compact_tensors: bool = True  # pixel tensors in their exact compact form where it holds (compact.py)
 
 
 class MethodAwarePool:

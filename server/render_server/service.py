@@ -32,6 +32,7 @@ from render_client.convert_protocol import (
     decode_parse_request,
     decode_render_request,
     encode_parsed_response,
+    encode_rendered_tokens,
     encode_tokens_response,
 )
 from render_client.errors import CallCancelledError, DeadlineExceededError, InvalidArgumentError, RenderError, invalid
@@ -52,9 +53,11 @@ _RESPONSE_FLUSH_BYTES = 8 * 1024 * 1024
 
 
 class RenderService:
-    def __init__(self, registry: ModelRegistry, limits: Limits) -> None:
+    def __init__(self, registry: ModelRegistry, limits: Limits, *, compact_tensors: bool = True) -> None:
+        """`compact_tensors`: send pixel tensors in their exact compact form (compact.py) where it holds."""
         self._registry = registry
         self._limits = limits
+        self._compact_tensors = compact_tensors
         # The calls besides samples, by the kind the gRPC process hands them over as.
         self._calls: dict[Kind, tuple[str, Callable[[bytes, Callable[[], None], _Labels], bytes]]] = {
             Kind.RENDER: ("Render", self._render_tokens),
@@ -84,7 +87,7 @@ class RenderService:
             model = self._model(arguments.model, labels)
             check_request(arguments, request.ByteSize(), self._limits)
             sample = render_sample(model, arguments, self._limits, stop_if_cancelled)
-            encoded = encode_sample(sample)
+            encoded = encode_sample(sample, compact_tensors=self._compact_tensors)
             TOKENS.labels(labels.model).inc(len(sample.token_ids))
             if model.accepts_images:
                 IMAGES.labels(labels.model).inc(sum(ref.kind == "image" for ref in arguments.media))
@@ -112,19 +115,27 @@ class RenderService:
 
     def _render_tokens(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
         request = _parse(pb.RenderRequest, body, "request")
+        return encode_tokens_response(self._rendered_tokens(request, stop_if_cancelled, labels))
+
+    def _rendered_tokens(
+        self, request: pb.RenderRequest, stop_if_cancelled: Callable[[], None], labels: _Labels
+    ) -> WireMessage:
+        """A Render request's answer: its RenderedTokens message (for Render and each item of Renders)."""
         arguments = decode_render_request(request)
         model = self._model(arguments.conversation.model, labels)
-        check_request(arguments.conversation, len(body), self._limits)
+        check_request(arguments.conversation, request.ByteSize(), self._limits)
         rendered = render_tokens(model, arguments, self._limits, stop_if_cancelled)
         TOKENS.labels(labels.model).inc(len(rendered.token_ids))
-        return encode_tokens_response(rendered)
+        return encode_rendered_tokens(rendered, compact_tensors=self._compact_tensors)
 
     def _bridge_to_next_turn(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
         arguments = decode_bridge_request(body)
         model = self._model(arguments.conversation.model, labels)
-        check_request(arguments.conversation, len(body), self._limits)
+        check_request(arguments.conversation, arguments.request_bytes, self._limits)
         bridged = bridge_to_next_turn(model, arguments, self._limits, stop_if_cancelled)
-        return encode_tokens_response(bridged)
+        return encode_tokens_response(
+            None if bridged is None else encode_rendered_tokens(bridged, compact_tensors=self._compact_tensors)
+        )
 
     def _parse_response(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
         arguments = decode_parse_request(_parse(pb.ParseResponseRequest, body, "request"))
@@ -154,7 +165,7 @@ class RenderService:
             if is_cancelled():
                 raise cancellation(request.deadline)
 
-        if request.kind == Kind.BATCH:
+        if request.kind in (Kind.BATCH, Kind.RENDER_BATCH):
             yield from self._answer_batch(request, stop_if_cancelled)
             return
         try:
@@ -177,15 +188,35 @@ class RenderService:
         yield answer
 
     def _answer_batch(self, request: Request, stop_if_cancelled: Callable[[], None]) -> Iterator[Answer]:
-        """A batch's results, in parts of at most about _RESPONSE_FLUSH_BYTES."""
+        """A batch's results, in parts of at most about _RESPONSE_FLUSH_BYTES.
+
+        A RenderTrainingSamples batch's results are samples; a Renders batch's,
+        RenderedTokens (its messages are the same on the wire, see encode_result).
+        """
         index = request.first_index
+        render_item: Callable[[Any], WireMessage]
+        if request.kind == Kind.BATCH:
+            batch_class = pb.RenderTrainingSamplesRequest
+
+            def render_item(item: Any) -> WireMessage:
+                return self.render(
+                    item, method="RenderTrainingSamples", received=request.received, stop_if_cancelled=stop_if_cancelled
+                )
+        else:
+            batch_class = pb.RendersRequest
+
+            def render_item(item: Any) -> WireMessage:
+                return _measured(
+                    "Renders", request.received, lambda labels: self._rendered_tokens(item, stop_if_cancelled, labels)
+                )
+
         try:
             # Its requests cannot be counted, so no later index would be right: the stream ends.
-            batch = _parse(pb.RenderTrainingSamplesRequest, request.body, f"request batch after index {index}")
+            batch = _parse(batch_class, request.body, f"request batch after index {index}")
         except RenderError as error:
             yield Answer.of_error(error, index)
             return
-        response = WireMessage()  # a RenderTrainingSamplesResponse
+        response = WireMessage()  # a RenderTrainingSamplesResponse, or a RendersResponse
         for item in batch.requests:
             try:
                 stop_if_cancelled()
@@ -194,12 +225,7 @@ class RenderService:
                 return
             outcome: WireMessage | RenderError
             try:
-                outcome = self.render(
-                    item,
-                    method="RenderTrainingSamples",
-                    received=request.received,
-                    stop_if_cancelled=stop_if_cancelled,
-                )
+                outcome = render_item(item)
             except RenderError as error:
                 outcome = error
             response.extend(encode_result(index, outcome))

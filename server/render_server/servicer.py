@@ -29,8 +29,6 @@ class RenderServicer:
     def __init__(self, registry: ModelRegistry, renders: RenderProcesses) -> None:
         self._registry = registry
         self._renders = renders
-        # Looked up once: labels() takes a lock and a dict lookup on every call otherwise.
-        self._in_flight_samples = IN_FLIGHT.labels("RenderTrainingSamples")
 
     def _unary(self, kind: Kind, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         """The handler of a unary method whose request the render process answers."""
@@ -47,30 +45,36 @@ class RenderServicer:
 
         return handle
 
-    def RenderTrainingSamples(self, batches: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        with self._in_flight_samples.track_inprogress():
-            current: Call | None = None  # the batch being rendered
+    def _stream(self, kind: Kind, method: str) -> Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]:
+        """The handler of a stream of request batches (RenderTrainingSamples, Renders)."""
+        in_flight = IN_FLIGHT.labels(method)
 
-            def cancel() -> None:
-                if current is not None:
-                    current.cancel()
+        def handle(batches: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            with in_flight.track_inprogress():
+                current: Call | None = None  # the batch being rendered
 
-            _cancel_when_gone(context, cancel)
-            index = 0
-            for batch in batches:
-                current = self._renders.start(
-                    Kind.BATCH, batch, deadline=deadline_in(context.time_remaining()), first_index=index
-                )
-                if not context.is_active():  # it ended before `cancel` could see this batch
-                    current.cancel()
-                for answer in current:
-                    if answer.code is not grpc.StatusCode.OK:
-                        abort(context, answer.error())
-                    if answer.body:
-                        yield answer.body
-                    if answer.last:
-                        index = answer.next_index
-                current = None
+                def cancel() -> None:
+                    if current is not None:
+                        current.cancel()
+
+                _cancel_when_gone(context, cancel)
+                index = 0
+                for batch in batches:
+                    current = self._renders.start(
+                        kind, batch, deadline=deadline_in(context.time_remaining()), first_index=index
+                    )
+                    if not context.is_active():  # it ended before `cancel` could see this batch
+                        current.cancel()
+                    for answer in current:
+                        if answer.code is not grpc.StatusCode.OK:
+                            abort(context, answer.error())
+                        if answer.body:
+                            yield answer.body
+                        if answer.last:
+                            index = answer.next_index
+                    current = None
+
+        return handle
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         return encode_models(self._registry.describe())
@@ -93,7 +97,10 @@ class RenderServicer:
             **{
                 method: grpc.unary_unary_rpc_method_handler(self._unary(kind, method)) for method, kind in unary.items()
             },
-            "RenderTrainingSamples": grpc.stream_stream_rpc_method_handler(self.RenderTrainingSamples),
+            "RenderTrainingSamples": grpc.stream_stream_rpc_method_handler(
+                self._stream(Kind.BATCH, "RenderTrainingSamples")
+            ),
+            "Renders": grpc.stream_stream_rpc_method_handler(self._stream(Kind.RENDER_BATCH, "Renders")),
             "ListModels": grpc.unary_unary_rpc_method_handler(
                 self.ListModels,
                 request_deserializer=_list_models_request,

@@ -140,7 +140,8 @@ class Supervisor:
     def _serve_http(self, ready_fd: int) -> int:
         assert self._http_socket is not None  # SIGTERM: uvicorn installs its own handler
         app = HttpApp(
-            RenderService(self._registry, self._options.limits),
+            # JSON carries tensors raw: a client in any language reads them without the compact form.
+            RenderService(self._registry, self._options.limits, compact_tensors=False),
             self.status,
             TokenCheck(self._options.tokens),
             self._options.limits.max_request_bytes,
@@ -226,7 +227,8 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
                 for sock in (*grpc_ends, grpc_end):  # the others' ends too: each sees its own EOF
                     sock.close()
                 os.close(ready_fd)  # the supervisor's "started" pipe is the gRPC process's to write
-                _serve_render_process(RenderService(registry, options.limits), render_end, worker)
+                service = RenderService(registry, options.limits, compact_tensors=options.compact_tensors)
+                _serve_render_process(service, render_end, worker)
                 code = 0
             except BaseException:
                 log.exception("the render process failed")

@@ -268,3 +268,13 @@ def test_non_contiguous_arrays_are_sent_in_c_order() -> None:
     decoded = decode_response(encode_response(encode_sample(sample)))
     decoded = decoded.multi_modal_data.mm_items["image"][0]["x"]
     assert np.array_equal(decoded, array) and decoded.dtype == np.int16
+
+
+def test_renders_results_are_numbered_as_samples_results_so_one_codec_serves_both() -> None:
+    # encode_result / decode_results write and read both streams' responses (see encode_result).
+    def numbers(message: type) -> dict[str, int]:
+        return {field.name: field.number for field in message.DESCRIPTOR.fields}
+
+    assert numbers(pb.RenderResult) == {"index": 1, "tokens": 2, "error": 3}
+    assert numbers(pb.RenderTrainingSampleResult) == {"index": 1, "sample": 2, "error": 3}
+    assert numbers(pb.RendersResponse) == numbers(pb.RenderTrainingSamplesResponse) == {"results": 1}

@@ -153,10 +153,10 @@ def test_the_stream_contract_tags_every_result_once(server: ServerProcess) -> No
 
 
 def test_large_answers_are_split_across_messages(server: ServerProcess) -> None:
-    # A 1024x1024 image has 24 MiB of pixel_values: a batch of three is answered
-    # in several messages rather than one of 72 MiB.
+    # A 2048x2048 image has 96 MiB of pixel_values, 12 MiB in their compact form:
+    # a batch of three is answered in several messages rather than one of 36 MiB.
     buffer = io.BytesIO()
-    Image.new("RGB", (1024, 1024), (30, 60, 90)).save(buffer, format="PNG")
+    Image.new("RGB", (2048, 2048), (30, 60, 90)).save(buffer, format="PNG")
     messages = [{"role": "user", "content": [{"type": "image", "image": buffer.getvalue()}]}]
     request = encode_request("qwen3-vl", messages)
     with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1)]) as channel:
@@ -181,3 +181,42 @@ def test_errors_from_a_stream_keep_the_renderer_exception_type(client: RenderCli
     assert isinstance(result, RenderError) and result.error_type == "ValueError"
     with pytest.raises(ValueError, match="role_to_mask is required"):
         build_training_sample(client.renderer("qwen3-template"), [{"role": "user", "content": "hi"}])
+
+
+def test_render_many_tokens_answers_what_render_does_in_order_with_errors_in_place(client: RenderClient) -> None:
+    # A Renders stream: the same engine as render_many, RenderedTokens for samples.
+    renderer = client.renderer("qwen3-template")  # a Jinja template that refuses some corpus conversations
+    conversations = corpus()[:60]
+    batch = [
+        renderer.render_request(c["messages"], tools=c.get("tools"), add_generation_prompt=True) for c in conversations
+    ]
+    streamed = list(client.render_many_tokens(batch, concurrency=8, return_exceptions=True))
+    assert len(streamed) == len(batch)
+    refused = 0
+    for conversation, result in zip(conversations, streamed, strict=True):
+        try:
+            expected = renderer.render(
+                conversation["messages"], tools=conversation.get("tools"), add_generation_prompt=True
+            )
+        except InvalidArgumentError as exc:
+            refused += 1
+            assert isinstance(result, InvalidArgumentError) and result.details == exc.details
+            continue
+        assert result == expected  # renderers.RenderedTokens, all seven fields
+    assert 0 < refused < len(batch), "the stream carried both results and per-item errors"
+    rendered = next(c for c, result in zip(conversations, streamed, strict=True) if not isinstance(result, RenderError))
+    ids = list(client.render_many_tokens([renderer.render_request(rendered["messages"], ids_only=True)]))
+    assert ids[0].token_ids == renderer.render_ids(rendered["messages"])
+
+
+def test_async_render_many_tokens(server: ServerProcess, client: RenderClient) -> None:
+    conversations = corpus()[:20]
+    expected = [client.renderer("qwen3").render(c["messages"], tools=c.get("tools")) for c in conversations]
+
+    async def run() -> list[object]:
+        async with AsyncRenderClient(server.target, timeout=60, connections=2) as async_client:
+            renderer = async_client.renderer("qwen3")
+            batch = [renderer.render_request(c["messages"], tools=c.get("tools")) for c in conversations]
+            return [tokens async for tokens in async_client.render_many_tokens(batch, concurrency=4)]
+
+    assert asyncio.run(run()) == expected

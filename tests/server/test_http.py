@@ -162,19 +162,30 @@ def test_the_renderer_protocol_has_json_routes(server: ServerProcess) -> None:
     info = post("describe_renderer", {"model": "qwen3"})
     assert info["stop_token_ids"] == local.get_stop_token_ids()
 
-    follow_up = [{"role": "user", "text": "And 3 + 3?"}]
+    # A tool call's answer extends the prompt (Qwen3 re-renders at a new user query instead).
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    ask = [{"role": "user", "content": "Add 2 and 2 with the tool."}]
+    call = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}],
+    }
+    prompt = local.render_ids(ask, tools=tools, add_generation_prompt=True)
+    sampled = local.render_ids([*ask, call], tools=tools)[len(prompt) :]
+    in_process = local.bridge_to_next_turn(prompt, sampled, [{"role": "tool", "content": "4"}], tools=tools)
+    assert in_process is not None
     bridged = post(
         "bridge_to_next_turn",
         {
             "model": "qwen3",
-            "previous_prompt_ids": expected.token_ids,
-            "previous_completion_ids": completion,
-            "new_messages": follow_up,
+            "previous_prompt_ids": prompt,
+            "previous_completion_ids": sampled,
+            "new_messages": [{"role": "tool", "text": "4"}],
+            "tools_json": json.dumps(tools),
         },
     )
-    in_process = local.bridge_to_next_turn(expected.token_ids, completion, [{"role": "user", "content": "And 3 + 3?"}])
-    assert in_process is not None
-    assert (bridged.get("tokens") or {}).get("token_ids") == (None if in_process is None else in_process.token_ids)
+    assert bridged["tokens"]["token_ids"] == in_process.token_ids
+    assert bridged["tokens"]["message_indices"] == in_process.message_indices
 
     status, answer, _ = get(f"{server.http}/v1/render", data=b'{"model": "qwen3", "messages": [{"role": "wizard"}]}')
     assert status == 400 and json.loads(answer)["message"].startswith("messages[0].role: ")

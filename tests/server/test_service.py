@@ -13,11 +13,14 @@ from collections.abc import Iterator
 from typing import ClassVar
 
 import grpc
+import numpy as np
 import pytest
+import renderers
 from PIL import Image
 
 from render_client._pb import render_pb2 as pb
 from render_client._pb.render_pb2_grpc import RenderServiceStub
+from tests.reference import reference_renderer
 from tests.support import ServerProcess
 
 
@@ -192,3 +195,36 @@ def test_list_models(stub: RenderServiceStub) -> None:
     assert [model.id for model in response.models] == ["qwen3", "qwen3-vl", "deepseek-v4", "qwen3-template"]
     assert response.renderers_version == "0.1.12" and response.transformers_version
     assert all(model.tokenizer_fingerprint.startswith("sha256:") for model in response.models)
+
+
+def test_pixel_tensors_travel_in_their_compact_form_and_decode_to_the_processors_bytes(
+    stub: RenderServiceStub,
+) -> None:
+    buffer = io.BytesIO()
+    Image.effect_noise((512, 384), 60).convert("RGB").save(buffer, format="PNG")
+    message = request("qwen3-vl", user_with_image(buffer.getvalue()))
+    response = stub.RenderTrainingSample(message, timeout=60)
+    [item] = response.sample.multi_modal_data.mm_items[0].items
+    pixels = next(field.tensor for field in item.fields if field.name == "pixel_values")
+    assert pixels.HasField("compact") and not pixels.data, "pixel_values came raw"
+    rows, width = pixels.shape
+    assert len(pixels.compact.codes) * 8 == rows * width * 4  # an eighth of the float32 bytes
+    # What a caller in another language does with the proto's documented decoding:
+    groups, repeats = len(pixels.compact.table_sizes), pixels.compact.repeats
+    span = width // (groups * repeats)
+    codes = np.frombuffer(pixels.compact.codes, dtype=np.uint8).reshape(rows, groups, span)
+    tables = np.split(
+        np.frombuffer(pixels.compact.tables, dtype=pixels.dtype), np.cumsum(pixels.compact.table_sizes)[:-1]
+    )
+    rebuilt = np.stack([np.stack([tables[g][codes[:, g]]] * repeats, axis=1) for g in range(groups)], axis=1)
+    expected = renderers.build_training_sample(
+        reference_renderer("qwen3-vl"),
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "look"}, {"type": "image", "image": buffer.getvalue()}],
+            },
+            {"role": "assistant", "content": "A red square."},
+        ],
+    ).multi_modal_data.mm_items["image"][0]["pixel_values"]
+    assert rebuilt.reshape(rows, width).tobytes() == expected.tobytes() and expected.shape == (rows, width)

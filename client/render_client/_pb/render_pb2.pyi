@@ -218,14 +218,28 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "compact")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    compact: CompactTensor
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compact: _Optional[_Union[CompactTensor, _Mapping]] = ...) -> None: ...
+
+class CompactTensor(_message.Message):
+    __slots__ = ("codes", "tables", "table_sizes", "repeats")
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    TABLE_SIZES_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    codes: bytes
+    tables: bytes
+    table_sizes: _containers.RepeatedScalarFieldContainer[int]
+    repeats: int
+    def __init__(self, codes: _Optional[bytes] = ..., tables: _Optional[bytes] = ..., table_sizes: _Optional[_Iterable[int]] = ..., repeats: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -326,6 +340,28 @@ class RenderedTokens(_message.Message):
     message_tool_names: _containers.RepeatedCompositeFieldContainer[ToolName]
     multi_modal_data: MultiModalData
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., message_indices: _Optional[_Iterable[int]] = ..., sampled_mask: _Optional[_Iterable[bool]] = ..., is_content: _Optional[_Iterable[bool]] = ..., message_roles: _Optional[_Iterable[str]] = ..., message_tool_names: _Optional[_Iterable[_Union[ToolName, _Mapping]]] = ..., multi_modal_data: _Optional[_Union[MultiModalData, _Mapping]] = ...) -> None: ...
+
+class RendersRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RenderRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RenderRequest, _Mapping]]] = ...) -> None: ...
+
+class RendersResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RenderResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RenderResult, _Mapping]]] = ...) -> None: ...
+
+class RenderResult(_message.Message):
+    __slots__ = ("index", "tokens", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    tokens: RenderedTokens
+    error: Error
+    def __init__(self, index: _Optional[int] = ..., tokens: _Optional[_Union[RenderedTokens, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ToolName(_message.Message):
     __slots__ = ("name",)

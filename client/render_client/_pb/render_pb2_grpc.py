@@ -56,6 +56,11 @@ class RenderServiceStub:
                 request_serializer=render_dot_v1_dot_render__pb2.RenderRequest.SerializeToString,
                 response_deserializer=render_dot_v1_dot_render__pb2.RenderResponse.FromString,
                 _registered_method=True)
+        self.Renders = channel.stream_stream(
+                '/render.v1.RenderService/Renders',
+                request_serializer=render_dot_v1_dot_render__pb2.RendersRequest.SerializeToString,
+                response_deserializer=render_dot_v1_dot_render__pb2.RendersResponse.FromString,
+                _registered_method=True)
         self.ParseResponse = channel.unary_unary(
                 '/render.v1.RenderService/ParseResponse',
                 request_serializer=render_dot_v1_dot_render__pb2.ParseResponseRequest.SerializeToString,
@@ -117,6 +122,15 @@ class RenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renders(self, request_iterator, context):
+        """Renders a stream of conversations, for rollout workers rendering many
+        prompts: batched, numbered and answered in order as RenderTrainingSamples
+        answers samples, each request's result its tokens or its own error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ParseResponse(self, request, context):
         """Renderer.parse_response.
         """
@@ -162,6 +176,11 @@ def add_RenderServiceServicer_to_server(servicer, server):
                     servicer.Render,
                     request_deserializer=render_dot_v1_dot_render__pb2.RenderRequest.FromString,
                     response_serializer=render_dot_v1_dot_render__pb2.RenderResponse.SerializeToString,
+            ),
+            'Renders': grpc.stream_stream_rpc_method_handler(
+                    servicer.Renders,
+                    request_deserializer=render_dot_v1_dot_render__pb2.RendersRequest.FromString,
+                    response_serializer=render_dot_v1_dot_render__pb2.RendersResponse.SerializeToString,
             ),
             'ParseResponse': grpc.unary_unary_rpc_method_handler(
                     servicer.ParseResponse,
@@ -288,6 +307,33 @@ class RenderService:
             '/render.v1.RenderService/Render',
             render_dot_v1_dot_render__pb2.RenderRequest.SerializeToString,
             render_dot_v1_dot_render__pb2.RenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renders(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/render.v1.RenderService/Renders',
+            render_dot_v1_dot_render__pb2.RendersRequest.SerializeToString,
+            render_dot_v1_dot_render__pb2.RendersResponse.FromString,
             options,
             channel_credentials,
             insecure,
