@@ -49,6 +49,7 @@ from bench.floor import floor
 from bench.images_wire import images_wire
 from bench.load import metric_total
 from bench.protocol import protocol
+from bench.work import assistant_only, working_set
 from render_client import RenderClient
 from tests.reference import reference_renderer
 from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, corpus, running_server
@@ -58,10 +59,6 @@ CORES = len(os.sched_getaffinity(0))
 PARTS = ("throughput", "latency", "length", "images", "memory", "floor", "protocol", "images_wire")
 
 
-def assistant_only(message: dict[str, Any]) -> bool:
-    return message["role"] == "assistant"
-
-
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -69,21 +66,6 @@ def percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------
-
-
-def working_set(model: str) -> list[dict[str, Any]]:
-    """The corpus conversations the model renders in-process (some templates refuse some)."""
-    renderer = reference_renderer(model)
-    kept = []
-    for conversation in corpus():
-        try:
-            renderers.build_training_sample(
-                renderer, conversation["messages"], tools=conversation.get("tools"), role_to_mask=assistant_only
-            )
-        except Exception:
-            continue
-        kept.append({"messages": conversation["messages"], "tools": conversation.get("tools")})
-    return kept
 
 
 def in_process(model: str, conversations: list[dict[str, Any]], seconds: float) -> dict[str, Any]:

@@ -51,13 +51,14 @@ import renderers
 from PIL import Image
 
 from bench.load import renderer_cpu, server_cpu
+from bench.work import assistant_only, working_set
 from render_client import RenderClient
 from render_client._pb import render_pb2 as pb
 from render_client.channel import channel_options
 from render_client.compact import materialize_all
 from render_client.convert import decode_response
 from tests.reference import reference_renderer
-from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, corpus, running_server
+from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, running_server
 
 MODEL = "qwen3-vl"
 SIDES = (256, 512, 1024, 2048, 4096)
@@ -119,25 +120,6 @@ def image_request(data: bytes) -> pb.RenderTrainingSampleRequest:
             pb.Message(role="assistant", text="A picture."),
         ],
     )
-
-
-def assistant_only(message: dict[str, Any]) -> bool:
-    return message["role"] == "assistant"
-
-
-def working_set(model: str) -> list[dict[str, Any]]:
-    """The corpus conversations the model renders in-process (as bench/__main__.py's working_set)."""
-    renderer = reference_renderer(model)
-    kept = []
-    for conversation in corpus():
-        try:
-            renderers.build_training_sample(
-                renderer, conversation["messages"], tools=conversation.get("tools"), role_to_mask=assistant_only
-            )
-        except Exception:
-            continue
-        kept.append({"messages": conversation["messages"], "tools": conversation.get("tools")})
-    return kept
 
 
 def image_pool(count: int, side: int = 1024, first_seed: int = 10_000) -> list[bytes]:
