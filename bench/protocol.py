@@ -22,6 +22,7 @@ from typing import Any
 import renderers
 
 import render_client
+from bench.work import assistant_only
 from render_client import RenderClient
 from tests.reference import reference_renderer
 from tests.support import corpus, running_server
@@ -31,10 +32,6 @@ CONCURRENCY = 8
 STREAMED_CONCURRENCY = 64
 
 Call = Callable[[Any, dict[str, Any]], Any]  # (renderer, case) -> result
-
-
-def _assistant(message: dict[str, Any]) -> bool:
-    return message["role"] == "assistant"
 
 
 def cases(local: Any) -> list[dict[str, Any]]:
@@ -48,7 +45,7 @@ def cases(local: Any) -> list[dict[str, Any]]:
             continue
         last = turns[-1]
         try:
-            renderers.build_training_sample(local, messages, tools=tools, role_to_mask=_assistant)
+            renderers.build_training_sample(local, messages, tools=tools, role_to_mask=assistant_only)
             prompt = local.render_ids(messages[:last], tools=tools, add_generation_prompt=True)
             full = local.render_ids(messages[: last + 1], tools=tools)
         except Exception:
@@ -70,7 +67,7 @@ def cases(local: Any) -> list[dict[str, Any]]:
 
 CALLS: dict[str, Call] = {
     "build_training_sample": lambda r, c: renderers.build_training_sample(
-        r, c["messages"], tools=c["tools"], role_to_mask=_assistant
+        r, c["messages"], tools=c["tools"], role_to_mask=assistant_only
     ),
     "render": lambda r, c: r.render(c["messages"], tools=c["tools"], add_generation_prompt=True),
     "parse_response": lambda r, c: r.parse_response(c["completion"], tools=c["tools"], prompt_ids=c["prompt"]),
@@ -142,7 +139,7 @@ def protocol(quick: bool) -> list[dict[str, Any]]:
     ):
         remote_renderer = client.renderer(MODEL)
         server_side = lambda r, c: render_client.build_training_sample(  # noqa: E731
-            r, c["messages"], tools=c["tools"], role_to_mask=_assistant
+            r, c["messages"], tools=c["tools"], role_to_mask=assistant_only
         )
         plan: list[tuple[str, Call, Call | None]] = [
             ("build_training_sample (RenderTrainingSample)", CALLS["build_training_sample"], server_side),
