@@ -58,7 +58,7 @@ from render_client.channel import channel_options
 from render_client.compact import materialize_all
 from render_client.convert import decode_response
 from tests.reference import reference_renderer
-from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, running_server
+from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, counting_relay, running_server
 
 MODEL = "qwen3-vl"
 SIDES = (256, 512, 1024, 2048, 4096)
@@ -146,9 +146,9 @@ def response_bytes(server: ServerProcess, cases: list[tuple[str, int, bytes]]) -
         call = channel.unary_unary(METHOD, request_serializer=pb.RenderTrainingSampleRequest.SerializeToString)
         call(image_request(noise_image(64, 1)), timeout=120)  # warm up
         for kind, side, data in cases:
-            begun = time.perf_counter()
+            cpu, begun = time.process_time(), time.perf_counter()
             answer: bytes = call(image_request(data), timeout=600)
-            elapsed = time.perf_counter() - begun
+            elapsed, cpu = time.perf_counter() - begun, time.process_time() - cpu
             [item] = pb.RenderTrainingSampleResponse.FromString(answer).sample.multi_modal_data.mm_items[0].items
             tensor = next(field.tensor for field in item.fields if field.name == "pixel_values")
             form = "compact" if tensor.HasField("compact") else "raw"
@@ -166,10 +166,44 @@ def response_bytes(server: ServerProcess, cases: list[tuple[str, int, bytes]]) -
                     "shape": list(tensor.shape),
                     "table_sizes": list(tensor.compact.table_sizes),
                     "call_ms": elapsed * 1e3,
+                    "client_cpu_ms": cpu * 1e3,
                     "digest": sample_digest(answer),
                 }
             )
             del answer, item, tensor
+    return out
+
+
+def gzip_wire_bytes(server: ServerProcess, cases: list[tuple[str, int, bytes]]) -> list[dict[str, Any]]:
+    """Per case, from a `--compression gzip` server: the call's time and this process's CPU for it
+    (gRPC inflating the answer), a digest of the decoded sample, then, on a second call through a
+    counting relay (a fresh connection: HTTP/2 set-up included), the bytes that travel to the client."""
+    out = []
+    with grpc.insecure_channel(server.target, options=channel_options()) as channel:
+        call = channel.unary_unary(METHOD, request_serializer=pb.RenderTrainingSampleRequest.SerializeToString)
+        call(image_request(noise_image(64, 1)), timeout=120)  # warm up
+        for kind, side, data in cases:
+            cpu, begun = time.process_time(), time.perf_counter()
+            answer: bytes = call(image_request(data), timeout=600)
+            elapsed, cpu = time.perf_counter() - begun, time.process_time() - cpu
+            with (
+                counting_relay(server.target) as (address, counted),
+                grpc.insecure_channel(address, options=channel_options()) as relayed,
+            ):
+                relayed.unary_unary(METHOD, request_serializer=pb.RenderTrainingSampleRequest.SerializeToString)(
+                    image_request(data), timeout=600
+                )
+            out.append(
+                {
+                    "kind": kind,
+                    "side": side,
+                    "wire_bytes": counted[0],
+                    "call_ms": elapsed * 1e3,
+                    "client_cpu_ms": cpu * 1e3,
+                    "digest": sample_digest(answer),
+                }
+            )
+            del answer
     return out
 
 
@@ -195,12 +229,15 @@ def wire_bytes(quick: bool) -> list[dict[str, Any]]:
     for form, flags in (("raw", RAW_FLAG), ("compact", ())):
         with running_server("--workers", "1", *flags) as server:
             answers[form] = response_bytes(server, cases)
+    with running_server("--workers", "1", "--compression", "gzip") as server:
+        gzipped = gzip_wire_bytes(server, cases)
     rows = []
     print(
         f"\n{'image':11} {'JPEG':>9} {'raw answer':>13} {'compact answer':>15} {'ratio':>7} {'pixels only':>11} "
-        f"{'call ms raw':>11} {'compact':>8}  same sample?"
+        f"{'call ms raw':>11} {'compact':>8}  same sample?  | gzip: {'on wire':>12} {'ratio':>7} {'call ms':>8} "
+        f"{'client CPU ms (compact)':>23} same?"
     )
-    for raw, compact in zip(answers["raw"], answers["compact"], strict=True):
+    for raw, compact, squeezed in zip(answers["raw"], answers["compact"], gzipped, strict=True):
         assert raw["form"] == "raw", "the --raw-tensors server sent compact tensors"
         row = {
             "kind": raw["kind"],
@@ -219,13 +256,22 @@ def wire_bytes(quick: bool) -> list[dict[str, Any]]:
             "same_sample": raw["digest"] == compact["digest"],
             "raw_call_ms": raw["call_ms"],
             "compact_call_ms": compact["call_ms"],
+            "compact_client_cpu_ms": compact["client_cpu_ms"],
+            "gzip_wire_bytes": squeezed["wire_bytes"],
+            "gzip_ratio": squeezed["wire_bytes"] / raw["response_bytes"],
+            "gzip_call_ms": squeezed["call_ms"],
+            "gzip_client_cpu_ms": squeezed["client_cpu_ms"],
+            "gzip_same_sample": squeezed["digest"] == raw["digest"],
         }
         rows.append(row)
         print(
             f"{row['kind']:6} {row['side']:4}^2 {row['jpeg_bytes']:9,} {row['raw_response_bytes']:13,} "
             f"{row['compact_response_bytes']:15,} {row['ratio']:7.4f} {row['pixel_ratio']:11.4f} "
             f"{row['raw_call_ms']:11.0f} {row['compact_call_ms']:8.0f}  "
-            f"{'yes' if row['same_sample'] else 'NO'}{'' if row['compact_form'] == 'compact' else ' (sent raw)'}",
+            f"{'yes' if row['same_sample'] else 'NO'}{'' if row['compact_form'] == 'compact' else ' (sent raw)'}"
+            f"  | {row['gzip_wire_bytes']:12,} {row['gzip_ratio']:7.4f} {row['gzip_call_ms']:8.0f} "
+            f"{row['gzip_client_cpu_ms']:13.1f} ({row['compact_client_cpu_ms']:6.1f}) "
+            f"{'yes' if row['gzip_same_sample'] else 'NO'}",
             flush=True,
         )
     return rows
@@ -475,17 +521,20 @@ def client_cpu(quick: bool) -> list[dict[str, Any]]:
     pool = image_pool(48, first_seed=20_000)
     works = {model: Work(model, pool) for model in DEFAULT_MODELS}
     rows = []
-    print(f"\n{'model':15} {'client':22} {'in-process CPU':>15} {'client CPU':>11} {'share':>7}  per round")
-    plan: list[tuple[tuple[str, ...], list[str], list[str]]] = [
-        ((), list(DEFAULT_MODELS), ["compact, materialized", "compact, kept"]),
-        (RAW_FLAG, [MODEL], ["raw server"]),
+    print(f"\n{'model':15} {'client':30} {'in-process CPU':>15} {'client CPU':>11} {'share':>7}  per round")
+    # The default client (one connection) first; eight connections cost the client more threads.
+    compact_modes = {
+        "compact, materialized": {},
+        "compact, kept": {"compact_tensors": True},
+        "compact, materialized, 8 conns": {"connections": 8},
+    }
+    plan: list[tuple[tuple[str, ...], list[str], dict[str, dict[str, Any]]]] = [
+        ((), list(DEFAULT_MODELS), compact_modes),
+        (RAW_FLAG, [MODEL], {"raw server": {}}),
     ]
     for flags, models, modes in plan:
         with running_server(*flags) as server:
-            clients = {
-                mode: RenderClient(server.target, timeout=600, connections=8, compact_tensors=mode == "compact, kept")
-                for mode in modes
-            }
+            clients = {mode: RenderClient(server.target, timeout=600, **kwargs) for mode, kwargs in modes.items()}
             try:
                 for model in models:
                     work = works[model]
@@ -528,7 +577,7 @@ def cpu_row(model: str, mode: str, anchors: list[dict[str, Any]], services: list
     }
     row["met"] = row["share"] <= target
     print(
-        f"{model:15} {mode:22} {row['in_process_cpu_ms']:12.2f} ms {row['client_cpu_ms']:8.2f} ms "
+        f"{model:15} {mode:30} {row['in_process_cpu_ms']:12.2f} ms {row['client_cpu_ms']:8.2f} ms "
         f"{row['share']:7.1%}  {' '.join(f'{s:.1%}' for s in shares)}  (target {target:.0%}: "
         f"{'met' if row['met'] else 'missed'})",
         flush=True,

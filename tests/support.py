@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -199,3 +200,30 @@ def slow_request() -> pb.RenderTrainingSampleRequest:
             pb.Message(role="assistant", text="Noise."),
         ],
     )
+
+
+@contextmanager
+def counting_relay(target: str) -> Iterator[tuple[str, list[int]]]:
+    """A loopback relay to `target` for one connection: (its address, [bytes server -> client])."""
+    host, port = target.rsplit(":", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    counted = [0]
+
+    def pipe(source: socket.socket, sink: socket.socket, count: bool) -> None:
+        with source, sink:
+            while chunk := source.recv(1 << 16):
+                if count:
+                    counted[0] += len(chunk)
+                sink.sendall(chunk)
+
+    def serve() -> None:
+        client_side, _ = listener.accept()
+        server_side = socket.create_connection((host, int(port)))
+        threading.Thread(target=pipe, args=(client_side, server_side, False), daemon=True).start()
+        pipe(server_side, client_side, True)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}", counted
+    finally:
+        listener.close()

@@ -45,6 +45,16 @@ class ServerOptions:
     reuse_port: bool = False  # let worker processes share the port (workers.py)
     render_processes: int = 2  # per worker: a call need not wait behind one long render (handoff.RenderProcesses)
     compact_tensors: bool = True  # pixel tensors in their exact compact form where it holds (compact.py)
+    # gRPC's own message compression of answers (gzip: any gRPC client inflates it); costs
+    # server and client CPU, so only for links slower than the renders (bench/README.md).
+    compression: str = "none"  # a key of COMPRESSION
+
+
+COMPRESSION = {
+    "none": grpc.Compression.NoCompression,
+    "deflate": grpc.Compression.Deflate,
+    "gzip": grpc.Compression.Gzip,
+}
 
 
 class MethodAwarePool:
@@ -96,6 +106,7 @@ def start_server(registry: ModelRegistry, renders: RenderProcesses, options: Ser
         # Past this many calls at once the server answers RESOURCE_EXHAUSTED at
         # once, instead of queueing without bound.
         maximum_concurrent_rpcs=options.limits.max_concurrent_rpcs,
+        compression=COMPRESSION[options.compression],
         options=[
             ("grpc.max_receive_message_length", options.limits.max_request_bytes),
             ("grpc.max_send_message_length", -1),

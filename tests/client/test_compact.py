@@ -108,3 +108,17 @@ def test_a_compact_tensor_whose_codes_run_past_its_table_is_refused() -> None:
     data = encode_response(encode_sample(sample))
     with pytest.raises(RenderError, match="malformed tensor in response"):
         decode_response(data)
+
+
+def test_materialize_refuses_a_code_past_its_table() -> None:
+    """materialize() gathers without numpy's own bounds check, so it checks the codes itself."""
+    codes = np.zeros((2, 3, 4), dtype=np.uint8)
+    codes[1, 2, 3] = 2  # group 2's table has two values: codes 0 and 1
+    tables = tuple(np.array([0.5, -1.0], dtype=np.float32) for _ in range(3))
+    tensor = CompactTensor(np.dtype(np.float32), (2, 24), 2, codes, tables)
+    with pytest.raises(ValueError, match="group 2"):
+        tensor.materialize()
+    codes[1, 2, 3] = 1
+    # Group 2, position 3, in both copies: columns (2 * 2 + r) * 4 + 3 for r in 0, 1.
+    expected = np.where(np.isin(np.arange(24), [19, 23]), -1.0, 0.5).astype(np.float32)
+    assert same_bits(tensor.materialize()[1], expected)
