@@ -16,7 +16,7 @@ from pathlib import Path
 import renderers
 from google.protobuf import json_format
 
-from render_client.convert import encode_request
+from render_wire.requests import encode_request
 from tests.reference import reference_renderer
 from tests.support import corpus
 

@@ -53,10 +53,10 @@ from PIL import Image
 from bench.load import renderer_cpu, server_cpu
 from bench.work import assistant_only, working_set
 from render_client import RenderClient
-from render_client._pb import render_pb2 as pb
 from render_client.channel import channel_options
-from render_client.compact import materialize_all
-from render_client.convert import decode_response
+from render_wire.compact import materialize_all
+from render_wire.pb import render_pb2 as pb
+from render_wire.samples import decode_response
 from tests.reference import reference_renderer
 from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, counting_relay, running_server
 

@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from render_client import RenderClient, RenderError, SampleRequest
-from render_client._pb import render_pb2 as pb
+from render_wire.pb import render_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_ENV = "RENDER_SERVICE_CORPUS"

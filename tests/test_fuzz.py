@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from render_client import RenderClient, build_training_sample
-from render_client._pb import render_pb2 as pb
-from render_client.convert import decode_request, encode_request
-from render_client.errors import InvalidArgumentError
-from render_client.jsonvalue import dump_json, load_json
+from render_wire.errors import InvalidArgumentError
+from render_wire.jsonvalue import dump_json, load_json
+from render_wire.pb import render_pb2 as pb
+from render_wire.requests import decode_request, encode_request
 from tests.support import ServerProcess
 
 # --- strategies -------------------------------------------------------------

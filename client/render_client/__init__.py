@@ -5,10 +5,8 @@
 Needs only grpcio, protobuf and numpy (and pillow only to pass PIL images).
 """
 
-from .channel import target_for, tls_credentials
-from .client import RenderClient, build_training_sample
-from .compact import CompactTensor
-from .errors import (
+from render_wire.compact import CompactTensor
+from render_wire.errors import (
     CallCancelledError,
     DeadlineExceededError,
     InvalidArgumentError,
@@ -19,18 +17,20 @@ from .errors import (
     UnavailableError,
     UnimplementedError,
 )
-from .fingerprint import tokenizer_fingerprint
-from .types import (
+from render_wire.types import (
     ModelInfo,
     MultiModalData,
     PlaceholderRange,
-    RemoteMultimodalRenderer,
-    RemoteRenderer,
     RenderedTrainingSample,
     SampleRequest,
     ServerModels,
     TokensRequest,
 )
+
+from .channel import target_for, tls_credentials
+from .client import RenderClient, build_training_sample
+from .fingerprint import tokenizer_fingerprint
+from .renderer import RemoteMultimodalRenderer, RemoteRenderer
 
 __all__ = [
     "CallCancelledError",

@@ -16,13 +16,17 @@ from typing import Any
 
 import grpc
 
-from ._pb import render_pb2 as pb
+from render_wire.compact import materialize_all
+from render_wire.errors import RenderError, error_from_rpc
+from render_wire.models import decode_models
+from render_wire.pb import render_pb2 as pb
+from render_wire.requests import encode_sample_request
+from render_wire.samples import decode_response
+from render_wire.types import RenderedTrainingSample, SampleRequest, ServerModels, TokensRequest
+
 from .channel import ChannelOptions, Connection, deadline_for, remaining
-from .compact import materialize_all
-from .convert import decode_models, decode_response, encode_sample_request
-from .errors import RenderError, error_from_rpc
+from .renderer import RemoteRenderer
 from .streaming import SAMPLES, TOKENS, StreamMethod, render_many_async
-from .types import RemoteRenderer, RenderedTrainingSample, SampleRequest, ServerModels, TokensRequest
 
 Message = Mapping[str, Any]
 

@@ -28,8 +28,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from ._pb import render_pb2 as pb
-from ._pb.render_pb2_grpc import RenderServiceStub
+from render_wire.pb import render_pb2 as pb
+from render_wire.pb.render_pb2_grpc import RenderServiceStub
 
 ChannelOptions = Sequence[tuple[str, Any]]
 

@@ -22,31 +22,31 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ._pb import render_pb2 as pb
-from .channel import ChannelOptions, Connection, ConnectionSettings, deadline_for, remaining
-from .compact import materialize_all
-from .convert import decode_models, decode_renderer_info, decode_response, encode_sample_request
-from .convert_protocol import (
-    decode_parsed_response,
-    decode_tokens_response,
+from render_wire.compact import materialize_all
+from render_wire.errors import ModelNotFoundError, RenderError, error_from_rpc
+from render_wire.jsonvalue import dump_json
+from render_wire.models import decode_models, decode_renderer_info
+from render_wire.pb import render_pb2 as pb
+from render_wire.requests import (
     encode_bridge_request,
     encode_describe_request,
     encode_parse_request,
     encode_render_request,
+    encode_sample_request,
 )
-from .errors import ModelNotFoundError, RenderError, error_from_rpc
-from .jsonvalue import dump_json
-from .streaming import SAMPLES, TOKENS, StreamMethod, render_many
-from .types import (
+from render_wire.samples import decode_parsed_response, decode_response, decode_tokens_response
+from render_wire.types import (
     ModelInfo,
-    RemoteMultimodalRenderer,
-    RemoteRenderer,
     RenderedTrainingSample,
     RendererInfo,
     SampleRequest,
     ServerModels,
     TokensRequest,
 )
+
+from .channel import ChannelOptions, Connection, ConnectionSettings, deadline_for, remaining
+from .renderer import RemoteMultimodalRenderer, RemoteRenderer
+from .streaming import SAMPLES, TOKENS, StreamMethod, render_many
 
 Message = Mapping[str, Any]
 T = TypeVar("T")

@@ -32,11 +32,12 @@ from typing import Any
 
 import grpc
 
-from ._pb import render_pb2 as pb
+from render_wire.errors import RenderError, error_from_rpc
+from render_wire.pb import render_pb2 as pb
+from render_wire.requests import encode_sample_request, encode_tokens_request
+from render_wire.samples import decode_rendered_tokens, decode_results
+
 from .channel import RenderStub, resend_delay
-from .convert import decode_results, encode_sample_request
-from .convert_protocol import decode_rendered_tokens, encode_tokens_request
-from .errors import RenderError, error_from_rpc
 
 Result = Any  # a sample, RenderedTokens, or a RenderError
 Item = Any  # a SampleRequest or TokensRequest, or the request message itself

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from render_client.errors import RenderError, UnavailableError, error_from_status
+from render_wire.errors import RenderError, UnavailableError, error_from_status
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _lost() -> Answer:
 # -- the gRPC process's end ----------------------------------------------------------
 
 
-class RenderProcess:
+class RenderProcessProxy:
     """Hands calls to the render process over `sock` and routes its answers back.
 
     Any thread may start calls; one thread reads answers. If the render
@@ -155,7 +155,7 @@ class RenderProcess:
         return call
 
     def load(self, now: float) -> tuple[bool, int]:
-        """How busy the render process is, for RenderProcesses to compare: whether one render has
+        """How busy the render process is, for RenderProcessPool to compare: whether one render has
         held it for over SLOW_RENDER seconds, and how many calls it has waiting or rendering."""
         calls = self._unanswered
         return calls > 0 and now - self._head_started > SLOW_RENDER, calls
@@ -214,7 +214,7 @@ class RenderProcess:
                 self._on_lost()
 
 
-class RenderProcesses:
+class RenderProcessPool:
     """A worker's render processes: each call goes to the one least busy.
 
     One render process renders one call at a time, so a call queued behind a
@@ -226,7 +226,7 @@ class RenderProcesses:
     keeps its second process idle and ready.
     """
 
-    def __init__(self, processes: list[RenderProcess]) -> None:
+    def __init__(self, processes: list[RenderProcessProxy]) -> None:
         self._processes = processes
 
     def start(self, kind: Kind, body: bytes, *, deadline: float, first_index: int = 0) -> Call:
@@ -242,7 +242,7 @@ class RenderProcesses:
 class Call:
     """One request handed to the render process."""
 
-    def __init__(self, process: RenderProcess, call_id: int, answers: queue.SimpleQueue[Answer]) -> None:
+    def __init__(self, process: RenderProcessProxy, call_id: int, answers: queue.SimpleQueue[Answer]) -> None:
         self.call_id = call_id
         self.answers = answers
         self._process = process

@@ -9,7 +9,7 @@
                                     the Renderer protocol's methods, likewise (Render,
                                     ParseResponse, BridgeToNextTurn, DescribeRenderer)
 
-Renders take the same path as gRPC calls (RenderService.render), with the
+Renders take the same path as gRPC calls (RenderPipeline.render), with the
 same limits, metrics and bearer-token check; health and metrics stay open.
 Like a worker past --max-concurrent-rpcs, the port answers 429
 (RESOURCE_EXHAUSTED) while that many renders are waiting or running.
@@ -30,15 +30,15 @@ import grpc
 import uvicorn
 from google.protobuf import json_format
 
-from render_client._pb import render_pb2 as pb
-from render_client.convert import encode_response
-from render_client.errors import RenderError
+from render_wire.errors import RenderError
+from render_wire.pb import render_pb2 as pb
+from render_wire.samples import encode_response
 
 from .auth import REFUSAL, TokenCheck
 from .handoff import Kind
 from .metrics import IN_FLIGHT, exposition
+from .pipeline import RenderPipeline
 from .server import TlsFiles
-from .service import RenderService
 from .status import SharedStatus
 
 Scope = dict[str, Any]
@@ -53,7 +53,7 @@ class _Route:
     method: str
     request_class: Any
     response_class: Any
-    kind: Kind | None  # how RenderService.call takes it; None: RenderService.render (samples)
+    kind: Kind | None  # how RenderPipeline.call takes it; None: RenderPipeline.render (samples)
 
 
 _ROUTES = {
@@ -84,9 +84,9 @@ class HttpApp:
     """A small ASGI application; no framework, four routes."""
 
     def __init__(
-        self, service: RenderService, status: SharedStatus, check: TokenCheck, max_body_bytes: int, max_renders: int
+        self, pipeline: RenderPipeline, status: SharedStatus, check: TokenCheck, max_body_bytes: int, max_renders: int
     ) -> None:
-        self._service = service
+        self._pipeline = pipeline
         self._status = status
         self._check = check
         self._max_body_bytes = max_body_bytes
@@ -157,9 +157,9 @@ class HttpApp:
         def render_to_json() -> str:
             with IN_FLIGHT.labels(method).track_inprogress():
                 if route.kind is None:
-                    answer = encode_response(self._service.render(request, method=method))
+                    answer = encode_response(self._pipeline.render(request, method=method))
                 else:
-                    answer = self._service.call(route.kind, request.SerializeToString(), method=method)
+                    answer = self._pipeline.call(route.kind, request.SerializeToString(), method=method)
             response = route.response_class.FromString(answer)
             return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from render_client.convert import Conversation, RenderArguments
-from render_client.errors import invalid
+from render_wire.errors import invalid
+from render_wire.requests import Conversation, RenderArguments
 
 MiB = 1024 * 1024
 

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 
 from PIL import Image, ImageFile
 
-from render_client.convert import MediaRef
-from render_client.errors import RenderError, ResourceExhaustedError, invalid
+from render_wire.errors import RenderError, ResourceExhaustedError, invalid
+from render_wire.requests import MediaRef
 
 from .limits import Limits, check_pixels
 

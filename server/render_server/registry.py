@@ -20,9 +20,9 @@ from typing import Any
 import renderers
 import transformers
 
-from render_client.errors import ModelNotFoundError
 from render_client.fingerprint import tokenizer_fingerprint
-from render_client.types import ModelInfo, RendererInfo, ServerModels
+from render_wire.errors import ModelNotFoundError
+from render_wire.types import ModelInfo, RendererInfo, ServerModels
 
 from .config import ConfigError, ModelConfig, Source
 from .image_cache import DEFAULT_IMAGE_CACHE_MB, ImageCache, ImageCacheBudget, MiB, install

@@ -18,16 +18,15 @@ from typing import Any
 import pydantic
 import renderers
 
-from render_client.convert import Conversation, RenderArguments
-from render_client.convert_protocol import BridgeArgs, ParseArgs, RenderArgs
-from render_client.errors import (
+from render_wire.errors import (
     InvalidArgumentError,
     RenderError,
     ResourceExhaustedError,
     UnimplementedError,
     invalid,
 )
-from render_client.types import RendererInfo
+from render_wire.requests import BridgeArgs, Conversation, ParseArgs, RenderArgs, RenderArguments
+from render_wire.types import RendererInfo
 
 from .limits import Limits, check_tokens
 from .media import decode_images

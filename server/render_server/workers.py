@@ -37,11 +37,11 @@ from dataclasses import dataclass, replace
 
 from . import metrics
 from .auth import TokenCheck
-from .handoff import RenderProcess, RenderProcesses, serve_renders
+from .handoff import RenderProcessPool, RenderProcessProxy, serve_renders
 from .http_app import HttpApp, serve_http
+from .pipeline import RenderPipeline, as_render_error
 from .registry import ModelRegistry
 from .server import ServerOptions, start_server
-from .service import RenderService, as_render_error
 from .status import SharedStatus
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class Supervisor:
         assert self._http_socket is not None  # SIGTERM: uvicorn installs its own handler
         app = HttpApp(
             # JSON carries tensors raw: a client in any language reads them without the compact form.
-            RenderService(self._registry, self._options.limits, compact_tensors=False),
+            RenderPipeline(self._registry, self._options.limits, compact_tensors=False),
             self.status,
             TokenCheck(self._options.tokens),
             self._options.limits.max_request_bytes,
@@ -227,8 +227,8 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
                 for sock in (*grpc_ends, grpc_end):  # the others' ends too: each sees its own EOF
                     sock.close()
                 os.close(ready_fd)  # the supervisor's "started" pipe is the gRPC process's to write
-                service = RenderService(registry, options.limits, compact_tensors=options.compact_tensors)
-                _serve_render_process(service, render_end, worker)
+                pipeline = RenderPipeline(registry, options.limits, compact_tensors=options.compact_tensors)
+                _serve_render_process(pipeline, render_end, worker)
                 code = 0
             except BaseException:
                 log.exception("the render process failed")
@@ -245,7 +245,7 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
         lost.set()
         stop.set()
 
-    renders = RenderProcesses([RenderProcess(sock, on_lost=on_lost) for sock in grpc_ends])
+    renders = RenderProcessPool([RenderProcessProxy(sock, on_lost=on_lost) for sock in grpc_ends])
     running = start_server(registry, renders, replace(options, reuse_port=True))
     os.write(ready_fd, b"1")
     os.close(ready_fd)
@@ -267,13 +267,13 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
     return 0
 
 
-def _serve_render_process(service: RenderService, sock: socket.socket, worker: int) -> None:
+def _serve_render_process(pipeline: RenderPipeline, sock: socket.socket, worker: int) -> None:
     # Only the gRPC process decides when to stop: it closes the socket once its
     # calls are done, so signals to the group (^C) must not end renders early.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
     _die_with(worker, signal.SIGKILL)
-    serve_renders(sock, service.answer, as_render_error)
+    serve_renders(sock, pipeline.answer, as_render_error)
 
 
 def _wait_or_kill(pid: int, deadline: float) -> int:

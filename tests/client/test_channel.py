@@ -7,7 +7,7 @@ import time
 import pytest
 
 from render_client.channel import RETRY_POLICY, deadline_for, remaining, resend_delay, target_for
-from render_client.errors import CallCancelledError, InvalidArgumentError, RenderError, UnavailableError
+from render_wire.errors import CallCancelledError, InvalidArgumentError, RenderError, UnavailableError
 
 
 @pytest.mark.parametrize("error", [UnavailableError("Stream removed"), CallCancelledError("CANCELLED")])

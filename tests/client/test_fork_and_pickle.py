@@ -31,7 +31,7 @@ import pytest
 import renderers
 
 from render_client import RenderClient, RenderError, tls_credentials
-from render_client.types import RemoteRenderer
+from render_client.renderer import RemoteRenderer
 from tests.reference import reference_renderer, sample_differences
 from tests.support import ServerProcess, corpus
 

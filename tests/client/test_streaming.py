@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from render_client import InvalidArgumentError, ModelNotFoundError, RenderClient, SampleRequest, build_training_sample
-from render_client._pb import render_pb2 as pb
-from render_client._pb.render_pb2_grpc import RenderServiceStub
 from render_client.aio import AsyncRenderClient
-from render_client.convert import encode_request
-from render_client.errors import RenderError
+from render_wire.errors import RenderError
+from render_wire.pb import render_pb2 as pb
+from render_wire.pb.render_pb2_grpc import RenderServiceStub
+from render_wire.requests import encode_request
 from tests.support import ServerProcess, corpus
 
 BAD_IMAGE = [{"role": "user", "content": [{"type": "image", "image": "https://example.com/cat.png"}]}]

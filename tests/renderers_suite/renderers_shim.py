@@ -266,7 +266,7 @@ def _client() -> Any:
 
 
 def _remote_classes() -> tuple[type, type]:
-    from render_client.types import RemoteMultimodalRenderer, RemoteRenderer
+    from render_client.renderer import RemoteMultimodalRenderer, RemoteRenderer
 
     @dataclass(frozen=True)
     class SuiteRenderer(RemoteRenderer):
@@ -297,7 +297,7 @@ def _remote(model: ServedModel, kwargs: dict[str, Any] | None) -> Any:
     global _remote_renderer_classes
     import renderers
 
-    from render_client.types import RemoteMultimodalRenderer
+    from render_client.renderer import RemoteMultimodalRenderer
 
     if _remote_renderer_classes is None:
         _remote_renderer_classes = _remote_classes()

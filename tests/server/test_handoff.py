@@ -11,8 +11,16 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from render_client.errors import InvalidArgumentError, RenderError, UnavailableError
-from render_server.handoff import SLOW_RENDER, Answer, Kind, RenderProcess, RenderProcesses, Request, serve_renders
+from render_server.handoff import (
+    SLOW_RENDER,
+    Answer,
+    Kind,
+    RenderProcessPool,
+    RenderProcessProxy,
+    Request,
+    serve_renders,
+)
+from render_wire.errors import InvalidArgumentError, RenderError, UnavailableError
 
 SAMPLE, BATCH = Kind.SAMPLE, Kind.BATCH
 
@@ -20,7 +28,7 @@ Answerer = Callable[[Request, Callable[[], bool]], Iterator[Answer]]
 
 
 class Pair:
-    """A RenderProcess end and a serve_renders loop (in a thread) joined by a socket pair."""
+    """A RenderProcessProxy end and a serve_renders loop (in a thread) joined by a socket pair."""
 
     def __init__(self, answer: Answerer) -> None:
         grpc_end, render_end = socket.socketpair()
@@ -28,7 +36,7 @@ class Pair:
         self.lost = threading.Event()
         self.loop = threading.Thread(target=serve_renders, args=(render_end, answer, internal), daemon=True)
         self.loop.start()
-        self.process = RenderProcess(grpc_end, on_lost=self.lost.set)
+        self.process = RenderProcessProxy(grpc_end, on_lost=self.lost.set)
 
     def close(self) -> None:
         self.process.close()
@@ -140,7 +148,7 @@ def test_losing_the_render_process_fails_waiting_calls_unavailable() -> None:
     grpc_end, render_end = socket.socketpair()
     lost = threading.Event()
     threading.Thread(target=serve_renders, args=(render_end, hang, internal), daemon=True).start()
-    process = RenderProcess(grpc_end, on_lost=lost.set)
+    process = RenderProcessProxy(grpc_end, on_lost=lost.set)
     try:
         waiting = process.start(SAMPLE, b"x", deadline=math.inf)
         assert started.wait(10)
@@ -254,7 +262,7 @@ def test_calls_go_to_the_render_process_not_held_by_a_long_render() -> None:
         return answer
 
     first, second = Pair(answerer("first")), Pair(answerer("second"))
-    renders = RenderProcesses([first.process, second.process])
+    renders = RenderProcessPool([first.process, second.process])
     try:
         # Idle: ties go to the first, which a lightly loaded worker uses alone.
         assert renders.start(SAMPLE, b"alone", deadline=math.inf).answers.get(timeout=10).body == b"alone"

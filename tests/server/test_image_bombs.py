@@ -22,8 +22,8 @@ import grpc
 import pytest
 from PIL import Image
 
-from render_client._pb import render_pb2 as pb
-from render_client._pb.render_pb2_grpc import RenderServiceStub
+from render_wire.pb import render_pb2 as pb
+from render_wire.pb.render_pb2_grpc import RenderServiceStub
 from tests.server.test_media import bomb, dds_with_unknown_pixel_format, reset_peak_rss, spider_stack_image
 from tests.support import ServerProcess, running_server
 

@@ -17,10 +17,10 @@ from PIL import Image
 from transformers import BatchFeature
 
 from render_client import RenderClient, SampleRequest
-from render_client.convert import encode_sample_request
 from render_server.config import ConfigError, load_config
 from render_server.image_cache import DEFAULT_IMAGE_CACHE_MB, ImageCacheBudget, MiB, install, processed_bytes
 from render_server.registry import ModelRegistry
+from render_wire.requests import encode_sample_request
 from tests.support import running_server
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from render_client.errors import InvalidArgumentError, ResourceExhaustedError
 from render_server.limits import Limits
 from render_server.media import decode_image, image_formats
+from render_wire.errors import InvalidArgumentError, ResourceExhaustedError
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:

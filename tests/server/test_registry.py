@@ -8,10 +8,10 @@ import pytest
 import renderers
 import transformers
 
-from render_client.errors import ModelNotFoundError
 from render_client.fingerprint import tokenizer_fingerprint
 from render_server.config import ConfigError, ModelConfig, Source, load_config
 from render_server.registry import ModelRegistry
+from render_wire.errors import ModelNotFoundError
 from tests.reference import qwen3_tokenizer
 
 

@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from render_client import RenderClient, UnauthenticatedError, UnavailableError, build_training_sample, tls_credentials
-from render_client._pb import render_pb2 as pb
-from render_client._pb.render_pb2_grpc import RenderServiceStub
+from render_wire.pb import render_pb2 as pb
+from render_wire.pb.render_pb2_grpc import RenderServiceStub
 from tests.support import ServerProcess, running_server, tool
 
 MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from render_client import RenderClient, build_training_sample
-from render_client._pb.render_pb2_grpc import RenderServiceStub
+from render_wire.pb.render_pb2_grpc import RenderServiceStub
 from tests.support import ROOT, corpus, running_server, slow_request
 
 

@@ -18,8 +18,8 @@ import pytest
 import renderers
 from PIL import Image
 
-from render_client._pb import render_pb2 as pb
-from render_client._pb.render_pb2_grpc import RenderServiceStub
+from render_wire.pb import render_pb2 as pb
+from render_wire.pb.render_pb2_grpc import RenderServiceStub
 from tests.reference import reference_renderer
 from tests.support import ServerProcess
 

@@ -1,6 +1,6 @@
 """The render service: request -> convert -> render -> convert -> response.
 
-`RenderService.render` is the one path every render takes, whatever it
+`RenderPipeline.render` is the one path every render takes, whatever it
 came by (unary call, stream item, HTTP POST): limits, metrics and error
 handling live there. In a worker it runs in the render process, which
 `answer`s the calls its gRPC process hands over (handoff.py, servicer.py).
@@ -18,25 +18,31 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from render_client._pb import render_pb2 as pb
-from render_client.convert import (
+from render_wire.errors import (
+    CallCancelledError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    RenderError,
+    invalid,
+)
+from render_wire.models import encode_renderer_info
+from render_wire.pb import render_pb2 as pb
+from render_wire.requests import (
+    decode_bridge_request,
     decode_chat_template_kwargs,
+    decode_parse_request,
+    decode_render_request,
     decode_request,
-    encode_renderer_info,
+)
+from render_wire.samples import (
+    encode_parsed_response,
+    encode_rendered_tokens,
     encode_response,
     encode_result,
     encode_sample,
-)
-from render_client.convert_protocol import (
-    decode_bridge_request,
-    decode_parse_request,
-    decode_render_request,
-    encode_parsed_response,
-    encode_rendered_tokens,
     encode_tokens_response,
 )
-from render_client.errors import CallCancelledError, DeadlineExceededError, InvalidArgumentError, RenderError, invalid
-from render_client.wire import WireMessage
+from render_wire.wireformat import WireMessage
 
 from .handoff import Answer, Kind, Request
 from .limits import Limits, check_request
@@ -52,7 +58,7 @@ log = logging.getLogger(__name__)
 _RESPONSE_FLUSH_BYTES = 8 * 1024 * 1024
 
 
-class RenderService:
+class RenderPipeline:
     def __init__(self, registry: ModelRegistry, limits: Limits, *, compact_tensors: bool = True) -> None:
         """`compact_tensors`: send pixel tensors in their exact compact form (compact.py) where it holds."""
         self._registry = registry

@@ -8,8 +8,8 @@ import io
 import pytest
 from PIL import Image
 
-from render_client.errors import InvalidArgumentError
-from render_client.media import check_not_a_reference, media_bytes
+from render_wire.errors import InvalidArgumentError
+from render_wire.media import check_not_a_reference, media_bytes
 
 
 def png_bytes(mode: str = "RGB", size: tuple[int, int] = (5, 3)) -> bytes:

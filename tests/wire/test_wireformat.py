@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import renderers
 
-from render_client._pb import render_pb2 as pb
-from render_client.convert import decode_response, decode_results, encode_response, encode_result, encode_sample
-from render_client.errors import InvalidArgumentError, RenderError
-from render_client.types import MultiModalData, PlaceholderRange, RenderedTrainingSample
-from render_client.wire import WireMessage, varint
+from render_wire.errors import InvalidArgumentError, RenderError
+from render_wire.pb import render_pb2 as pb
+from render_wire.samples import decode_response, decode_results, encode_response, encode_result, encode_sample
+from render_wire.types import MultiModalData, PlaceholderRange, RenderedTrainingSample
+from render_wire.wireformat import WireMessage, varint
 from tests.reference import reference_renderer, sample_differences
 from tests.support import corpus
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from render_client.compact import CompactTensor, compact, materialize_all
-from render_client.convert import decode_response, encode_response, encode_sample
-from render_client.errors import RenderError
-from render_client.types import MultiModalData, PlaceholderRange, RenderedTrainingSample
+from render_wire.compact import CompactTensor, compact, materialize_all
+from render_wire.errors import RenderError
+from render_wire.samples import decode_response, encode_response, encode_sample
+from render_wire.types import MultiModalData, PlaceholderRange, RenderedTrainingSample
 from tests.reference import qwen3_vl_processor
 
 

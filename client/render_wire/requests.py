@@ -1,42 +1,33 @@
-"""The one conversion layer between the protobuf contract and Python values.
+"""Requests, both directions: the caller's Python arguments <-> every request message.
 
-Client side, `encode_request` turns `build_training_sample`'s arguments into a
-request and `decode_response` turns the answer into a RenderedTrainingSample.
-Server side, `decode_request` turns a request back into the arguments
-renderers takes and `encode_sample` turns renderers' result into the answer.
-Both directions live here so that they cannot drift apart.
-
-Every problem with a request raises InvalidArgumentError with a one-line
-message naming the field, e.g.
+Client side, `encode_*` turn a method's arguments (build_training_sample's, or a
+Renderer protocol method's) into its request; server side, `decode_*` give the
+renderer its arguments back: the same dicts the caller had. Every problem with a
+request raises InvalidArgumentError with a one-line message naming the field, e.g.
 `messages[3].tool_calls[0].function.arguments: not valid JSON (...)`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from ._pb import render_pb2 as pb
-from .compact import CompactTensor, compact
-from .errors import RenderError, error_from_status, invalid
+from .compact import materialize_all
+from .errors import RenderError, invalid
 from .jsonvalue import dump_json, load_json
 from .media import check_not_a_reference, media_bytes
+from .pb import render_pb2 as pb
+from .tensors import decode_multi_modal_data, encode_multi_modal_data
 from .types import (
-    ModelInfo,
-    MultiModalData,
-    PlaceholderRange,
-    RenderedTrainingSample,
-    RendererInfo,
     SampleRequest,
-    ServerModels,
+    TokensRequest,
+    result_types,
 )
-from .wire import WireFormatError, WireMessage, byte_view, merged, split_field
+from .wireformat import WireFormatError, WireMessage, as_list, merged, split_field
 
 # Message keys with a field of their own in pb.Message besides role and content.
 _MESSAGE_TEXT_KEYS = ("tool_call_id", "name", "reasoning_content", "reasoning")
@@ -451,346 +442,199 @@ def _decode_tool_call(call: pb.ToolCall, message: str, index: int) -> dict[str, 
     return out
 
 
+Message = Mapping[str, Any]
+
 # ---------------------------------------------------------------------------
-# Server side: renderers result -> response
+# Client side: a method's arguments -> its request
 # ---------------------------------------------------------------------------
 
 
-def encode_sample(sample: Any, *, compact_tensors: bool = False) -> WireMessage:
-    """A renderers.RenderedTrainingSample (or a mirror of one) as a RenderedTrainingSample message.
-
-    Its arrays stay in place until the message is joined (see wire.py); with
-    `compact_tensors`, pixel tensors go in compact form where it is exact.
-    """
-    loss_mask = packed_bools(sample.loss_mask)
-    if loss_mask is None:
-        message = WireMessage(
-            pb.RenderedTrainingSample(token_ids=sample.token_ids, loss_mask=sample.loss_mask).SerializeToString()
-        )
-    else:
-        message = WireMessage(pb.RenderedTrainingSample(token_ids=sample.token_ids).SerializeToString())
-        if loss_mask:  # upb leaves an empty repeated field out
-            message.append_bytes_field(pb.RenderedTrainingSample.LOSS_MASK_FIELD_NUMBER, loss_mask)
-    if sample.multi_modal_data is not None:
-        message.append_message_field(
-            pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER,
-            encode_multi_modal_data(sample.multi_modal_data, compact_tensors=compact_tensors),
-        )
-    if sample.mm_token_type_ids is not None:
-        message.append_message_field(
-            pb.RenderedTrainingSample.MM_TOKEN_TYPE_IDS_FIELD_NUMBER,
-            WireMessage(pb.TokenTypeIds(ids=sample.mm_token_type_ids).SerializeToString()),
-        )
-    return message
+def _set_conversation_options(
+    request: Any, model: str, tools: Sequence[Any] | None, chat_template_kwargs: Mapping[str, Any] | None
+) -> None:
+    if not isinstance(model, str) or not model:
+        raise invalid("model", "must be a non-empty string")
+    request.model = model
+    if tools is not None:
+        if not isinstance(tools, (list, tuple)):
+            raise invalid("tools", f"expected a list of tool specs, got {type(tools).__name__}")
+        request.tools_json = dump_json(list(tools), "tools")
+    if chat_template_kwargs is not None:
+        request.chat_template_kwargs_json = dump_json(dict(chat_template_kwargs), "chat_template_kwargs")
 
 
-def packed_bools(values: Any) -> bytes | None:
-    """A packed repeated bool field's payload, or None to leave the values to upb.
+def _add_messages(container: Any, messages: Sequence[Message], field: str) -> None:
+    if not isinstance(messages, (list, tuple)):
+        raise invalid(field, f"expected a list of message dicts, got {type(messages).__name__}")
+    for index, message in enumerate(messages):
+        encode_message(message, f"{field}[{index}]", container.add())
 
-    A bool's varint is one byte, 0 or 1, so for a list of bools `bytes` writes
-    the payload in C: 3x faster than upb taking them one by one. Anything
-    else (other values, other sequences) goes through upb and its checks.
-    """
-    if type(values) is not list:
-        return None
+
+def _set_ids(container: Any, ids: Sequence[int], field: str) -> None:
+    if not isinstance(ids, (list, tuple, np.ndarray)):
+        raise invalid(field, f"expected a list of token ids, got {type(ids).__name__}")
     try:
-        payload = bytes(values)
+        container.extend(ids)
     except (TypeError, ValueError):
-        return None
-    return None if payload.translate(None, b"\x00\x01") else payload
+        raise invalid(field, "token ids must be integers from 0 to 4294967295") from None
 
 
-def encode_response(sample: WireMessage) -> bytes:
-    """A RenderTrainingSampleResponse carrying `sample`, serialised."""
-    response = WireMessage()
-    response.append_message_field(pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER, sample)
-    return response.join()
+def encode_render_request(
+    model: str,
+    messages: Sequence[Message],
+    *,
+    tools: Sequence[Any] | None,
+    add_generation_prompt: bool,
+    chat_template_kwargs: Mapping[str, Any] | None,
+    ids_only: bool,
+) -> pb.RenderRequest:
+    """The request for one Renderer.render (or render_ids) call."""
+    request = pb.RenderRequest(add_generation_prompt=bool(add_generation_prompt), ids_only=ids_only)
+    _set_conversation_options(request, model, tools, chat_template_kwargs)
+    _add_messages(request.messages, messages, "messages")
+    return request
 
 
-def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage:
-    """One `results` entry of a RenderTrainingSamplesResponse: the sample or the error of request `index`.
+def encode_tokens_request(request: TokensRequest) -> pb.RenderRequest:
+    """The request for a TokensRequest (its fields are encode_render_request's arguments)."""
+    return encode_render_request(
+        request.model,
+        request.messages,
+        tools=request.tools,
+        add_generation_prompt=request.add_generation_prompt,
+        chat_template_kwargs=request.chat_template_kwargs,
+        ids_only=request.ids_only,
+    )
 
-    A response is its entries one after another (WireMessage.extend). A
-    RendersResponse is the same on the wire, with a RenderedTokens message as
-    `outcome` (RenderResult numbers its fields as RenderTrainingSampleResult does).
+
+def encode_parse_request(
+    model: str,
+    token_ids: Sequence[int],
+    *,
+    tools: Sequence[Any] | None,
+    prompt_ids: Sequence[int] | None,
+    chat_template_kwargs: Mapping[str, Any] | None,
+) -> pb.ParseResponseRequest:
+    """The request for one Renderer.parse_response call."""
+    request = pb.ParseResponseRequest()
+    _set_conversation_options(request, model, tools, chat_template_kwargs)
+    _set_ids(request.token_ids, token_ids, "token_ids")
+    if prompt_ids is not None:
+        request.prompt_ids.SetInParent()  # present even when empty
+        _set_ids(request.prompt_ids.ids, prompt_ids, "prompt_ids")
+    return request
+
+
+def encode_bridge_request(
+    model: str,
+    previous_prompt_ids: Sequence[int],
+    previous_completion_ids: Sequence[int],
+    new_messages: Sequence[Message],
+    *,
+    tools: Sequence[Any] | None,
+    previous_multi_modal_data: Any,
+    chat_template_kwargs: Mapping[str, Any] | None,
+) -> bytes:
+    """The serialised request for one Renderer.bridge_to_next_turn call.
+
+    Serialised here, because the previous turn's pixel tensors are joined in
+    as they are (wire.WireMessage), as the server does for samples.
     """
-    if isinstance(outcome, RenderError):
-        error = pb.Error(code=outcome.code.value[0], message=outcome.details, error_type=outcome.error_type or "")
-        result = WireMessage(pb.RenderTrainingSampleResult(index=index, error=error).SerializeToString())
-    else:
-        result = WireMessage(pb.RenderTrainingSampleResult(index=index).SerializeToString())
-        result.append_message_field(pb.RenderTrainingSampleResult.SAMPLE_FIELD_NUMBER, outcome)
-    entry = WireMessage()
-    entry.append_message_field(pb.RenderTrainingSamplesResponse.RESULTS_FIELD_NUMBER, result)
-    return entry
+    request = pb.BridgeToNextTurnRequest()
+    _set_conversation_options(request, model, tools, chat_template_kwargs)
+    _set_ids(request.previous_prompt_ids, previous_prompt_ids, "previous_prompt_ids")
+    _set_ids(request.previous_completion_ids, previous_completion_ids, "previous_completion_ids")
+    _add_messages(request.new_messages, new_messages, "new_messages")
+    message = WireMessage(request.SerializeToString())
+    if previous_multi_modal_data is not None:
+        try:
+            media = encode_multi_modal_data(previous_multi_modal_data)
+        except (TypeError, AttributeError) as exc:
+            raise invalid("previous_multi_modal_data", str(exc)) from None
+        message.append_message_field(pb.BridgeToNextTurnRequest.PREVIOUS_MULTI_MODAL_DATA_FIELD_NUMBER, media)
+    return message.join()
 
 
-def encode_multi_modal_data(data: Any, *, compact_tensors: bool = False) -> WireMessage:
-    """A MultiModalData message; with `compact_tensors`, each tensor that compact.py's form
-    holds exactly travels in it (a CompactTensor value always does)."""
-    message = WireMessage(
-        pb.MultiModalData(
-            mm_hashes=[pb.ModalityHashes(modality=m, hashes=hashes) for m, hashes in data.mm_hashes.items()],
-            mm_placeholders=[
-                pb.ModalityPlaceholders(
-                    modality=m, ranges=[pb.PlaceholderRange(offset=r.offset, length=r.length) for r in ranges]
-                )
-                for m, ranges in data.mm_placeholders.items()
-            ],
-        ).SerializeToString()
-    )
-    for modality, items in data.mm_items.items():
-        entry = WireMessage(pb.ModalityItems(modality=modality).SerializeToString())
-        for item in items:
-            encoded_item = WireMessage()
-            for name, value in item.items():
-                named = WireMessage(pb.NamedTensor(name=name).SerializeToString())
-                named.append_message_field(pb.NamedTensor.TENSOR_FIELD_NUMBER, _encode_tensor(value, compact_tensors))
-                encoded_item.append_message_field(pb.MultiModalItem.FIELDS_FIELD_NUMBER, named)
-            entry.append_message_field(pb.ModalityItems.ITEMS_FIELD_NUMBER, encoded_item)
-        message.append_message_field(pb.MultiModalData.MM_ITEMS_FIELD_NUMBER, entry)
-    return message
-
-
-def _encode_tensor(value: Any, compact_tensors: bool) -> WireMessage:
-    if isinstance(value, CompactTensor):
-        return _encode_compact(value)
-    if not isinstance(value, np.ndarray) or value.dtype.hasobject:
-        raise TypeError(f"mm_items values must be numeric numpy arrays, got {type(value).__name__}")
-    if compact_tensors and value.nbytes >= _COMPACT_FROM_BYTES:
-        compacted = compact(value)  # None unless it decodes back to these very bytes
-        if compacted is not None:
-            return _encode_compact(compacted)
-    tensor = WireMessage(pb.Tensor(dtype=value.dtype.str, shape=value.shape).SerializeToString())
-    data = byte_view(value)  # C order whatever the array's layout
-    if len(data):  # proto3 leaves an empty bytes field out
-        tensor.append_bytes_field(pb.Tensor.DATA_FIELD_NUMBER, data)
-    return tensor
-
-
-# Below this, the tables cost more than the codes save.
-_COMPACT_FROM_BYTES = 64 * 1024
-
-
-def _encode_compact(value: CompactTensor) -> WireMessage:
-    tensor = WireMessage(pb.Tensor(dtype=value.dtype.str, shape=value.shape).SerializeToString())
-    form = WireMessage(
-        pb.CompactTensor(
-            tables=b"".join(table.tobytes() for table in value.tables),
-            table_sizes=[len(table) for table in value.tables],
-            repeats=value.repeats,
-        ).SerializeToString()
-    )
-    form.append_bytes_field(pb.CompactTensor.CODES_FIELD_NUMBER, byte_view(value.codes))
-    tensor.append_message_field(pb.Tensor.COMPACT_FIELD_NUMBER, form)
-    return tensor
+def encode_describe_request(model: str, chat_template_kwargs: Mapping[str, Any] | None) -> pb.DescribeRendererRequest:
+    request = pb.DescribeRendererRequest()
+    _set_conversation_options(request, model, None, chat_template_kwargs)
+    return request
 
 
 # ---------------------------------------------------------------------------
-# Client side: response -> Python values
+# Server side: request -> the renderer's arguments
 # ---------------------------------------------------------------------------
 
 
-def decode_response(data: bytes) -> RenderedTrainingSample:
-    """The RenderedTrainingSample a serialised RenderTrainingSampleResponse carries."""
+@dataclass
+class RenderArgs:
+    """A decoded Render request."""
+
+    conversation: Conversation
+    add_generation_prompt: bool
+    ids_only: bool
+
+
+@dataclass
+class ParseArgs:
+    """A decoded ParseResponse request."""
+
+    model: str
+    token_ids: list[int]
+    tools: list[Any] | None
+    prompt_ids: list[int] | None
+    chat_template_kwargs: dict[str, Any] | None
+
+
+@dataclass
+class BridgeArgs:
+    """A decoded BridgeToNextTurn request; `conversation` holds its new_messages."""
+
+    conversation: Conversation
+    previous_prompt_ids: list[int]
+    previous_completion_ids: list[int]
+    previous_multi_modal_data: Any  # renderers.MultiModalData or None
+    # The request's size without previous_multi_modal_data: its pixel tensors are no text to limit.
+    request_bytes: int
+
+
+def decode_render_request(request: pb.RenderRequest) -> RenderArgs:
+    return RenderArgs(
+        conversation=decode_conversation(request, request.messages, "messages"),
+        add_generation_prompt=request.add_generation_prompt,
+        ids_only=request.ids_only,
+    )
+
+
+def decode_parse_request(request: pb.ParseResponseRequest) -> ParseArgs:
+    if not request.model:
+        raise invalid("model", "missing")
+    return ParseArgs(
+        model=request.model,
+        token_ids=as_list(request.token_ids),
+        tools=decode_tools(request),
+        prompt_ids=as_list(request.prompt_ids.ids) if request.HasField("prompt_ids") else None,
+        chat_template_kwargs=decode_chat_template_kwargs(request),
+    )
+
+
+def decode_bridge_request(data: bytes) -> BridgeArgs:
+    """A serialised BridgeToNextTurnRequest's arguments; its tensors are views of `data`."""
+    field = pb.BridgeToNextTurnRequest.PREVIOUS_MULTI_MODAL_DATA_FIELD_NUMBER
     try:
-        rest, samples = split_field(memoryview(data), pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER)
-        pb.RenderTrainingSampleResponse.FromString(rest)  # fields a newer server may add; or junk
-        return _decode_sample(merged(samples) if samples else memoryview(b""))
-    except (WireFormatError, DecodeError) as exc:
-        raise RenderError(f"malformed response: {exc}") from None
-
-
-def decode_results(data: bytes, decode_payload: Callable[[memoryview], Any] | None = None) -> list[tuple[int, Any]]:
-    """Each (index, sample or error) a serialised RenderTrainingSamplesResponse carries.
-
-    With `decode_payload` (for RenderedTokens), each (index, tokens or error) of a
-    RendersResponse, which is the same on the wire (see encode_result).
-    """
-    try:
-        rest, results = split_field(memoryview(data), pb.RenderTrainingSamplesResponse.RESULTS_FIELD_NUMBER)
-        pb.RenderTrainingSamplesResponse.FromString(rest)
-        return [_decode_result(result, decode_payload or _decode_sample) for result in results]
-    except (WireFormatError, DecodeError) as exc:
-        raise RenderError(f"malformed response: {exc}") from None
-
-
-# Decoding walks the wire format down to each Tensor.data and shares its bytes
-# (wire.split_field); everything else is parsed by upb.
-
-
-def _decode_result(data: memoryview, decode_payload: Callable[[memoryview], Any]) -> tuple[int, Any]:
-    rest, samples = split_field(data, pb.RenderTrainingSampleResult.SAMPLE_FIELD_NUMBER)
-    result = pb.RenderTrainingSampleResult.FromString(rest)
-    if samples and result.HasField("error"):
-        # Valid protobuf (the last one wins) but never sent: refuse rather than guess.
-        raise WireFormatError(f"result {result.index} carries both a sample and an error")
-    if samples:
-        return result.index, decode_payload(merged(samples))
-    error = result.error
-    status = _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
-    return result.index, error_from_status(status, error.message, error.error_type or None)
-
-
-_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _decode_sample(data: memoryview) -> RenderedTrainingSample:
-    rest, media = split_field(data, pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER)
-    message = pb.RenderedTrainingSample.FromString(rest)
-    return RenderedTrainingSample(
-        token_ids=as_list(message.token_ids),
-        loss_mask=as_list(message.loss_mask),
-        multi_modal_data=decode_multi_modal_data(merged(media)) if media else None,
-        mm_token_type_ids=as_list(message.mm_token_type_ids.ids) if message.HasField("mm_token_type_ids") else None,
-    )
-
-
-def as_list(values: Any) -> list[Any]:
-    """A repeated int or bool field as a list of Python ints or bools.
-
-    numpy reads upb's container in C: 1.7x (ids) to 3.5x (bools) faster than
-    list() for a sample's thousands of tokens. An empty field is an empty list.
-    """
-    return np.array(values).tolist() if values else []
-
-
-def decode_multi_modal_data(
-    data: memoryview, data_class: Any = MultiModalData, range_class: Any = PlaceholderRange
-) -> Any:
-    """A MultiModalData message as `data_class` (this package's, or renderers' own) of `range_class`es."""
-    rest, entries = split_field(data, pb.MultiModalData.MM_ITEMS_FIELD_NUMBER)
-    message = pb.MultiModalData.FromString(rest)
-    mm_items: dict[str, list[dict[str, np.ndarray]]] = {}
-    for entry in entries:
-        entry_rest, items = split_field(entry, pb.ModalityItems.ITEMS_FIELD_NUMBER)
-        mm_items[pb.ModalityItems.FromString(entry_rest).modality] = [_decode_item(item) for item in items]
-    return data_class(
-        mm_hashes={entry.modality: list(entry.hashes) for entry in message.mm_hashes},
-        mm_placeholders={
-            entry.modality: [range_class(offset=r.offset, length=r.length) for r in entry.ranges]
-            for entry in message.mm_placeholders
-        },
-        mm_items=mm_items,
-    )
-
-
-def _decode_item(data: memoryview) -> dict[str, np.ndarray | CompactTensor]:
-    _, fields = split_field(data, pb.MultiModalItem.FIELDS_FIELD_NUMBER)
-    item: dict[str, np.ndarray | CompactTensor] = {}
-    for field in fields:
-        rest, tensors = split_field(field, pb.NamedTensor.TENSOR_FIELD_NUMBER)
-        item[pb.NamedTensor.FromString(rest).name] = _decode_tensor(merged(tensors) if tensors else memoryview(b""))
-    return item
-
-
-def _decode_tensor(data: memoryview) -> np.ndarray | CompactTensor:
-    """A Tensor message as an array, or as a CompactTensor when it came in that form
-    (compact.materialize_all turns those into arrays, unless the caller keeps them)."""
-    rest, payloads = split_field(data, pb.Tensor.DATA_FIELD_NUMBER)
-    rest, forms = split_field(memoryview(rest), pb.Tensor.COMPACT_FIELD_NUMBER)
-    tensor = pb.Tensor.FromString(rest)
-    try:
-        dtype = np.dtype(tensor.dtype)
-        if dtype.hasobject:
-            raise TypeError("object arrays are not accepted")
-        if forms:
-            return _decode_compact(merged(forms), dtype, tuple(tensor.shape))
-        # A view of the response's bytes (the last occurrence wins): no copy, read-only.
-        array = np.frombuffer(payloads[-1] if payloads else b"", dtype=dtype).reshape(tuple(tensor.shape))
-    except (TypeError, ValueError) as exc:
-        raise RenderError(f"malformed tensor in response (dtype {tensor.dtype!r}): {exc}") from None
-    if array.nbytes < _SHARE_FROM_BYTES or not array.flags.aligned:
-        # A small view would keep a whole response alive; an unaligned one slows
-        # numpy and is refused by some consumers. Those are copied, read-only alike.
-        array = array.copy()
-        array.flags.writeable = False
-    return array
-
-
-_SHARE_FROM_BYTES = 1 << 20
-
-
-def _decode_compact(data: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> CompactTensor:
-    rest, codes = split_field(data, pb.CompactTensor.CODES_FIELD_NUMBER)
-    form = pb.CompactTensor.FromString(rest)
-    sizes = list(form.table_sizes)
-    groups = len(sizes)
-    if len(shape) != 2 or not groups or form.repeats < 1 or shape[1] % (groups * form.repeats):
-        raise ValueError(f"shape {shape} does not split into {groups} groups of {form.repeats} copies")
-    span = shape[1] // (groups * form.repeats)
-    code_array = np.frombuffer(codes[-1] if codes else b"", dtype=np.uint8).reshape(shape[0], groups, span)
-    values = np.frombuffer(form.tables, dtype=dtype)
-    if len(values) != sum(sizes):
-        raise ValueError(f"{len(values)} table values for table sizes {sizes}")
-    tables = tuple(np.split(values, np.cumsum(sizes)[:-1]))
-    for group, table in enumerate(tables):
-        if code_array.size and int(code_array[:, group].max()) >= len(table):
-            raise ValueError(f"a code of group {group} is past its table of {len(table)}")
-    return CompactTensor(dtype, shape, form.repeats, code_array, tables)
-
-
-# ---------------------------------------------------------------------------
-# ListModels
-# ---------------------------------------------------------------------------
-
-
-def encode_models(models: ServerModels) -> pb.ListModelsResponse:
-    """The ListModels answer for a server's models."""
-    return pb.ListModelsResponse(
-        models=[
-            pb.ModelInfo(
-                id=model.id,
-                renderer=model.renderer,
-                accepts_images=model.accepts_images,
-                tokenizer_fingerprint=model.tokenizer_fingerprint,
-                roles=model.roles,
-                renderer_config_json=json.dumps(model.renderer_config, ensure_ascii=False),
-                renderer_info=None if model.renderer_info is None else encode_renderer_info(model.renderer_info),
-            )
-            for model in models.models
-        ],
-        renderers_version=models.renderers_version,
-        transformers_version=models.transformers_version,
-    )
-
-
-def decode_models(message: pb.ListModelsResponse) -> ServerModels:
-    """The ServerModels a ListModels answer carries."""
-    return ServerModels(
-        models=tuple(
-            ModelInfo(
-                id=model.id,
-                renderer=model.renderer,
-                accepts_images=model.accepts_images,
-                tokenizer_fingerprint=model.tokenizer_fingerprint,
-                roles=tuple(model.roles),
-                renderer_config=json.loads(model.renderer_config_json or "{}"),
-                renderer_info=decode_renderer_info(model.renderer_info) if model.HasField("renderer_info") else None,
-            )
-            for model in message.models
-        ),
-        renderers_version=message.renderers_version,
-        transformers_version=message.transformers_version,
-    )
-
-
-def encode_renderer_info(info: RendererInfo) -> pb.RendererInfo:
-    return pb.RendererInfo(
-        stop_token_ids=info.stop_token_ids,
-        is_prefix_stable=info.is_prefix_stable,
-        multimodal=info.multimodal,
-        mm_token_type_id_map=[
-            pb.TokenTypeEntry(token_id=token_id, type_id=type_id)
-            for token_id, type_id in info.mm_token_type_id_map.items()
-        ],
-    )
-
-
-def decode_renderer_info(message: pb.RendererInfo) -> RendererInfo:
-    return RendererInfo(
-        stop_token_ids=tuple(message.stop_token_ids),
-        is_prefix_stable=message.is_prefix_stable,
-        multimodal=message.multimodal,
-        mm_token_type_id_map={entry.token_id: entry.type_id for entry in message.mm_token_type_id_map},
+        rest, media = split_field(memoryview(data), field)
+        request = pb.BridgeToNextTurnRequest.FromString(rest)
+        types = result_types()
+        previous = (
+            decode_multi_modal_data(merged(media), types.MultiModalData, types.PlaceholderRange) if media else None
+        )
+        materialize_all(previous)  # the renderer takes arrays
+    except (WireFormatError, DecodeError, RenderError) as exc:
+        raise invalid("request", f"not a valid render.v1.BridgeToNextTurnRequest ({exc})") from None
+    return BridgeArgs(
+        conversation=decode_conversation(request, request.new_messages, "new_messages"),
+        previous_prompt_ids=as_list(request.previous_prompt_ids),
+        previous_completion_ids=as_list(request.previous_completion_ids),
+        previous_multi_modal_data=previous,
+        request_bytes=len(rest),
     )

@@ -7,7 +7,7 @@ import pickle
 import grpc
 import pytest
 
-from render_client.errors import (
+from render_wire.errors import (
     InvalidArgumentError,
     ModelNotFoundError,
     RenderError,

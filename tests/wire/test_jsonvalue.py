@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from render_client.errors import InvalidArgumentError
-from render_client.jsonvalue import dump_json, load_json
+from render_wire.errors import InvalidArgumentError
+from render_wire.jsonvalue import dump_json, load_json
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,304 @@
+"""Answers, both directions: renderers' results <-> RenderedTrainingSample, RenderedTokens,
+ParsedResponse and the stream results that carry them.
+
+Server side, `encode_*` turn what a renderer returned into the answer's bytes;
+client side, `decode_*` turn them into what the call returns in-process
+(renderers' own classes where renderers is importable, types.result_types).
+Decoding walks the wire format down to each tensor (tensors.py) and shares its
+bytes; everything else is parsed by upb.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from .errors import RenderError, error_from_status
+from .jsonvalue import dump_json, load_json
+from .pb import render_pb2 as pb
+from .tensors import decode_multi_modal_data, encode_multi_modal_data
+from .types import (
+    RenderedTrainingSample,
+    result_types,
+)
+from .wireformat import WireFormatError, WireMessage, as_list, merged, split_field
+
+# ---------------------------------------------------------------------------
+# Server side: renderers result -> response
+# ---------------------------------------------------------------------------
+
+
+def encode_sample(sample: Any, *, compact_tensors: bool = False) -> WireMessage:
+    """A renderers.RenderedTrainingSample (or a mirror of one) as a RenderedTrainingSample message.
+
+    Its arrays stay in place until the message is joined (see wire.py); with
+    `compact_tensors`, pixel tensors go in compact form where it is exact.
+    """
+    loss_mask = packed_bools(sample.loss_mask)
+    if loss_mask is None:
+        message = WireMessage(
+            pb.RenderedTrainingSample(token_ids=sample.token_ids, loss_mask=sample.loss_mask).SerializeToString()
+        )
+    else:
+        message = WireMessage(pb.RenderedTrainingSample(token_ids=sample.token_ids).SerializeToString())
+        if loss_mask:  # upb leaves an empty repeated field out
+            message.append_bytes_field(pb.RenderedTrainingSample.LOSS_MASK_FIELD_NUMBER, loss_mask)
+    if sample.multi_modal_data is not None:
+        message.append_message_field(
+            pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER,
+            encode_multi_modal_data(sample.multi_modal_data, compact_tensors=compact_tensors),
+        )
+    if sample.mm_token_type_ids is not None:
+        message.append_message_field(
+            pb.RenderedTrainingSample.MM_TOKEN_TYPE_IDS_FIELD_NUMBER,
+            WireMessage(pb.TokenTypeIds(ids=sample.mm_token_type_ids).SerializeToString()),
+        )
+    return message
+
+
+def packed_bools(values: Any) -> bytes | None:
+    """A packed repeated bool field's payload, or None to leave the values to upb.
+
+    A bool's varint is one byte, 0 or 1, so for a list of bools `bytes` writes
+    the payload in C: 3x faster than upb taking them one by one. Anything
+    else (other values, other sequences) goes through upb and its checks.
+    """
+    if type(values) is not list:
+        return None
+    try:
+        payload = bytes(values)
+    except (TypeError, ValueError):
+        return None
+    return None if payload.translate(None, b"\x00\x01") else payload
+
+
+def encode_response(sample: WireMessage) -> bytes:
+    """A RenderTrainingSampleResponse carrying `sample`, serialised."""
+    response = WireMessage()
+    response.append_message_field(pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER, sample)
+    return response.join()
+
+
+def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage:
+    """One `results` entry of a RenderTrainingSamplesResponse: the sample or the error of request `index`.
+
+    A response is its entries one after another (WireMessage.extend). A
+    RendersResponse is the same on the wire, with a RenderedTokens message as
+    `outcome` (RenderResult numbers its fields as RenderTrainingSampleResult does).
+    """
+    if isinstance(outcome, RenderError):
+        error = pb.Error(code=outcome.code.value[0], message=outcome.details, error_type=outcome.error_type or "")
+        result = WireMessage(pb.RenderTrainingSampleResult(index=index, error=error).SerializeToString())
+    else:
+        result = WireMessage(pb.RenderTrainingSampleResult(index=index).SerializeToString())
+        result.append_message_field(pb.RenderTrainingSampleResult.SAMPLE_FIELD_NUMBER, outcome)
+    entry = WireMessage()
+    entry.append_message_field(pb.RenderTrainingSamplesResponse.RESULTS_FIELD_NUMBER, result)
+    return entry
+
+
+# ---------------------------------------------------------------------------
+# Client side: response -> Python values
+# ---------------------------------------------------------------------------
+
+
+def decode_response(data: bytes) -> RenderedTrainingSample:
+    """The RenderedTrainingSample a serialised RenderTrainingSampleResponse carries."""
+    try:
+        rest, samples = split_field(memoryview(data), pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER)
+        pb.RenderTrainingSampleResponse.FromString(rest)  # fields a newer server may add; or junk
+        return _decode_sample(merged(samples) if samples else memoryview(b""))
+    except (WireFormatError, DecodeError) as exc:
+        raise RenderError(f"malformed response: {exc}") from None
+
+
+def decode_results(data: bytes, decode_payload: Callable[[memoryview], Any] | None = None) -> list[tuple[int, Any]]:
+    """Each (index, sample or error) a serialised RenderTrainingSamplesResponse carries.
+
+    With `decode_payload` (for RenderedTokens), each (index, tokens or error) of a
+    RendersResponse, which is the same on the wire (see encode_result).
+    """
+    try:
+        rest, results = split_field(memoryview(data), pb.RenderTrainingSamplesResponse.RESULTS_FIELD_NUMBER)
+        pb.RenderTrainingSamplesResponse.FromString(rest)
+        return [_decode_result(result, decode_payload or _decode_sample) for result in results]
+    except (WireFormatError, DecodeError) as exc:
+        raise RenderError(f"malformed response: {exc}") from None
+
+
+# Decoding walks the wire format down to each Tensor.data and shares its bytes
+# (wire.split_field); everything else is parsed by upb.
+
+
+def _decode_result(data: memoryview, decode_payload: Callable[[memoryview], Any]) -> tuple[int, Any]:
+    rest, samples = split_field(data, pb.RenderTrainingSampleResult.SAMPLE_FIELD_NUMBER)
+    result = pb.RenderTrainingSampleResult.FromString(rest)
+    if samples and result.HasField("error"):
+        # Valid protobuf (the last one wins) but never sent: refuse rather than guess.
+        raise WireFormatError(f"result {result.index} carries both a sample and an error")
+    if samples:
+        return result.index, decode_payload(merged(samples))
+    error = result.error
+    status = _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
+    return result.index, error_from_status(status, error.message, error.error_type or None)
+
+
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _decode_sample(data: memoryview) -> RenderedTrainingSample:
+    rest, media = split_field(data, pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER)
+    message = pb.RenderedTrainingSample.FromString(rest)
+    return RenderedTrainingSample(
+        token_ids=as_list(message.token_ids),
+        loss_mask=as_list(message.loss_mask),
+        multi_modal_data=decode_multi_modal_data(merged(media)) if media else None,
+        mm_token_type_ids=as_list(message.mm_token_type_ids.ids) if message.HasField("mm_token_type_ids") else None,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Server side: the renderer's results -> answer
+# ---------------------------------------------------------------------------
+
+
+def encode_rendered_tokens(tokens: Any, *, compact_tensors: bool = False) -> WireMessage:
+    """A renderers.RenderedTokens as a RenderedTokens message (its tensors joined in as they are;
+    with `compact_tensors`, pixel tensors in compact form where it is exact)."""
+    message = pb.RenderedTokens(
+        token_ids=tokens.token_ids,
+        message_indices=tokens.message_indices,
+        message_roles=tokens.message_roles,
+        message_tool_names=[
+            pb.ToolName() if name is None else pb.ToolName(name=name) for name in tokens.message_tool_names
+        ],
+    )
+    packed = WireMessage()
+    for number, values in (
+        (pb.RenderedTokens.SAMPLED_MASK_FIELD_NUMBER, tokens.sampled_mask),
+        (pb.RenderedTokens.IS_CONTENT_FIELD_NUMBER, tokens.is_content),
+    ):
+        payload = packed_bools(values)
+        if payload is None:  # not a plain list of bools: upb checks and writes them
+            getattr(message, message.DESCRIPTOR.fields_by_number[number].name).extend(values)
+        elif payload:
+            packed.append_bytes_field(number, payload)
+    encoded = WireMessage(message.SerializeToString())
+    encoded.extend(packed)
+    if tokens.multi_modal_data is not None:
+        encoded.append_message_field(
+            pb.RenderedTokens.MULTI_MODAL_DATA_FIELD_NUMBER,
+            encode_multi_modal_data(tokens.multi_modal_data, compact_tensors=compact_tensors),
+        )
+    return encoded
+
+
+def encode_tokens_response(tokens: WireMessage | None) -> bytes:
+    """A RenderResponse or BridgeToNextTurnResponse carrying encoded `tokens` (None: unset), serialised."""
+    response = WireMessage()
+    if tokens is not None:
+        response.append_message_field(_TOKENS_FIELD, tokens)
+    return response.join()
+
+
+# Render's and BridgeToNextTurn's answers are the same message under two names.
+_TOKENS_FIELD = pb.RenderResponse.TOKENS_FIELD_NUMBER
+assert _TOKENS_FIELD == pb.BridgeToNextTurnResponse.TOKENS_FIELD_NUMBER
+
+
+def encode_parsed_response(parsed: Any) -> pb.ParseResponseResponse:
+    """A renderers.ParsedResponse as the ParseResponse answer."""
+    message = pb.ParsedResponse(content=parsed.content)
+    if parsed.reasoning_content is not None:
+        message.reasoning_content = parsed.reasoning_content
+    if parsed.reasoning_complete is not None:
+        message.reasoning_complete = parsed.reasoning_complete
+    for index, call in enumerate(parsed.tool_calls):
+        out = message.tool_calls.add(raw=call.raw, status=str(call.status))
+        if call.name is not None:
+            out.name = call.name
+        try:
+            if isinstance(call.arguments, str):
+                out.arguments_text = call.arguments
+            elif call.arguments is not None:
+                out.arguments_json = dump_json(call.arguments, f"tool_calls[{index}].arguments")
+        except UnicodeEncodeError:
+            # A lone surrogate (the model wrote a JSON "\ud800" escape) is no UTF-8 protobuf string;
+            # as an ASCII JSON escape it comes back exactly (a str argument as a JSON string).
+            out.arguments_json = json.dumps(call.arguments, separators=(",", ":"))
+        if call.token_span is not None:
+            out.token_span.start, out.token_span.end = call.token_span
+        if call.id is not None:
+            out.id = call.id
+    return pb.ParseResponseResponse(parsed=message)
+
+
+# ---------------------------------------------------------------------------
+# Client side: answer -> what the method returns in-process
+# ---------------------------------------------------------------------------
+
+
+def decode_rendered_tokens(data: memoryview) -> Any:
+    """A RenderedTokens message as renderers.RenderedTokens (or types.RenderedTokens)."""
+    types = result_types()
+    rest, media = split_field(data, pb.RenderedTokens.MULTI_MODAL_DATA_FIELD_NUMBER)
+    message = pb.RenderedTokens.FromString(rest)
+    return types.RenderedTokens(
+        token_ids=as_list(message.token_ids),
+        message_indices=as_list(message.message_indices),
+        sampled_mask=as_list(message.sampled_mask),
+        is_content=as_list(message.is_content),
+        message_roles=list(message.message_roles),
+        message_tool_names=[entry.name if entry.HasField("name") else None for entry in message.message_tool_names],
+        multi_modal_data=(
+            decode_multi_modal_data(merged(media), types.MultiModalData, types.PlaceholderRange) if media else None
+        ),
+    )
+
+
+def decode_tokens_response(data: bytes) -> Any:
+    """The RenderedTokens of a serialised RenderResponse or BridgeToNextTurnResponse; None when unset."""
+    try:
+        rest, fields = split_field(memoryview(data), _TOKENS_FIELD)
+        pb.RenderResponse.FromString(rest)  # fields a newer server may add; or junk
+        return decode_rendered_tokens(merged(fields)) if fields else None
+    except (WireFormatError, DecodeError) as exc:
+        raise RenderError(f"malformed response: {exc}") from None
+
+
+def decode_parsed_response(response: pb.ParseResponseResponse) -> Any:
+    """The ParseResponse answer as renderers.ParsedResponse (or types.ParsedResponse)."""
+    types = result_types()
+    parsed = response.parsed
+    calls = []
+    for index, call in enumerate(parsed.tool_calls):
+        kind = call.WhichOneof("arguments")
+        arguments: Any = None
+        if kind == "arguments_json":
+            arguments = load_json(call.arguments_json, f"tool_calls[{index}].arguments")
+        elif kind == "arguments_text":
+            arguments = call.arguments_text
+        try:
+            status = types.ToolCallParseStatus(call.status)
+        except ValueError:
+            raise RenderError(f"malformed response: unknown tool-call status {call.status!r}") from None
+        calls.append(
+            types.ParsedToolCall(
+                raw=call.raw,
+                name=call.name if call.HasField("name") else None,
+                arguments=arguments,
+                token_span=(call.token_span.start, call.token_span.end) if call.HasField("token_span") else None,
+                status=status,
+                id=call.id if call.HasField("id") else None,
+            )
+        )
+    return types.ParsedResponse(
+        content=parsed.content,
+        reasoning_content=parsed.reasoning_content if parsed.HasField("reasoning_content") else None,
+        tool_calls=calls,
+        reasoning_complete=parsed.reasoning_complete if parsed.HasField("reasoning_complete") else None,
+    )

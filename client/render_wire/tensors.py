@@ -1,0 +1,158 @@
+"""MultiModalData and its tensors, both directions: numpy arrays <-> Tensor messages.
+
+A tensor travels as its raw bytes, or (pixel tensors, where it holds exactly)
+in compact.py's form. Encoding joins each array's memory into the message as
+its bytes field (one copy); decoding gives large aligned arrays as read-only
+views of the response's bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .compact import CompactTensor, compact
+from .errors import RenderError
+from .pb import render_pb2 as pb
+from .types import (
+    MultiModalData,
+    PlaceholderRange,
+)
+from .wireformat import WireMessage, byte_view, merged, split_field
+
+
+def encode_multi_modal_data(data: Any, *, compact_tensors: bool = False) -> WireMessage:
+    """A MultiModalData message; with `compact_tensors`, each tensor that compact.py's form
+    holds exactly travels in it (a CompactTensor value always does)."""
+    message = WireMessage(
+        pb.MultiModalData(
+            mm_hashes=[pb.ModalityHashes(modality=m, hashes=hashes) for m, hashes in data.mm_hashes.items()],
+            mm_placeholders=[
+                pb.ModalityPlaceholders(
+                    modality=m, ranges=[pb.PlaceholderRange(offset=r.offset, length=r.length) for r in ranges]
+                )
+                for m, ranges in data.mm_placeholders.items()
+            ],
+        ).SerializeToString()
+    )
+    for modality, items in data.mm_items.items():
+        entry = WireMessage(pb.ModalityItems(modality=modality).SerializeToString())
+        for item in items:
+            encoded_item = WireMessage()
+            for name, value in item.items():
+                named = WireMessage(pb.NamedTensor(name=name).SerializeToString())
+                named.append_message_field(pb.NamedTensor.TENSOR_FIELD_NUMBER, _encode_tensor(value, compact_tensors))
+                encoded_item.append_message_field(pb.MultiModalItem.FIELDS_FIELD_NUMBER, named)
+            entry.append_message_field(pb.ModalityItems.ITEMS_FIELD_NUMBER, encoded_item)
+        message.append_message_field(pb.MultiModalData.MM_ITEMS_FIELD_NUMBER, entry)
+    return message
+
+
+def _encode_tensor(value: Any, compact_tensors: bool) -> WireMessage:
+    if isinstance(value, CompactTensor):
+        return _encode_compact(value)
+    if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+        raise TypeError(f"mm_items values must be numeric numpy arrays, got {type(value).__name__}")
+    if compact_tensors and value.nbytes >= _COMPACT_FROM_BYTES:
+        compacted = compact(value)  # None unless it decodes back to these very bytes
+        if compacted is not None:
+            return _encode_compact(compacted)
+    tensor = WireMessage(pb.Tensor(dtype=value.dtype.str, shape=value.shape).SerializeToString())
+    data = byte_view(value)  # C order whatever the array's layout
+    if len(data):  # proto3 leaves an empty bytes field out
+        tensor.append_bytes_field(pb.Tensor.DATA_FIELD_NUMBER, data)
+    return tensor
+
+
+# Below this, the tables cost more than the codes save.
+_COMPACT_FROM_BYTES = 64 * 1024
+
+
+def _encode_compact(value: CompactTensor) -> WireMessage:
+    tensor = WireMessage(pb.Tensor(dtype=value.dtype.str, shape=value.shape).SerializeToString())
+    form = WireMessage(
+        pb.CompactTensor(
+            tables=b"".join(table.tobytes() for table in value.tables),
+            table_sizes=[len(table) for table in value.tables],
+            repeats=value.repeats,
+        ).SerializeToString()
+    )
+    form.append_bytes_field(pb.CompactTensor.CODES_FIELD_NUMBER, byte_view(value.codes))
+    tensor.append_message_field(pb.Tensor.COMPACT_FIELD_NUMBER, form)
+    return tensor
+
+
+def decode_multi_modal_data(
+    data: memoryview, data_class: Any = MultiModalData, range_class: Any = PlaceholderRange
+) -> Any:
+    """A MultiModalData message as `data_class` (this package's, or renderers' own) of `range_class`es."""
+    rest, entries = split_field(data, pb.MultiModalData.MM_ITEMS_FIELD_NUMBER)
+    message = pb.MultiModalData.FromString(rest)
+    mm_items: dict[str, list[dict[str, np.ndarray]]] = {}
+    for entry in entries:
+        entry_rest, items = split_field(entry, pb.ModalityItems.ITEMS_FIELD_NUMBER)
+        mm_items[pb.ModalityItems.FromString(entry_rest).modality] = [_decode_item(item) for item in items]
+    return data_class(
+        mm_hashes={entry.modality: list(entry.hashes) for entry in message.mm_hashes},
+        mm_placeholders={
+            entry.modality: [range_class(offset=r.offset, length=r.length) for r in entry.ranges]
+            for entry in message.mm_placeholders
+        },
+        mm_items=mm_items,
+    )
+
+
+def _decode_item(data: memoryview) -> dict[str, np.ndarray | CompactTensor]:
+    _, fields = split_field(data, pb.MultiModalItem.FIELDS_FIELD_NUMBER)
+    item: dict[str, np.ndarray | CompactTensor] = {}
+    for field in fields:
+        rest, tensors = split_field(field, pb.NamedTensor.TENSOR_FIELD_NUMBER)
+        item[pb.NamedTensor.FromString(rest).name] = _decode_tensor(merged(tensors) if tensors else memoryview(b""))
+    return item
+
+
+def _decode_tensor(data: memoryview) -> np.ndarray | CompactTensor:
+    """A Tensor message as an array, or as a CompactTensor when it came in that form
+    (compact.materialize_all turns those into arrays, unless the caller keeps them)."""
+    rest, payloads = split_field(data, pb.Tensor.DATA_FIELD_NUMBER)
+    rest, forms = split_field(memoryview(rest), pb.Tensor.COMPACT_FIELD_NUMBER)
+    tensor = pb.Tensor.FromString(rest)
+    try:
+        dtype = np.dtype(tensor.dtype)
+        if dtype.hasobject:
+            raise TypeError("object arrays are not accepted")
+        if forms:
+            return _decode_compact(merged(forms), dtype, tuple(tensor.shape))
+        # A view of the response's bytes (the last occurrence wins): no copy, read-only.
+        array = np.frombuffer(payloads[-1] if payloads else b"", dtype=dtype).reshape(tuple(tensor.shape))
+    except (TypeError, ValueError) as exc:
+        raise RenderError(f"malformed tensor in response (dtype {tensor.dtype!r}): {exc}") from None
+    if array.nbytes < _SHARE_FROM_BYTES or not array.flags.aligned:
+        # A small view would keep a whole response alive; an unaligned one slows
+        # numpy and is refused by some consumers. Those are copied, read-only alike.
+        array = array.copy()
+        array.flags.writeable = False
+    return array
+
+
+_SHARE_FROM_BYTES = 1 << 20
+
+
+def _decode_compact(data: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> CompactTensor:
+    rest, codes = split_field(data, pb.CompactTensor.CODES_FIELD_NUMBER)
+    form = pb.CompactTensor.FromString(rest)
+    sizes = list(form.table_sizes)
+    groups = len(sizes)
+    if len(shape) != 2 or not groups or form.repeats < 1 or shape[1] % (groups * form.repeats):
+        raise ValueError(f"shape {shape} does not split into {groups} groups of {form.repeats} copies")
+    span = shape[1] // (groups * form.repeats)
+    code_array = np.frombuffer(codes[-1] if codes else b"", dtype=np.uint8).reshape(shape[0], groups, span)
+    values = np.frombuffer(form.tables, dtype=dtype)
+    if len(values) != sum(sizes):
+        raise ValueError(f"{len(values)} table values for table sizes {sizes}")
+    tables = tuple(np.split(values, np.cumsum(sizes)[:-1]))
+    for group, table in enumerate(tables):
+        if code_array.size and int(code_array[:, group].max()) >= len(table):
+            raise ValueError(f"a code of group {group} is past its table of {len(table)}")
+    return CompactTensor(dtype, shape, form.repeats, code_array, tables)
