@@ -1,16 +1,19 @@
 """Request data for ghz: corpus conversations as RenderTrainingSample JSON.
 
-    python -m bench.ghz_data --out requests.json [--models qwen3,qwen3-vl] [--conversations FILE]
+    python -m bench.ghz_data [--out FILE] [--models qwen3,qwen3-vl] [--conversations FILE]
 
 Writes a JSON array of requests in the protobuf JSON mapping (images as base64
-bytes); ghz sends them round-robin. Conversations a model's renderer refuses
-are left out, so that a run's errors are the server's, not the data's.
+bytes; a few MB for the corpus) to --out, by default ghz-requests.json in the
+temporary folder (/tmp), outside the checkout; ghz sends them round-robin.
+Conversations a model's renderer refuses are left out, so that a run's errors
+are the server's, not the data's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import renderers
@@ -37,8 +40,17 @@ def requests_for(models: list[str], conversations: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--models", default="qwen3,qwen3-vl,deepseek-v4")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "ghz-requests.json",
+        help="where to write the requests (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--models",
+        default="qwen3,qwen3-vl,deepseek-v4",
+        help="default-registry model ids, comma-separated (default: %(default)s)",
+    )
     parser.add_argument("--conversations", type=Path, help="JSONL of {messages, tools} (default: the shared corpus)")
     args = parser.parse_args()
     if args.conversations:

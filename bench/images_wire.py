@@ -6,7 +6,8 @@ Four tables, each raw (`render-server --raw-tensors`) beside compact (the defaul
 qwen3-vl from the default registry, one server set at a time:
 
 1. bytes: the serialised RenderTrainingSampleResponse of one image, from a raw
-   gRPC call (no response deserializer: the bytes as they travel), for square
+   gRPC call (no response deserializer: the bytes as they travel), and what a
+   `--compression gzip` server puts on the wire (a counting relay), for square
    noise-like JPEGs (bench/__main__.py's image()) and a smooth, natural-ish one,
    256 to 4096 px; the client decodes both answers and their samples must be
    the same (pixel_values bit for bit).
@@ -17,8 +18,9 @@ qwen3-vl from the default registry, one server set at a time:
    taking turns, shaped and unshaped blocks taking turns on each.
 3. client CPU: this process's CPU per sample through render_many (c=8) over
    in-process CPU per sample (renderers.build_training_sample, reference
-   renderer), block beside block, for every default model; compact materialised
-   (the default) and kept (`compact_tensors=True`), and a raw server for qwen3-vl.
+   renderer), block beside block, for every default model; the default client
+   (one connection) with compact tensors materialised and kept
+   (`compact_tensors=True`), eight connections, and a raw server for qwen3-vl.
 4. memory: peak RSS (VmHWM) of the server's gRPC process, its render processes
    and a client process during a 4096x4096 row, fresh processes per config
    (VmHWM is a lifetime peak).

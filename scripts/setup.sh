@@ -4,7 +4,7 @@
 #   scripts/setup.sh          the server and client
 #   scripts/setup.sh test     ...plus test tools: pytest, ruff, grpcio-tools, and the
 #                             Go clients the tests drive the server with (grpcurl, ghz,
-#                             grpc-health-probe, kubeconform) in .tools/bin
+#                             grpc-health-probe, kubeconform) in .tools/bin; needs Go
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,12 @@ if [ "${1:-}" = "test" ]; then
     github.com/grpc-ecosystem/grpc-health-probe@v0.4.62 \
     github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0; do
     name="${tool%@*}"; name="${name##*/}"
-    [ -x ".tools/bin/$name" ] || go install "$tool"
+    [ -x ".tools/bin/$name" ] && continue
+    if ! command -v go >/dev/null; then
+      echo "scripts/setup.sh test: building $name into .tools/bin needs Go 1.26 or newer" \
+        "(the 'go' command on PATH): https://go.dev/doc/install" >&2
+      exit 1
+    fi
+    go install "$tool"
   done
 fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -210,17 +211,26 @@ def counting_relay(target: str) -> Iterator[tuple[str, list[int]]]:
     counted = [0]
 
     def pipe(source: socket.socket, sink: socket.socket, count: bool) -> None:
-        with source, sink:
+        # Either side hanging up ends both directions; the other direction's thread then
+        # finds its socket shut down (or closed) and ends too.
+        with contextlib.suppress(OSError):
             while chunk := source.recv(1 << 16):
                 if count:
                     counted[0] += len(chunk)
                 sink.sendall(chunk)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
 
     def serve() -> None:
         client_side, _ = listener.accept()
         server_side = socket.create_connection((host, int(port)))
-        threading.Thread(target=pipe, args=(client_side, server_side, False), daemon=True).start()
+        upstream = threading.Thread(target=pipe, args=(client_side, server_side, False), daemon=True)
+        upstream.start()
         pipe(server_side, client_side, True)
+        upstream.join()
+        client_side.close()
+        server_side.close()
 
     threading.Thread(target=serve, daemon=True).start()
     try:

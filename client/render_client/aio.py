@@ -15,18 +15,21 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Ma
 from typing import Any
 
 import grpc
+import grpc.aio
+from google.protobuf.message import Message as ProtoMessage
 
 from render_wire.compact import materialize_all
-from render_wire.errors import RenderError, error_from_rpc
+from render_wire.errors import CallCancelledError, RenderError, error_from_rpc
 from render_wire.models import decode_models
 from render_wire.pb import render_pb2 as pb
 from render_wire.requests import encode_sample_request
 from render_wire.samples import decode_response
 from render_wire.types import RenderedTrainingSample, SampleRequest, ServerModels, TokensRequest
 
+from .async_streams import CALL_CANCELLED, cancelled_by_grpc, render_many
 from .channel import ChannelOptions, Connection, deadline_for, remaining
 from .renderer import RemoteRenderer
-from .streaming import SAMPLES, TOKENS, StreamMethod, render_many_async
+from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 
 Message = Mapping[str, Any]
 
@@ -59,18 +62,23 @@ class AsyncRenderClient:
 
     async def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
-        encoded = encode_sample_request(request)
+        sample = decode_response(await self._call("RenderTrainingSample", encode_sample_request(request), timeout))
+        return sample if self._compact_tensors else materialize_all(sample)
+
+    async def _call(self, method: str, request: ProtoMessage, timeout: float | None) -> Any:
+        """A unary call of `method`, resent while the server is restarting or going away (as RenderClient's)."""
         deadline = deadline_for(timeout or self._timeout)
         attempt = 0
         while True:
             try:
-                response = await self._connection.next_stub().RenderTrainingSample(
-                    encoded, timeout=remaining(deadline), metadata=self._connection.metadata
-                )
-                sample = decode_response(response)
-                return sample if self._compact_tensors else materialize_all(sample)
+                stub = getattr(self._connection.next_stub(), method)
+                return await stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
+            except asyncio.CancelledError:
+                if not cancelled_by_grpc():
+                    raise
+                error = CallCancelledError(CALL_CANCELLED)  # the client was closed meanwhile
             delay = self._connection.resend_delay(error, attempt, deadline)
             if delay is None:
                 raise error
@@ -101,36 +109,31 @@ class AsyncRenderClient:
 
     def _streamed(
         self,
-        method: StreamMethod,
-        requests: Iterable[Any] | AsyncIterable[Any],
+        method: StreamMethod[ItemT, RequestT, ResultT],
+        requests: Iterable[ItemT | RequestT] | AsyncIterable[ItemT | RequestT],
         concurrency: int,
         return_exceptions: bool,
         timeout: float | None,
-    ) -> AsyncIterator[Any]:
-        results = render_many_async(
+    ) -> AsyncIterator[ResultT | RenderError]:
+        results = render_many(
             self._connection.stubs,
             requests,
+            method=method,
             concurrency=concurrency,
             timeout=timeout,
             metadata=self._connection.metadata,
             return_exceptions=return_exceptions,
-            method=method,
         )
         return results if self._compact_tensors else _materialized(results)
 
     async def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
-        try:
-            response = await self._connection.next_stub().ListModels(
-                pb.ListModelsRequest(), timeout=timeout or self._timeout, metadata=self._connection.metadata
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
-        return decode_models(response)
+        return decode_models(await self._call("ListModels", pb.ListModelsRequest(), timeout))
 
     async def close(self) -> None:
         self._connection.closed = True
         for channel in self._connection.channels:
+            assert isinstance(channel, grpc.aio.Channel)  # Connection(asyncio=True) opened it
             await channel.close()
 
     async def __aenter__(self) -> AsyncRenderClient:
@@ -167,4 +170,6 @@ async def build_training_sample(
         ensure_final_stop=ensure_final_stop,
         message_loss_mask=message_loss_mask,
     )
+    if not isinstance(renderer.client, AsyncRenderClient):
+        raise TypeError("a RenderClient's renderer: use render_client.build_training_sample")
     return await renderer.client.render(request)

@@ -46,7 +46,8 @@ from render_wire.types import (
 
 from .channel import ChannelOptions, Connection, ConnectionSettings, deadline_for, remaining
 from .renderer import RemoteMultimodalRenderer, RemoteRenderer
-from .streaming import SAMPLES, TOKENS, StreamMethod, render_many
+from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
+from .sync_streams import render_many
 
 Message = Mapping[str, Any]
 T = TypeVar("T")
@@ -271,21 +272,21 @@ class RenderClient:
 
     def _streamed(
         self,
-        method: StreamMethod,
-        requests: Iterable[Any],
+        method: StreamMethod[ItemT, RequestT, ResultT],
+        requests: Iterable[ItemT | RequestT],
         concurrency: int,
         return_exceptions: bool,
         timeout: float | None,
-    ) -> Iterator[Any]:
+    ) -> Iterator[ResultT | RenderError]:
         connection = self._connection
         results = render_many(
             connection.stubs,
             requests,
+            method=method,
             concurrency=concurrency,
             timeout=timeout,
             metadata=connection.metadata,
             return_exceptions=return_exceptions,
-            method=method,
         )
         return results if self._compact_tensors else _materialized(results)
 
@@ -317,7 +318,7 @@ class RenderClient:
 def _materialized(results: Iterator[T]) -> Iterator[T]:
     try:
         for result in results:
-            yield materialize_all(result)  # type: ignore[misc]
+            yield materialize_all(result)
     finally:
         results.close()  # type: ignore[attr-defined]  # the streams end with the caller's loop
 
@@ -358,4 +359,6 @@ def build_training_sample(
         ensure_final_stop=ensure_final_stop,
         message_loss_mask=message_loss_mask,
     )
+    if not isinstance(renderer.client, RenderClient):
+        raise TypeError("an AsyncRenderClient's renderer: use render_client.aio.build_training_sample")
     return renderer.client.render(request)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
 
 # Runtime settings that a tokenizer's serialization carries but that do not
 # change how renderers tokenize text (they set them per encode call).
 _RUNTIME_KEYS = ("truncation", "padding")
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: object) -> str:
     """'sha256:<hex>' over the tokenizer's serialized pipeline and chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:

@@ -11,7 +11,10 @@ if TYPE_CHECKING:
     from .aio import AsyncRenderClient
     from .client import RenderClient
 
-from render_wire.types import RendererInfo, SampleRequest, TokensRequest
+from render_wire.types import Message, MultiModalDataLike, RendererInfo, SampleRequest, TokensRequest
+
+# Tool specs (renderers.ToolSpec): JSON objects.
+ToolSpecs = Sequence[Mapping[str, object]]
 
 
 @dataclass(frozen=True)
@@ -27,18 +30,22 @@ class RemoteRenderer:
     the server instead, in one call. `AsyncRenderClient.renderer(...)` gives
     one for `render_client.aio.build_training_sample` only (the protocol is
     synchronous). It can be pickled, and used after a fork.
+
+    The protocol methods return renderers' own classes where renderers is importable
+    (render_wire.types' mirrors otherwise), typed Any as RenderClient's methods are, so
+    that their methods (RenderedTokens.tokens_per_message, ...) can be called.
     """
 
     client: RenderClient | AsyncRenderClient
     model: str
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, object] | None = None
 
     def request(
         self,
-        messages: Sequence[Mapping[str, Any]],
+        messages: Sequence[Message],
         *,
-        role_to_mask: Callable[[Mapping[str, Any]], bool] | None = None,
-        tools: Sequence[Any] | None = None,
+        role_to_mask: Callable[[Message], bool] | None = None,
+        tools: ToolSpecs | None = None,
         content_sft_roles: Iterable[str] | None = None,
         ensure_final_stop: bool = False,
         message_loss_mask: Sequence[bool | int] | None = None,
@@ -57,9 +64,9 @@ class RemoteRenderer:
 
     def render_request(
         self,
-        messages: Sequence[Mapping[str, Any]],
+        messages: Sequence[Message],
         *,
-        tools: Sequence[Any] | None = None,
+        tools: ToolSpecs | None = None,
         add_generation_prompt: bool = False,
         ids_only: bool = False,
     ) -> TokensRequest:
@@ -83,7 +90,7 @@ class RemoteRenderer:
         return list(self._info().stop_token_ids)
 
     def render(
-        self, messages: list[Any], *, tools: list[Any] | None = None, add_generation_prompt: bool = False
+        self, messages: Sequence[Message], *, tools: ToolSpecs | None = None, add_generation_prompt: bool = False
     ) -> Any:
         """renderers.RenderedTokens, as the server's renderer renders `messages`."""
         return self._client().render_tokens(
@@ -95,9 +102,9 @@ class RemoteRenderer:
         )
 
     def render_ids(
-        self, messages: list[Any], *, tools: list[Any] | None = None, add_generation_prompt: bool = False
+        self, messages: Sequence[Message], *, tools: ToolSpecs | None = None, add_generation_prompt: bool = False
     ) -> list[int]:
-        return (
+        ids: list[int] = (
             self._client()
             .render_tokens(
                 self.model,
@@ -109,9 +116,10 @@ class RemoteRenderer:
             )
             .token_ids
         )
+        return ids
 
     def parse_response(
-        self, token_ids: list[int], *, tools: list[Any] | None = None, prompt_ids: list[int] | None = None
+        self, token_ids: Sequence[int], *, tools: ToolSpecs | None = None, prompt_ids: Sequence[int] | None = None
     ) -> Any:
         """renderers.ParsedResponse for a completion's tokens."""
         return self._client().parse_response(
@@ -120,11 +128,11 @@ class RemoteRenderer:
 
     def bridge_to_next_turn(
         self,
-        previous_prompt_ids: list[int],
-        previous_completion_ids: list[int],
-        new_messages: list[Any],
+        previous_prompt_ids: Sequence[int],
+        previous_completion_ids: Sequence[int],
+        new_messages: Sequence[Message],
         *,
-        tools: list[Any] | None = None,
+        tools: ToolSpecs | None = None,
     ) -> Any:
         """renderers.RenderedTokens extending the previous turn, or None: render the conversation anew."""
         return self._client().bridge_to_next_turn(
@@ -158,12 +166,12 @@ class RemoteMultimodalRenderer(RemoteRenderer):
 
     def bridge_to_next_turn(
         self,
-        previous_prompt_ids: list[int],
-        previous_completion_ids: list[int],
-        new_messages: list[Any],
+        previous_prompt_ids: Sequence[int],
+        previous_completion_ids: Sequence[int],
+        new_messages: Sequence[Message],
         *,
-        tools: list[Any] | None = None,
-        previous_multi_modal_data: Any = None,
+        tools: ToolSpecs | None = None,
+        previous_multi_modal_data: MultiModalDataLike | None = None,
     ) -> Any:
         """MultimodalRenderer.bridge_to_next_turn: the previous turn's media carried forward."""
         return self._client().bridge_to_next_turn(

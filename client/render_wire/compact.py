@@ -21,8 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 # (groups, repeats) tried in turn: RGB with two temporal copies (Qwen2-VL, Qwen3-VL, ...),
 # RGB without copies, and one table for everything.
@@ -137,10 +140,15 @@ def _code_by_sorting(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _float_of(bits: np.ndarray) -> type[np.floating]:
-    return {np.uint16: np.float16, np.uint32: np.float32, np.uint64: np.float64}[bits.dtype.type]
+    floats: dict[type[np.generic], type[np.floating]] = {
+        np.uint16: np.float16,
+        np.uint32: np.float32,
+        np.uint64: np.float64,
+    }
+    return floats[bits.dtype.type]
 
 
-def materialize_all(data: object) -> object:
+def materialize_all(data: T) -> T:
     """`data` (a sample, RenderedTokens, MultiModalData or None) with every CompactTensor of its
     mm_items replaced, in place, by its tensor: read-only, like the arrays decoded raw."""
     media = getattr(data, "multi_modal_data", data)

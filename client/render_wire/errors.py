@@ -2,6 +2,8 @@
 
 The server raises these to answer with a status; the client raises them when
 the server answers with one, or when it refuses a request before sending it.
+Each class carries its gRPC status (`code`) and the HTTP status the server's
+HTTP port answers it with (`http_status`), as google-api-core's exceptions do.
 Each also subclasses the builtin exception trainer code already catches around
 `renderers.build_training_sample` (ValueError, NotImplementedError, ...), so
 switching to the service keeps existing `except` clauses working.
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import builtins
 import functools
+from collections.abc import Sequence
+from typing import cast
 
 import grpc
 
@@ -19,9 +23,20 @@ ERROR_TYPE_KEY = "render-error-type"
 
 
 class RenderError(Exception):
-    """An error render-service answered with (or the client caught first)."""
+    """An error render-service answered with (or the client caught first).
+
+    `code` is its gRPC status and `http_status` the HTTP status the HTTP port
+    answers with (500 for every status without a class of its own).
+
+    `rpc_error` is the `grpc.RpcError` of the failed call it was made from
+    (by error_from_rpc), else None. The client raises these `from None`, so
+    that tracebacks show one error, not gRPC's: this attribute, not
+    `__cause__`, keeps the call's own error (its `debug_error_string()`,
+    trailing metadata, ...) reachable. It does not survive pickling.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    http_status: int = 500
 
     def __init__(self, details: str, *, error_type: str | None = None) -> None:
         super().__init__(details)
@@ -29,6 +44,7 @@ class RenderError(Exception):
         # The exception type the renderer raised, e.g. "ValueError"; None when the
         # error did not come from the renderer.
         self.error_type = error_type
+        self.rpc_error: grpc.RpcError | None = None
 
     def __str__(self) -> str:
         return self.details  # not KeyError's quoted repr when it is one too
@@ -42,48 +58,56 @@ class InvalidArgumentError(RenderError, ValueError):
     """The request is malformed, or the renderer rejected the conversation."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
 
 
 class ModelNotFoundError(RenderError, LookupError):
     """The server has no model with the requested id."""
 
     code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
 
 
 class UnimplementedError(RenderError, NotImplementedError):
     """The renderer cannot render this yet (e.g. video in renderers 0.1.12)."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+    http_status = 501
 
 
 class ResourceExhaustedError(RenderError):
     """The server is at a limit: too big a request or too many at once."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
 
 
 class UnavailableError(RenderError, ConnectionError):
     """The server could not be reached, or is shutting down."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
 
 
 class DeadlineExceededError(RenderError, TimeoutError):
     """The call's deadline passed before the server answered."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
 
 
 class CallCancelledError(RenderError):
     """The call was cancelled, or its deadline passed, before the server answered."""
 
     code = grpc.StatusCode.CANCELLED
+    http_status = 499
 
 
 class UnauthenticatedError(RenderError, PermissionError):
     """The call's credentials were missing or wrong."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
 
 
 _BY_CODE: dict[grpc.StatusCode, type[RenderError]] = {
@@ -128,7 +152,7 @@ def _in_builtin_family(cls: type[RenderError], error_type: str | None) -> type[R
     builtin = getattr(builtins, error_type, None) if error_type else None
     if not isinstance(builtin, type) or not issubclass(builtin, Exception) or issubclass(cls, builtin):
         return cls
-    return _combined(cls, builtin)
+    return _combined(cls, builtin)  # type: ignore[arg-type]  # classes are hashable; mypy's stubs say otherwise
 
 
 @functools.cache
@@ -143,10 +167,14 @@ def _combined(cls: type[RenderError], builtin: type[Exception]) -> type[RenderEr
 
 
 def error_from_rpc(exc: grpc.RpcError) -> RenderError:
-    """The RenderError for a failed call (sync or asyncio)."""
+    """The RenderError for a failed call (sync or asyncio); its `rpc_error` is `exc`."""
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
     error_type = None
-    for key, value in exc.trailing_metadata() or ():
+    # (key, value) tuples at run time, whatever grpc's stubs say.
+    trailers = cast("Sequence[tuple[str, str | bytes]]", exc.trailing_metadata() or ())
+    for key, value in trailers:
         if key == ERROR_TYPE_KEY:
-            error_type = value
-    return error_from_status(code, exc.details(), error_type)
+            error_type = value if isinstance(value, str) else value.decode()
+    error = error_from_status(code, exc.details(), error_type)
+    error.rpc_error = exc  # raised `from None` by the client: see RenderError
+    return error

@@ -11,12 +11,15 @@ would otherwise change silently: non-JSON Python values on the way out
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TypeAlias, cast
 
 from .errors import invalid
 
+# A value json.loads gives (with its default hooks): what load_json returns.
+JSONValue: TypeAlias = "dict[str, JSONValue] | list[JSONValue] | str | int | float | bool | None"
 
-def dump_json(value: Any, field: str) -> str:
+
+def dump_json(value: object, field: str) -> str:
     """`value` as JSON text; InvalidArgumentError naming `field` if it is not plain JSON."""
     try:
         _check_plain_json(value, field)
@@ -25,10 +28,11 @@ def dump_json(value: Any, field: str) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def load_json(text: str, field: str) -> Any:
+def load_json(text: str, field: str) -> JSONValue:
     """The value of JSON `text`; InvalidArgumentError naming `field` if it is not valid JSON."""
     try:
-        return json.loads(text, object_pairs_hook=_object_without_duplicates)
+        value: JSONValue = json.loads(text, object_pairs_hook=_object_without_duplicates)
+        return value
     except _DuplicateKey as exc:
         raise invalid(field, f"not valid JSON: duplicate key {exc.args[0]!r}") from None
     except RecursionError:
@@ -41,7 +45,7 @@ class _DuplicateKey(Exception):
     pass
 
 
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _object_without_duplicates(pairs: list[tuple[str, JSONValue]]) -> dict[str, JSONValue]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
@@ -55,7 +59,7 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _SCALARS = (str, int, float, bool, type(None))
 
 
-def _check_plain_json(value: Any, field: str) -> None:
+def _check_plain_json(value: object, field: str) -> None:
     # Exact types: json.dumps would turn a tuple into a list and an int key into
     # a string without a word, and the renderer in-process would have seen the
     # original. Subclasses (IntEnum, numpy scalars...) are refused for the same reason.
@@ -63,13 +67,13 @@ def _check_plain_json(value: Any, field: str) -> None:
     if kind in _SCALARS:
         return
     if kind is dict:
-        for key, item in value.items():
+        for key, item in cast("dict[object, object]", value).items():
             if type(key) is not str:
                 raise invalid(field, f"JSON object keys must be str, got {type(key).__name__} key {key!r}")
             _check_plain_json(item, f"{field}.{key}")
         return
     if kind is list:
-        for index, item in enumerate(value):
+        for index, item in enumerate(cast("list[object]", value)):
             _check_plain_json(item, f"{field}[{index}]")
         return
     raise invalid(field, f"{kind.__name__} is not a JSON value (use dict, list, str, int, float, bool or None)")

@@ -14,9 +14,12 @@ import binascii
 import io
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .errors import invalid
+
+if TYPE_CHECKING:
+    from PIL import Image  # pillow is needed only to pass PIL images
 
 # Text that names media instead of containing it: a URI scheme, an absolute or
 # relative path, or a home-relative path.
@@ -26,7 +29,7 @@ _PRINTABLE = re.compile(rb"^[\x20-\x7e\t]*$")
 _REFERENCE_MAX_BYTES = 8192
 
 
-def media_bytes(source: Any, field: str) -> bytes:
+def media_bytes(source: object, field: str) -> bytes:
     """The encoded bytes of an image or video `source` a caller passed.
 
     Accepts bytes-like objects, `data:` URIs with base64 payloads, and PIL
@@ -66,7 +69,7 @@ def _decode_data_uri(uri: str, field: str) -> bytes:
         raise invalid(field, f"data: URI payload is not valid base64 ({exc})") from None
 
 
-def _encode_pil(image: Any) -> bytes:
+def _encode_pil(image: Image.Image) -> bytes:
     # renderers converts every image to RGB before processing; doing it here
     # first makes the PNG round trip exact for every mode PIL has.
     if image.mode != "RGB":

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer, RepeatedScalarFieldContainer
 from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
 
 from .compact import materialize_all
 from .errors import RenderError, invalid
-from .jsonvalue import dump_json, load_json
+from .jsonvalue import JSONValue, dump_json, load_json
 from .media import check_not_a_reference, media_bytes
 from .pb import render_pb2 as pb
 from .tensors import decode_multi_modal_data, encode_multi_modal_data
 from .types import (
+    Message,
+    MultiModalDataLike,
     SampleRequest,
     TokensRequest,
     result_types,
@@ -45,7 +49,12 @@ class MediaRef:
 
     field: str  # e.g. "messages[1].content[0].image"
     kind: str  # "image" or "video"
-    part: dict[str, Any]  # the part dict; part[kind] holds the encoded bytes
+    # The part dict; part[kind] holds the encoded bytes (the server may put the decoded image there).
+    part: dict[str, Any]
+
+
+# A decoded message, content part or tool call: the dict the caller had.
+DecodedDict = dict[str, object]
 
 
 @dataclass
@@ -53,14 +62,14 @@ class RenderArguments:
     """A decoded request: the arguments of one build_training_sample call."""
 
     model: str
-    messages: list[dict[str, Any]]
-    tools: list[Any] | None
+    messages: list[DecodedDict]
+    tools: list[JSONValue] | None
     # role_to_mask(message) per message, as the client evaluated it; None: role_to_mask=None.
     trainable: list[bool] | None
     message_loss_mask: list[bool] | None
     content_sft_roles: frozenset[str] | None
     ensure_final_stop: bool
-    chat_template_kwargs: dict[str, Any] | None
+    chat_template_kwargs: dict[str, JSONValue] | None
     media: list[MediaRef]
 
 
@@ -71,14 +80,14 @@ class RenderArguments:
 
 def encode_request(
     model: str,
-    messages: Sequence[Mapping[str, Any]],
+    messages: Sequence[Message],
     *,
-    role_to_mask: Callable[[Mapping[str, Any]], bool] | None = None,
-    tools: Sequence[Any] | None = None,
+    role_to_mask: Callable[[Message], bool] | None = None,
+    tools: Sequence[Mapping[str, object]] | None = None,
     content_sft_roles: Iterable[str] | None = None,
     ensure_final_stop: bool = False,
     message_loss_mask: Sequence[bool | int] | None = None,
-    chat_template_kwargs: Mapping[str, Any] | None = None,
+    chat_template_kwargs: Mapping[str, object] | None = None,
 ) -> pb.RenderTrainingSampleRequest:
     """The request for one build_training_sample call with these arguments."""
     request = pb.RenderTrainingSampleRequest()
@@ -124,12 +133,12 @@ def encode_sample_request(request: SampleRequest) -> pb.RenderTrainingSampleRequ
     return encode_request(**{field.name: getattr(request, field.name) for field in fields(request)})
 
 
-def encode_message(message: Any, field: str, out: pb.Message) -> None:
+def encode_message(message: object, field: str, out: pb.Message) -> None:
     if not isinstance(message, Mapping):
         raise invalid(field, f"expected a message dict, got {type(message).__name__}")
     if "role" not in message:
         raise invalid(f"{field}.role", "missing")
-    extra: dict[str, Any] = {}
+    extra: dict[object, object] = {}
     for key, value in message.items():
         if key == "role":
             _set_text(out, "role", value, f"{field}.role")
@@ -160,7 +169,7 @@ def encode_message(message: Any, field: str, out: pb.Message) -> None:
         out.extra_json = dump_json(extra, field)
 
 
-def _encode_part(part: Any, field: str, out: pb.ContentPart) -> None:
+def _encode_part(part: object, field: str, out: pb.ContentPart) -> None:
     if not isinstance(part, Mapping):
         raise invalid(field, f"expected a content part dict, got {type(part).__name__}")
     kind = part.get("type")
@@ -186,7 +195,7 @@ def _encode_part(part: Any, field: str, out: pb.ContentPart) -> None:
         _append_text(out.null_keys, key, f"{field}.{key}")
 
 
-def _media_source(part: Mapping[str, Any], kind: str) -> tuple[str, Any]:
+def _media_source(part: Mapping[str, object], kind: str) -> tuple[str, object]:
     """The key and value renderers would load a media part from, in its precedence."""
     url_key = f"{kind}_url"
     if kind in part:
@@ -200,7 +209,7 @@ def _media_source(part: Mapping[str, Any], kind: str) -> tuple[str, Any]:
     return kind, None
 
 
-def _encode_tool_call(call: Any, field: str, out: pb.ToolCall) -> None:
+def _encode_tool_call(call: object, field: str, out: pb.ToolCall) -> None:
     if not isinstance(call, Mapping):
         raise invalid(field, f"expected a tool call dict, got {type(call).__name__}")
     for key, value in call.items():
@@ -226,7 +235,7 @@ def _encode_tool_call(call: Any, field: str, out: pb.ToolCall) -> None:
             raise invalid(f"{field}.{key}", "unsupported key (id, type, function)")
 
 
-def _set_text(message: Any, name: str, value: Any, field: str) -> None:
+def _set_text(message: ProtoMessage, name: str, value: object, field: str) -> None:
     if not isinstance(value, str):
         raise invalid(field, f"expected a str, got {type(value).__name__}")
     try:
@@ -235,7 +244,7 @@ def _set_text(message: Any, name: str, value: Any, field: str) -> None:
         raise invalid(field, "not encodable as UTF-8 (lone surrogate)") from None
 
 
-def _append_text(container: Any, value: Any, field: str) -> None:
+def _append_text(container: RepeatedScalarFieldContainer[str], value: object, field: str) -> None:
     if not isinstance(value, str):
         raise invalid(field, f"expected a str, got {type(value).__name__}")
     try:
@@ -272,14 +281,29 @@ class Conversation:
     """What every request that carries messages has: a decoded conversation for a model's renderer."""
 
     model: str
-    messages: list[dict[str, Any]]
-    tools: list[Any] | None
-    chat_template_kwargs: dict[str, Any] | None
+    messages: list[DecodedDict]
+    tools: list[JSONValue] | None
+    chat_template_kwargs: dict[str, JSONValue] | None
     media: list[MediaRef]
 
 
+class ModelRequest(Protocol):
+    """A request naming a model, with optional chat-template kwargs (every request but ListModels's)."""
+
+    model: str
+    chat_template_kwargs_json: str
+
+    def HasField(self, field_name: str) -> bool: ...
+
+
+class ToolsRequest(ModelRequest, Protocol):
+    """A request with optional tool specs too: RenderTrainingSample, Render, ParseResponse, BridgeToNextTurn."""
+
+    tools_json: str
+
+
 def decode_conversation(
-    request: Any,
+    request: ToolsRequest,
     messages: Iterable[pb.Message],
     field: str,
     trainable: list[bool | None] | None = None,
@@ -308,7 +332,7 @@ def decode_conversation(
     )
 
 
-def decode_tools(request: Any) -> list[Any] | None:
+def decode_tools(request: ToolsRequest) -> list[JSONValue] | None:
     """A request's `tools_json`: None when absent."""
     if not request.HasField("tools_json"):
         return None
@@ -318,7 +342,7 @@ def decode_tools(request: Any) -> list[Any] | None:
     return tools
 
 
-def decode_chat_template_kwargs(request: Any) -> dict[str, Any] | None:
+def decode_chat_template_kwargs(request: ModelRequest) -> dict[str, JSONValue] | None:
     """A request's `chat_template_kwargs_json`: None when absent or empty."""
     if not request.HasField("chat_template_kwargs_json"):
         return None
@@ -347,12 +371,12 @@ def decode_message(
     trainable: list[bool | None],
     selected: list[bool | None],
     field: str = "messages",
-) -> dict[str, Any]:
+) -> DecodedDict:
     """One message dict; `field` names the list it is in, for errors."""
     # ListFields walks only the fields that are set, in one call: this runs
     # for every message of every request, so no HasField per key.
     where = f"{field}[{index}]"
-    out: dict[str, Any] = {"role": message.role}
+    out: DecodedDict = {"role": message.role}
     is_trainable = is_selected = nulls = extra = None
     for descriptor, value in message.ListFields():
         name = descriptor.name
@@ -397,11 +421,11 @@ def decode_message(
     return out
 
 
-def _decode_part(part: pb.ContentPart, message: str, index: int, media: list[MediaRef]) -> dict[str, Any]:
+def _decode_part(part: pb.ContentPart, message: str, index: int, media: list[MediaRef]) -> DecodedDict:
     field = f"{message}.content[{index}]"
     kind = part.WhichOneof("part")
     if kind == "text":
-        out: dict[str, Any] = {"type": "text", "text": part.text}
+        out: DecodedDict = {"type": "text", "text": part.text}
     elif kind == "thinking":
         out = {"type": "thinking", "thinking": part.thinking}
     elif kind == "image" or kind == "video":
@@ -421,14 +445,14 @@ def _decode_part(part: pb.ContentPart, message: str, index: int, media: list[Med
     return out
 
 
-def _decode_tool_call(call: pb.ToolCall, message: str, index: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _decode_tool_call(call: pb.ToolCall, message: str, index: int) -> DecodedDict:
+    out: DecodedDict = {}
     if call.HasField("id"):
         out["id"] = call.id
     if call.HasField("type"):
         out["type"] = call.type
     if call.HasField("function"):
-        function: dict[str, Any] = {}
+        function: DecodedDict = {}
         if call.function.HasField("name"):
             function["name"] = call.function.name
         arguments_kind = call.function.WhichOneof("arguments")
@@ -442,35 +466,46 @@ def _decode_tool_call(call: pb.ToolCall, message: str, index: int) -> dict[str, 
     return out
 
 
-Message = Mapping[str, Any]
-
 # ---------------------------------------------------------------------------
 # Client side: a method's arguments -> its request
 # ---------------------------------------------------------------------------
 
 
 def _set_conversation_options(
-    request: Any, model: str, tools: Sequence[Any] | None, chat_template_kwargs: Mapping[str, Any] | None
+    request: ToolsRequest,
+    model: str,
+    tools: Sequence[Mapping[str, object]] | None,
+    chat_template_kwargs: Mapping[str, object] | None,
 ) -> None:
-    if not isinstance(model, str) or not model:
-        raise invalid("model", "must be a non-empty string")
-    request.model = model
+    _set_model(request, model)
     if tools is not None:
         if not isinstance(tools, (list, tuple)):
             raise invalid("tools", f"expected a list of tool specs, got {type(tools).__name__}")
         request.tools_json = dump_json(list(tools), "tools")
+    _set_chat_template_kwargs(request, chat_template_kwargs)
+
+
+def _set_model(request: ModelRequest, model: str) -> None:
+    if not isinstance(model, str) or not model:
+        raise invalid("model", "must be a non-empty string")
+    request.model = model
+
+
+def _set_chat_template_kwargs(request: ModelRequest, chat_template_kwargs: Mapping[str, object] | None) -> None:
     if chat_template_kwargs is not None:
         request.chat_template_kwargs_json = dump_json(dict(chat_template_kwargs), "chat_template_kwargs")
 
 
-def _add_messages(container: Any, messages: Sequence[Message], field: str) -> None:
+def _add_messages(
+    container: RepeatedCompositeFieldContainer[pb.Message], messages: Sequence[Message], field: str
+) -> None:
     if not isinstance(messages, (list, tuple)):
         raise invalid(field, f"expected a list of message dicts, got {type(messages).__name__}")
     for index, message in enumerate(messages):
         encode_message(message, f"{field}[{index}]", container.add())
 
 
-def _set_ids(container: Any, ids: Sequence[int], field: str) -> None:
+def _set_ids(container: RepeatedScalarFieldContainer[int], ids: Sequence[int], field: str) -> None:
     if not isinstance(ids, (list, tuple, np.ndarray)):
         raise invalid(field, f"expected a list of token ids, got {type(ids).__name__}")
     try:
@@ -483,9 +518,9 @@ def encode_render_request(
     model: str,
     messages: Sequence[Message],
     *,
-    tools: Sequence[Any] | None,
+    tools: Sequence[Mapping[str, object]] | None,
     add_generation_prompt: bool,
-    chat_template_kwargs: Mapping[str, Any] | None,
+    chat_template_kwargs: Mapping[str, object] | None,
     ids_only: bool,
 ) -> pb.RenderRequest:
     """The request for one Renderer.render (or render_ids) call."""
@@ -511,9 +546,9 @@ def encode_parse_request(
     model: str,
     token_ids: Sequence[int],
     *,
-    tools: Sequence[Any] | None,
+    tools: Sequence[Mapping[str, object]] | None,
     prompt_ids: Sequence[int] | None,
-    chat_template_kwargs: Mapping[str, Any] | None,
+    chat_template_kwargs: Mapping[str, object] | None,
 ) -> pb.ParseResponseRequest:
     """The request for one Renderer.parse_response call."""
     request = pb.ParseResponseRequest()
@@ -531,9 +566,9 @@ def encode_bridge_request(
     previous_completion_ids: Sequence[int],
     new_messages: Sequence[Message],
     *,
-    tools: Sequence[Any] | None,
-    previous_multi_modal_data: Any,
-    chat_template_kwargs: Mapping[str, Any] | None,
+    tools: Sequence[Mapping[str, object]] | None,
+    previous_multi_modal_data: MultiModalDataLike | None,
+    chat_template_kwargs: Mapping[str, object] | None,
 ) -> bytes:
     """The serialised request for one Renderer.bridge_to_next_turn call.
 
@@ -555,9 +590,12 @@ def encode_bridge_request(
     return message.join()
 
 
-def encode_describe_request(model: str, chat_template_kwargs: Mapping[str, Any] | None) -> pb.DescribeRendererRequest:
+def encode_describe_request(
+    model: str, chat_template_kwargs: Mapping[str, object] | None
+) -> pb.DescribeRendererRequest:
     request = pb.DescribeRendererRequest()
-    _set_conversation_options(request, model, None, chat_template_kwargs)
+    _set_model(request, model)
+    _set_chat_template_kwargs(request, chat_template_kwargs)
     return request
 
 
@@ -581,9 +619,9 @@ class ParseArgs:
 
     model: str
     token_ids: list[int]
-    tools: list[Any] | None
+    tools: list[JSONValue] | None
     prompt_ids: list[int] | None
-    chat_template_kwargs: dict[str, Any] | None
+    chat_template_kwargs: dict[str, JSONValue] | None
 
 
 @dataclass
@@ -593,7 +631,7 @@ class BridgeArgs:
     conversation: Conversation
     previous_prompt_ids: list[int]
     previous_completion_ids: list[int]
-    previous_multi_modal_data: Any  # renderers.MultiModalData or None
+    previous_multi_modal_data: MultiModalDataLike | None  # renderers.MultiModalData (types' without renderers)
     # The request's size without previous_multi_modal_data: its pixel tensors are no text to limit.
     request_bytes: int
 

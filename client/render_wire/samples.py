@@ -11,18 +11,22 @@ bytes; everything else is parsed by upb.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TypeVar, overload
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from .errors import RenderError, error_from_status
-from .jsonvalue import dump_json, load_json
+from .jsonvalue import JSONValue, dump_json, load_json
 from .pb import render_pb2 as pb
 from .tensors import decode_multi_modal_data, encode_multi_modal_data
 from .types import (
+    ParsedResponseLike,
+    ParsedToolCallLike,
+    RenderedTokensLike,
     RenderedTrainingSample,
+    RenderedTrainingSampleLike,
     result_types,
 )
 from .wireformat import WireFormatError, WireMessage, as_list, merged, split_field
@@ -32,7 +36,7 @@ from .wireformat import WireFormatError, WireMessage, as_list, merged, split_fie
 # ---------------------------------------------------------------------------
 
 
-def encode_sample(sample: Any, *, compact_tensors: bool = False) -> WireMessage:
+def encode_sample(sample: RenderedTrainingSampleLike, *, compact_tensors: bool = False) -> WireMessage:
     """A renderers.RenderedTrainingSample (or a mirror of one) as a RenderedTrainingSample message.
 
     Its arrays stay in place until the message is joined (see wire.py); with
@@ -60,7 +64,7 @@ def encode_sample(sample: Any, *, compact_tensors: bool = False) -> WireMessage:
     return message
 
 
-def packed_bools(values: Any) -> bytes | None:
+def packed_bools(values: object) -> bytes | None:
     """A packed repeated bool field's payload, or None to leave the values to upb.
 
     A bool's varint is one byte, 0 or 1, so for a list of bools `bytes` writes
@@ -116,7 +120,22 @@ def decode_response(data: bytes) -> RenderedTrainingSample:
         raise RenderError(f"malformed response: {exc}") from None
 
 
-def decode_results(data: bytes, decode_payload: Callable[[memoryview], Any] | None = None) -> list[tuple[int, Any]]:
+PayloadT = TypeVar("PayloadT")
+
+
+@overload
+def decode_results(data: bytes) -> list[tuple[int, RenderedTrainingSample | RenderError]]: ...
+
+
+@overload
+def decode_results(
+    data: bytes, decode_payload: Callable[[memoryview], PayloadT]
+) -> list[tuple[int, PayloadT | RenderError]]: ...
+
+
+def decode_results(
+    data: bytes, decode_payload: Callable[[memoryview], object] | None = None
+) -> Sequence[tuple[int, object]]:
     """Each (index, sample or error) a serialised RenderTrainingSamplesResponse carries.
 
     With `decode_payload` (for RenderedTokens), each (index, tokens or error) of a
@@ -134,7 +153,9 @@ def decode_results(data: bytes, decode_payload: Callable[[memoryview], Any] | No
 # (wire.split_field); everything else is parsed by upb.
 
 
-def _decode_result(data: memoryview, decode_payload: Callable[[memoryview], Any]) -> tuple[int, Any]:
+def _decode_result(
+    data: memoryview, decode_payload: Callable[[memoryview], PayloadT]
+) -> tuple[int, PayloadT | RenderError]:
     rest, samples = split_field(data, pb.RenderTrainingSampleResult.SAMPLE_FIELD_NUMBER)
     result = pb.RenderTrainingSampleResult.FromString(rest)
     if samples and result.HasField("error"):
@@ -166,7 +187,7 @@ def _decode_sample(data: memoryview) -> RenderedTrainingSample:
 # ---------------------------------------------------------------------------
 
 
-def encode_rendered_tokens(tokens: Any, *, compact_tensors: bool = False) -> WireMessage:
+def encode_rendered_tokens(tokens: RenderedTokensLike, *, compact_tensors: bool = False) -> WireMessage:
     """A renderers.RenderedTokens as a RenderedTokens message (its tensors joined in as they are;
     with `compact_tensors`, pixel tensors in compact form where it is exact)."""
     message = pb.RenderedTokens(
@@ -210,7 +231,7 @@ _TOKENS_FIELD = pb.RenderResponse.TOKENS_FIELD_NUMBER
 assert _TOKENS_FIELD == pb.BridgeToNextTurnResponse.TOKENS_FIELD_NUMBER
 
 
-def encode_parsed_response(parsed: Any) -> pb.ParseResponseResponse:
+def encode_parsed_response(parsed: ParsedResponseLike) -> pb.ParseResponseResponse:
     """A renderers.ParsedResponse as the ParseResponse answer."""
     message = pb.ParsedResponse(content=parsed.content)
     if parsed.reasoning_content is not None:
@@ -242,7 +263,7 @@ def encode_parsed_response(parsed: Any) -> pb.ParseResponseResponse:
 # ---------------------------------------------------------------------------
 
 
-def decode_rendered_tokens(data: memoryview) -> Any:
+def decode_rendered_tokens(data: memoryview) -> RenderedTokensLike:
     """A RenderedTokens message as renderers.RenderedTokens (or types.RenderedTokens)."""
     types = result_types()
     rest, media = split_field(data, pb.RenderedTokens.MULTI_MODAL_DATA_FIELD_NUMBER)
@@ -260,7 +281,7 @@ def decode_rendered_tokens(data: memoryview) -> Any:
     )
 
 
-def decode_tokens_response(data: bytes) -> Any:
+def decode_tokens_response(data: bytes) -> RenderedTokensLike | None:
     """The RenderedTokens of a serialised RenderResponse or BridgeToNextTurnResponse; None when unset."""
     try:
         rest, fields = split_field(memoryview(data), _TOKENS_FIELD)
@@ -270,14 +291,14 @@ def decode_tokens_response(data: bytes) -> Any:
         raise RenderError(f"malformed response: {exc}") from None
 
 
-def decode_parsed_response(response: pb.ParseResponseResponse) -> Any:
+def decode_parsed_response(response: pb.ParseResponseResponse) -> ParsedResponseLike:
     """The ParseResponse answer as renderers.ParsedResponse (or types.ParsedResponse)."""
     types = result_types()
     parsed = response.parsed
-    calls = []
+    calls: list[ParsedToolCallLike] = []
     for index, call in enumerate(parsed.tool_calls):
         kind = call.WhichOneof("arguments")
-        arguments: Any = None
+        arguments: JSONValue = None
         if kind == "arguments_json":
             arguments = load_json(call.arguments_json, f"tool_calls[{index}].arguments")
         elif kind == "arguments_text":

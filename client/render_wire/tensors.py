@@ -8,7 +8,8 @@ views of the response's bytes.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar, overload
 
 import numpy as np
 
@@ -17,12 +18,14 @@ from .errors import RenderError
 from .pb import render_pb2 as pb
 from .types import (
     MultiModalData,
+    MultiModalDataLike,
     PlaceholderRange,
+    Tensor,
 )
 from .wireformat import WireMessage, byte_view, merged, split_field
 
 
-def encode_multi_modal_data(data: Any, *, compact_tensors: bool = False) -> WireMessage:
+def encode_multi_modal_data(data: MultiModalDataLike, *, compact_tensors: bool = False) -> WireMessage:
     """A MultiModalData message; with `compact_tensors`, each tensor that compact.py's form
     holds exactly travels in it (a CompactTensor value always does)."""
     message = WireMessage(
@@ -49,7 +52,7 @@ def encode_multi_modal_data(data: Any, *, compact_tensors: bool = False) -> Wire
     return message
 
 
-def _encode_tensor(value: Any, compact_tensors: bool) -> WireMessage:
+def _encode_tensor(value: object, compact_tensors: bool) -> WireMessage:
     if isinstance(value, CompactTensor):
         return _encode_compact(value)
     if not isinstance(value, np.ndarray) or value.dtype.hasobject:
@@ -83,13 +86,29 @@ def _encode_compact(value: CompactTensor) -> WireMessage:
     return tensor
 
 
+DataT = TypeVar("DataT")
+
+
+@overload
+def decode_multi_modal_data(data: memoryview) -> MultiModalData: ...
+
+
+@overload
 def decode_multi_modal_data(
-    data: memoryview, data_class: Any = MultiModalData, range_class: Any = PlaceholderRange
-) -> Any:
-    """A MultiModalData message as `data_class` (this package's, or renderers' own) of `range_class`es."""
+    data: memoryview, data_class: Callable[..., DataT], range_class: Callable[..., object]
+) -> DataT: ...
+
+
+def decode_multi_modal_data(
+    data: memoryview,
+    data_class: Callable[..., object] = MultiModalData,
+    range_class: Callable[..., object] = PlaceholderRange,
+) -> object:
+    """A MultiModalData message as `data_class` (this package's, or renderers' own) of `range_class`es,
+    called with the fields as keyword arguments."""
     rest, entries = split_field(data, pb.MultiModalData.MM_ITEMS_FIELD_NUMBER)
     message = pb.MultiModalData.FromString(rest)
-    mm_items: dict[str, list[dict[str, np.ndarray]]] = {}
+    mm_items: dict[str, list[dict[str, Tensor]]] = {}
     for entry in entries:
         entry_rest, items = split_field(entry, pb.ModalityItems.ITEMS_FIELD_NUMBER)
         mm_items[pb.ModalityItems.FromString(entry_rest).modality] = [_decode_item(item) for item in items]
@@ -103,16 +122,16 @@ def decode_multi_modal_data(
     )
 
 
-def _decode_item(data: memoryview) -> dict[str, np.ndarray | CompactTensor]:
+def _decode_item(data: memoryview) -> dict[str, Tensor]:
     _, fields = split_field(data, pb.MultiModalItem.FIELDS_FIELD_NUMBER)
-    item: dict[str, np.ndarray | CompactTensor] = {}
+    item: dict[str, Tensor] = {}
     for field in fields:
         rest, tensors = split_field(field, pb.NamedTensor.TENSOR_FIELD_NUMBER)
         item[pb.NamedTensor.FromString(rest).name] = _decode_tensor(merged(tensors) if tensors else memoryview(b""))
     return item
 
 
-def _decode_tensor(data: memoryview) -> np.ndarray | CompactTensor:
+def _decode_tensor(data: memoryview) -> Tensor:
     """A Tensor message as an array, or as a CompactTensor when it came in that form
     (compact.materialize_all turns those into arrays, unless the caller keeps them)."""
     rest, payloads = split_field(data, pb.Tensor.DATA_FIELD_NUMBER)

@@ -13,9 +13,18 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Protocol, TypeAlias
 
 import numpy as np
+
+from .compact import CompactTensor
+from .jsonvalue import JSONValue
+
+# A chat message as callers pass it: a `renderers.Message`, or any mapping with its keys
+# (the values are checked when it is encoded).
+Message: TypeAlias = Mapping[str, object]
+# A tensor of a media item: an array, or, where the caller keeps them, its compact form.
+Tensor: TypeAlias = np.ndarray | CompactTensor
 
 
 @dataclass
@@ -32,7 +41,7 @@ class MultiModalData:
 
     mm_hashes: dict[str, list[str]] = field(default_factory=dict)
     mm_placeholders: dict[str, list[PlaceholderRange]] = field(default_factory=dict)
-    mm_items: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+    mm_items: dict[str, list[dict[str, Tensor]]] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not (self.mm_hashes or self.mm_placeholders or self.mm_items)
@@ -87,7 +96,7 @@ class ParsedToolCall:
 
     raw: str
     name: str | None = None
-    arguments: dict[str, Any] | str | None = None
+    arguments: dict[str, JSONValue] | str | None = None
     token_span: tuple[int, int] | None = None
     status: ToolCallParseStatus = ToolCallParseStatus.OK
     id: str | None = None
@@ -103,16 +112,110 @@ class ParsedResponse:
     reasoning_complete: bool | None = True
 
 
+# ---------------------------------------------------------------------------
+# renderers' results or the mirrors above: what the wire reads and writes
+# ---------------------------------------------------------------------------
+# The server encodes renderers' own results; the client decodes into renderers'
+# classes where renderers is importable (result_types), else into the mirrors.
+# Both have the same fields, which is all these protocols ask for (read-only).
+
+
+class PlaceholderRangeLike(Protocol):
+    """A `renderers.PlaceholderRange` or a `PlaceholderRange`."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+
+
+class MultiModalDataLike(Protocol):
+    """A `renderers.MultiModalData` or a `MultiModalData`. Encoding checks each item's values
+    (numeric numpy arrays or CompactTensors)."""
+
+    @property
+    def mm_hashes(self) -> Mapping[str, Sequence[str]]: ...
+    @property
+    def mm_placeholders(self) -> Mapping[str, Sequence[PlaceholderRangeLike]]: ...
+    @property
+    def mm_items(self) -> Mapping[str, Sequence[Mapping[str, object]]]: ...
+
+
+class RenderedTrainingSampleLike(Protocol):
+    """A `renderers.RenderedTrainingSample` or a `RenderedTrainingSample`."""
+
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+    @property
+    def loss_mask(self) -> Sequence[bool]: ...
+    @property
+    def multi_modal_data(self) -> MultiModalDataLike | None: ...
+    @property
+    def mm_token_type_ids(self) -> Sequence[int] | None: ...
+
+
+class RenderedTokensLike(Protocol):
+    """A `renderers.RenderedTokens` or a `RenderedTokens`."""
+
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+    @property
+    def message_indices(self) -> Sequence[int]: ...
+    @property
+    def sampled_mask(self) -> Sequence[bool]: ...
+    @property
+    def is_content(self) -> Sequence[bool]: ...
+    @property
+    def message_roles(self) -> Sequence[str]: ...
+    @property
+    def message_tool_names(self) -> Sequence[str | None]: ...
+    @property
+    def multi_modal_data(self) -> MultiModalDataLike | None: ...
+
+
+class ParsedToolCallLike(Protocol):
+    """A `renderers.ParsedToolCall` or a `ParsedToolCall`."""
+
+    @property
+    def raw(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def arguments(self) -> Mapping[str, object] | str | None: ...
+    @property
+    def token_span(self) -> tuple[int, int] | None: ...
+    @property
+    def status(self) -> str: ...  # a ToolCallParseStatus: a StrEnum
+    @property
+    def id(self) -> str | None: ...
+
+
+class ParsedResponseLike(Protocol):
+    """A `renderers.ParsedResponse` or a `ParsedResponse`."""
+
+    @property
+    def content(self) -> str: ...
+    @property
+    def reasoning_content(self) -> str | None: ...
+    @property
+    def tool_calls(self) -> Sequence[ParsedToolCallLike]: ...
+    @property
+    def reasoning_complete(self) -> bool | None: ...
+
+
 @dataclass(frozen=True)
 class ResultTypes:
-    """The classes protocol results are built with: renderers' own, or the mirrors above."""
+    """The classes protocol results are built with: renderers' own, or the mirrors above.
 
-    RenderedTokens: Any
-    MultiModalData: Any
-    PlaceholderRange: Any
-    ParsedResponse: Any
-    ParsedToolCall: Any
-    ToolCallParseStatus: Any
+    Each is called with its fields as keyword arguments (ToolCallParseStatus with a status's value).
+    """
+
+    RenderedTokens: Callable[..., RenderedTokensLike]
+    MultiModalData: Callable[..., MultiModalDataLike]
+    PlaceholderRange: Callable[..., PlaceholderRangeLike]
+    ParsedResponse: Callable[..., ParsedResponseLike]
+    ParsedToolCall: Callable[..., ParsedToolCallLike]
+    ToolCallParseStatus: Callable[[str], str]
 
 
 @functools.cache
@@ -153,7 +256,7 @@ class ModelInfo:
     accepts_images: bool
     tokenizer_fingerprint: str
     roles: tuple[str, ...]
-    renderer_config: dict[str, Any]
+    renderer_config: dict[str, JSONValue]
     renderer_info: RendererInfo | None = None  # None from a server without the Renderer protocol
 
 
@@ -180,13 +283,13 @@ class SampleRequest:
     """
 
     model: str
-    messages: Sequence[Mapping[str, Any]]
-    role_to_mask: Callable[[Mapping[str, Any]], bool] | None = None
-    tools: Sequence[Any] | None = None
+    messages: Sequence[Message]
+    role_to_mask: Callable[[Message], bool] | None = None
+    tools: Sequence[Mapping[str, object]] | None = None
     content_sft_roles: Iterable[str] | None = None
     ensure_final_stop: bool = False
     message_loss_mask: Sequence[bool | int] | None = None
-    chat_template_kwargs: Mapping[str, Any] | None = None
+    chat_template_kwargs: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -197,8 +300,8 @@ class TokensRequest:
     """
 
     model: str
-    messages: Sequence[Mapping[str, Any]]
-    tools: Sequence[Any] | None = None
+    messages: Sequence[Message]
+    tools: Sequence[Mapping[str, object]] | None = None
     add_generation_prompt: bool = False
-    chat_template_kwargs: Mapping[str, Any] | None = None
+    chat_template_kwargs: Mapping[str, object] | None = None
     ids_only: bool = False

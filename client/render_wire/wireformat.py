@@ -12,9 +12,12 @@ The bytes are exactly what upb writes for the same message
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
+
+IntT = TypeVar("IntT", bound=int)  # int or bool
 
 # Serialised fields from upb, or a uint8 view of an array's memory.
 Piece = bytes | np.ndarray
@@ -64,7 +67,8 @@ class WireMessage:
 
     def join(self) -> bytes:
         """The message's bytes: the one copy of every piece."""
-        return b"".join(self.pieces)
+        # An array is a buffer; numpy's stubs say so (__buffer__) only for Python 3.12 and later.
+        return b"".join(self.pieces)  # type: ignore[arg-type]
 
     def _append(self, piece: Piece) -> None:
         self.pieces.append(piece)
@@ -143,10 +147,11 @@ def _read_varint(data: memoryview, position: int) -> tuple[int, int]:
     raise WireFormatError("truncated or overlong varint")
 
 
-def as_list(values: Any) -> list[Any]:
+def as_list(values: Sequence[IntT]) -> list[IntT]:
     """A repeated int or bool field as a list of Python ints or bools.
 
     numpy reads upb's container in C: 1.7x (ids) to 3.5x (bools) faster than
     list() for a sample's thousands of tokens. An empty field is an empty list.
     """
-    return np.array(values).tolist() if values else []
+    items: list[IntT] = np.array(values).tolist() if values else []
+    return items

@@ -12,7 +12,7 @@ import hmac
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -63,7 +63,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or details.method.startswith(OPEN_METHODS_PREFIX):
             return handler
-        authorization = next((value for key, value in details.invocation_metadata if key == "authorization"), None)
+        # A text key's value is a str (only "-bin" keys carry bytes).
+        authorization = cast(
+            "str | None", next((value for key, value in details.invocation_metadata if key == "authorization"), None)
+        )
         if self._check.allows(authorization):
             return handler
         return _refusal(handler)

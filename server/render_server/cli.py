@@ -141,7 +141,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+class _WithoutTorchNotice(logging.Filter):
+    """Drops transformers' "PyTorch was not found" notice, which it logs when imported.
+
+    Harmless here: the server uses only tokenizers and the PIL image processors, never a model.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found.")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports transformers (the registry does, below); forked processes inherit it.
+    logging.getLogger("transformers").addFilter(_WithoutTorchNotice())
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Tokenizers' own thread pool only helps batch encodes; renders are single calls (and we fork).
@@ -240,8 +252,13 @@ def prepare_metrics_dir() -> None:
     directory = tempfile.mkdtemp(prefix="render-server-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     pid = os.getpid()
-    # Only the supervisor removes it: forked children run no atexit handlers (os._exit).
-    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(directory, ignore_errors=True))
+
+    def remove() -> None:
+        # Only the supervisor removes it: forked children run no atexit handlers (os._exit).
+        if os.getpid() == pid:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    atexit.register(remove)
 
 
 def available_cpus() -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import itertools
 import logging
 import math
@@ -39,7 +40,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -335,7 +336,7 @@ class Inbox:
 
 def serve_renders(
     sock: socket.socket,
-    answer: Callable[[Request, Callable[[], bool]], Iterator[Answer]],
+    answer: Callable[[Request, Callable[[], bool]], Generator[Answer, None, None]],
     on_error: Callable[[Exception], RenderError],
 ) -> None:
     """The render process's loop: each request's answers, in order, until the gRPC process closes the socket.
@@ -348,7 +349,7 @@ def serve_renders(
             request = inbox.next()
         except EOFError:
             return
-        parts = answer(request, lambda request=request: inbox.is_cancelled(request))
+        parts = answer(request, functools.partial(inbox.is_cancelled, request))
         part: Answer | None = None
         sent_parts = 0
         while True:

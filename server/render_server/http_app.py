@@ -26,11 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import uvicorn
 from google.protobuf import json_format
 
-from render_wire.errors import RenderError
+from render_wire.errors import InvalidArgumentError, RenderError, ResourceExhaustedError, UnauthenticatedError
 from render_wire.pb import render_pb2 as pb
 from render_wire.samples import encode_response
 
@@ -66,17 +65,6 @@ _ROUTES = {
         "BridgeToNextTurn", pb.BridgeToNextTurnRequest, pb.BridgeToNextTurnResponse, Kind.BRIDGE
     ),
     "/v1/describe_renderer": _Route("DescribeRenderer", pb.DescribeRendererRequest, pb.RendererInfo, Kind.DESCRIBE),
-}
-# gRPC status -> HTTP status, for the render endpoint's errors.
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
 
@@ -120,14 +108,15 @@ class HttpApp:
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization", b"").decode("latin-1") or None
         if not self._check.allows(authorization):
-            await _error(send, grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
+            await _error(send, UnauthenticatedError(REFUSAL))
             return
         if self._renders_in_flight >= self._max_renders:
             await _error(
                 send,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the HTTP port is rendering its limit of {self._max_renders} requests at once "
-                "(--max-concurrent-rpcs); retry later",
+                ResourceExhaustedError(
+                    f"the HTTP port is rendering its limit of {self._max_renders} requests at once "
+                    "(--max-concurrent-rpcs); retry later"
+                ),
             )
             return
         self._renders_in_flight += 1  # the event loop's thread is the only one to count
@@ -141,8 +130,9 @@ class HttpApp:
         if body is None:
             await _error(
                 send,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request body exceeds the limit of {self._max_body_bytes} bytes (--max-request-mb)",
+                ResourceExhaustedError(
+                    f"request body exceeds the limit of {self._max_body_bytes} bytes (--max-request-mb)"
+                ),
             )
             return
         request = route.request_class()
@@ -150,7 +140,7 @@ class HttpApp:
             json_format.Parse(body, request)
         except (json_format.ParseError, UnicodeDecodeError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else "not valid JSON"
-            await _error(send, grpc.StatusCode.INVALID_ARGUMENT, f"request: {message}")
+            await _error(send, InvalidArgumentError(f"request: {message}"))
             return
         method = f"http:{route.method}"  # its label in the metrics
 
@@ -166,7 +156,7 @@ class HttpApp:
         try:
             text = await asyncio.get_running_loop().run_in_executor(self._renders, render_to_json)
         except RenderError as exc:
-            await _error(send, exc.code, exc.details, exc.error_type)
+            await _error(send, exc)
             return
         await _respond(send, 200, text.encode(), "application/json")
 
@@ -184,11 +174,12 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _error(send: Send, code: grpc.StatusCode, message: str, error_type: str | None = None) -> None:
-    body = {"code": code.name, "message": message}
-    if error_type:
-        body["error_type"] = error_type
-    await _respond(send, _HTTP_STATUS.get(code, 500), json.dumps(body).encode(), "application/json")
+async def _error(send: Send, error: RenderError) -> None:
+    """Answer `error` as {"code", "message"[, "error_type"]}, with its class's HTTP status."""
+    body = {"code": error.code.name, "message": error.details}
+    if error.error_type:
+        body["error_type"] = error.error_type
+    await _respond(send, error.http_status, json.dumps(body).encode(), "application/json")
 
 
 async def _respond(

@@ -117,7 +117,7 @@ class ImageCache(dict):
     def _not_charged(self, *_: Any, **__: Any) -> Any:
         raise TypeError("ImageCache is filled by item assignment only, so that each entry is charged")
 
-    update = setdefault = __ior__ = _not_charged  # type: ignore[assignment]
+    update = setdefault = __ior__ = _not_charged
 
 
 def processed_bytes(value: Any) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -164,7 +164,7 @@ class RenderPipeline:
 
     # -- the render process's answers (handoff.py) ----------------------------------
 
-    def answer(self, request: Request, is_cancelled: Callable[[], bool]) -> Iterator[Answer]:
+    def answer(self, request: Request, is_cancelled: Callable[[], bool]) -> Generator[Answer, None, None]:
         """The answer to a call the gRPC process handed over: response bytes or a status."""
 
         def stop_if_cancelled() -> None:
@@ -201,6 +201,7 @@ class RenderPipeline:
         """
         index = request.first_index
         render_item: Callable[[Any], WireMessage]
+        batch_class: type[pb.RenderTrainingSamplesRequest] | type[pb.RendersRequest]
         if request.kind == Kind.BATCH:
             batch_class = pb.RenderTrainingSamplesRequest
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -246,7 +246,7 @@ def start_server(registry: ModelRegistry, renders: RenderProcessPool, options: S
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
-        pool=MethodAwarePool(descriptor_pool.Default()),
+        pool=cast(descriptor_pool.DescriptorPool, MethodAwarePool(descriptor_pool.Default())),  # a stand-in for one
     )
     address = f"{options.host}:{options.port}"
     if options.tls is None:

@@ -186,9 +186,9 @@ class Supervisor:
 
     def _terminate(self, children: list[_Child]) -> bool:
         """SIGTERM `children` and wait for them; True if any failed or had to be killed."""
-        for child in children:
+        for running in children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
+                os.kill(running.pid, signal.SIGTERM)
         waiting = {child.pid for child in children}
         deadline = time.monotonic() + self._grace + 10
         failed = False

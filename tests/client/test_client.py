@@ -20,12 +20,14 @@ from render_client import (
     InvalidArgumentError,
     ModelNotFoundError,
     RenderClient,
+    RenderedTrainingSample,
     RenderError,
     SampleRequest,
     UnimplementedError,
     aio,
     build_training_sample,
 )
+from tests.client.clients import NewClient, slow_request
 from tests.reference import reference_renderer, sample_differences
 from tests.support import ROOT, ServerProcess, corpus
 
@@ -111,6 +113,23 @@ def test_the_asyncio_client_renders_what_the_blocking_one_does(server: ServerPro
         assert sample == build_training_sample(remote, conversation["messages"], tools=conversation.get("tools"))
 
 
+def test_each_drop_in_refuses_the_other_clients_renderer(server: ServerProcess, client: RenderClient) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+    async def both() -> None:
+        async with aio.AsyncRenderClient(server.target, timeout=60) as async_client:
+            with pytest.raises(TypeError, match=r"use render_client\.aio\.build_training_sample"):
+                build_training_sample(async_client.renderer("qwen3"), messages)  # not a coroutine, never awaited
+            with pytest.raises(TypeError, match=r"use render_client\.build_training_sample"):
+                await aio.build_training_sample(client.renderer("qwen3"), messages)
+            # Each with its own client's renderer: the same sample.
+            assert await aio.build_training_sample(async_client.renderer("qwen3"), messages) == build_training_sample(
+                client.renderer("qwen3"), messages
+            )
+
+    asyncio.run(both())
+
+
 CLIENT_ONLY = """
 import importlib.abc, json, sys
 
@@ -155,23 +174,10 @@ def test_the_client_refuses_before_sending(client: RenderClient) -> None:
         )
 
 
-def noise_image(side: int, seed: int) -> bytes:
-    """A distinct JPEG (so no cache answers) that takes a while to render when large."""
-    buffer = io.BytesIO()
-    Image.effect_noise((side, side), 40 + seed).convert("RGB").save(buffer, format="JPEG", quality=80)
-    return buffer.getvalue()
-
-
-def slow_request(seed: int) -> SampleRequest:
-    messages = [
-        {"role": "user", "content": [{"type": "text", "text": "Describe."}, {"type": "image", "image": noise_image(3000, seed)}]},
-        {"role": "assistant", "content": "Noise."},
-    ]  # fmt: skip
-    return SampleRequest("qwen3-vl", messages)
-
-
-def test_closing_the_client_ends_its_calls_in_flight_with_a_render_error(server: ServerProcess) -> None:
-    own = RenderClient(server.target, timeout=120)
+def test_closing_the_client_ends_its_calls_in_flight_with_a_render_error(
+    server: ServerProcess, new_client: NewClient
+) -> None:
+    own = new_client(server.target, timeout=120)
     request = slow_request(1)
     outcome: list[BaseException] = []
 
@@ -190,10 +196,10 @@ def test_closing_the_client_ends_its_calls_in_flight_with_a_render_error(server:
     assert len(outcome) == 1 and isinstance(outcome[0], RenderError), outcome  # not resent on a closed channel
 
 
-def test_closing_the_client_ends_render_many_instead_of_hanging(server: ServerProcess) -> None:
-    own = RenderClient(server.target, timeout=120)
+def test_closing_the_client_ends_render_many_instead_of_hanging(server: ServerProcess, new_client: NewClient) -> None:
+    own = new_client(server.target, timeout=120)
     requests = [slow_request(seed) for seed in range(4)]
-    results: list = []
+    results: list[RenderedTrainingSample | RenderError] = []
     failure: list[BaseException] = []
 
     def consume() -> None:
@@ -208,5 +214,5 @@ def test_closing_the_client_ends_render_many_instead_of_hanging(server: ServerPr
     own.close()
     consumer.join(timeout=30)
     assert not consumer.is_alive(), "render_many hung after the client was closed"
-    assert all(isinstance(exc, RenderError) for exc in failure), failure  # a status, not a closed-channel ValueError
+    assert all(isinstance(exc, RenderError) for exc in failure), failure  # a status, not a closed-channel error
     assert failure or (len(results) == 4 and any(isinstance(r, RenderError) for r in results))

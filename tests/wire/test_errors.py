@@ -1,20 +1,32 @@
-"""Statuses map to exceptions trainer code already catches."""
+"""Statuses map to exceptions trainer code already catches, and to the HTTP port's statuses."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import pickle
+from typing import Any
 
 import grpc
 import pytest
 
+from render_client import RenderClient, SampleRequest
+from render_client.aio import AsyncRenderClient
+from render_server import http_app
+from render_wire import errors
 from render_wire.errors import (
+    ERROR_TYPE_KEY,
     InvalidArgumentError,
     ModelNotFoundError,
     RenderError,
     UnavailableError,
     UnimplementedError,
+    error_from_rpc,
     error_from_status,
 )
+from render_wire.pb import render_pb2 as pb
+from render_wire.pb.render_pb2_grpc import RenderServiceStub
+from tests.support import ServerProcess
 
 
 @pytest.mark.parametrize(
@@ -54,3 +66,96 @@ def test_unknown_or_uncombinable_error_types_keep_the_status_class() -> None:
     for error_type in ("ValidationError", "UnicodeDecodeError", "print", None):
         error = error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "messages: x", error_type)
         assert type(error) is InvalidArgumentError
+
+
+# What the HTTP port answered for each gRPC status before the classes carried it
+# (http_app.py's own table then): every other status, 500.
+HTTP_STATUSES = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+ERROR_CLASSES = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, RenderError)]
+
+
+def http_answer(error: RenderError) -> tuple[int, dict[str, Any]]:
+    """The HTTP port's answer to a render that raised `error`: (status, JSON body)."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(http_app._error(send, error))
+    start, body = sent
+    return start["status"], json.loads(body["body"])
+
+
+@pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda cls: cls.__name__)
+def test_each_class_carries_the_http_status_the_http_port_answers(cls: type[RenderError]) -> None:
+    assert cls.http_status == HTTP_STATUSES.get(cls.code, 500)
+    assert http_answer(cls("details")) == (cls.http_status, {"code": cls.code.name, "message": "details"})
+
+
+@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c is not grpc.StatusCode.OK], ids=lambda c: c.name)
+def test_every_status_answers_as_it_did(code: grpc.StatusCode) -> None:
+    error = error_from_status(code, "messages: boom", "KeyError")
+    body = {"code": code.name, "message": "messages: boom", "error_type": "KeyError"}
+    assert error.http_status == HTTP_STATUSES.get(code, 500)
+    assert http_answer(error) == (HTTP_STATUSES.get(code, 500), body)
+
+
+class FailedCall(grpc.RpcError):
+    """A failed call's error, as grpc raises it: its code, details and trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self._code, self._details, self._metadata = code, details, metadata
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+def test_an_error_from_a_call_keeps_the_call_s_error_and_its_builtin_family() -> None:
+    failed = FailedCall(grpc.StatusCode.INVALID_ARGUMENT, "messages: 'content'", ((ERROR_TYPE_KEY, "KeyError"),))
+    error = error_from_rpc(failed)
+    assert isinstance(error, InvalidArgumentError) and isinstance(error, KeyError) and error.rpc_error is failed
+    assert str(error) == "messages: 'content'" and error.error_type == "KeyError" and error.http_status == 400
+    copy = pickle.loads(pickle.dumps(error))  # the call's error stays behind: it does not pickle
+    assert type(copy) is type(error) and copy.details == error.details and copy.rpc_error is None
+    assert error_from_status(grpc.StatusCode.NOT_FOUND, "model: x").rpc_error is None
+    assert RenderError("internal").rpc_error is None
+
+
+def test_a_failed_call_s_error_is_reachable_though_raised_from_none(server: ServerProcess) -> None:
+    request = pb.RenderTrainingSampleRequest(model="nope", messages=[pb.Message(role="user", text="x")])
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as failed:
+        RenderServiceStub(channel).RenderTrainingSample(request, timeout=60)
+    error = error_from_rpc(failed.value)
+    assert type(error) is ModelNotFoundError and error.rpc_error is failed.value
+    assert error.http_status == 404
+
+    unknown = SampleRequest(model="nope", messages=[{"role": "user", "content": "x"}])
+    with RenderClient(server.target, timeout=60) as client, pytest.raises(ModelNotFoundError) as raised:
+        client.render(unknown)
+    rpc_error = raised.value.rpc_error
+    assert isinstance(rpc_error, grpc.RpcError) and isinstance(rpc_error, grpc.Call)
+    assert rpc_error.code() == grpc.StatusCode.NOT_FOUND and rpc_error.details() == raised.value.details
+
+    async def render_async() -> None:
+        async with AsyncRenderClient(server.target, timeout=60) as client:
+            await client.render(unknown)
+
+    with pytest.raises(ModelNotFoundError) as raised:
+        asyncio.run(render_async())
+    rpc_error = raised.value.rpc_error
+    assert isinstance(rpc_error, grpc.RpcError) and rpc_error.code() == grpc.StatusCode.NOT_FOUND
