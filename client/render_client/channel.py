@@ -217,7 +217,7 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
 class RenderStub(RenderServiceStub):
     """The generated stub, except that the render methods answer with the serialised bytes.
 
-    convert.decode_response and decode_results read them so that pixel tensors
+    samples.decode_response and decode_results read them so that pixel tensors
     are views of the received bytes rather than copies.
     """
 

@@ -573,7 +573,7 @@ def encode_bridge_request(
     """The serialised request for one Renderer.bridge_to_next_turn call.
 
     Serialised here, because the previous turn's pixel tensors are joined in
-    as they are (wire.WireMessage), as the server does for samples.
+    as they are (wireformat.WireMessage), as the server does for samples.
     """
     request = pb.BridgeToNextTurnRequest()
     _set_conversation_options(request, model, tools, chat_template_kwargs)

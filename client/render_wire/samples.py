@@ -39,7 +39,7 @@ from .wireformat import WireFormatError, WireMessage, as_list, merged, split_fie
 def encode_sample(sample: RenderedTrainingSampleLike, *, compact_tensors: bool = False) -> WireMessage:
     """A renderers.RenderedTrainingSample (or a mirror of one) as a RenderedTrainingSample message.
 
-    Its arrays stay in place until the message is joined (see wire.py); with
+    Its arrays stay in place until the message is joined (see wireformat.py); with
     `compact_tensors`, pixel tensors go in compact form where it is exact.
     """
     loss_mask = packed_bools(sample.loss_mask)
@@ -150,7 +150,7 @@ def decode_results(
 
 
 # Decoding walks the wire format down to each Tensor.data and shares its bytes
-# (wire.split_field); everything else is parsed by upb.
+# (wireformat.split_field); everything else is parsed by upb.
 
 
 def _decode_result(

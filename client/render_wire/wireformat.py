@@ -3,7 +3,7 @@
 upb serialises a message into a buffer of its own and copies it out; with a
 tensor's bytes that is `tobytes`, the copy into the message, and the
 serialisation itself (37 ms for a 24 MiB pixel_values here, against 3.5 ms
-for one copy). convert.encode_sample therefore writes the messages on the way
+for one copy). samples.encode_sample therefore writes the messages on the way
 to Tensor.data by hand: small parts are serialised by upb, each array is
 added as a byte view of its own memory, and `join` copies everything once.
 The bytes are exactly what upb writes for the same message

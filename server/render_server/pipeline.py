@@ -1,10 +1,10 @@
-"""The render service: request -> convert -> render -> convert -> response.
+"""The render pipeline: request -> render_wire (decode) -> renderers -> render_wire (encode) -> answer.
 
 `RenderPipeline.render` is the one path every render takes, whatever it
 came by (unary call, stream item, HTTP POST): limits, metrics and error
 handling live there. In a worker it runs in the render process, which
-`answer`s the calls its gRPC process hands over (handoff.py, servicer.py).
-Every answer is a response or a status from render_client.errors; anything
+`answer`s the calls its gRPC process hands over (handoff.py, server.py).
+Every answer is a response or a status from render_wire.errors; anything
 unexpected is logged here and answered INTERNAL, without a traceback on the wire.
 """
 
