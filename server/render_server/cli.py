@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compression",
         choices=("none", "deflate", "gzip"),  # server.COMPRESSION
         default="none",
-        help="gRPC message compression of answers; gzip makes pixel tensors ~0.2-0.8x smaller again at "
-        "~30 ms of server CPU per 1024x1024 image (default: %(default)s)",
+        help="gRPC message compression of answers; gzip shrinks compact pixel tensors to ~0.3-0.8x of their "
+        "size at ~100-200 ms of server time per 1024x1024 image (default: %(default)s)",
     )
     add("--log-level", default="INFO", help="logging level (default: %(default)s)")
     add(
