@@ -141,38 +141,44 @@ def peak_rss_mib(pid: int | str = "self") -> float:
 # ---------------------------------------------------------------------------
 
 
-def response_bytes(server: ServerProcess, cases: list[tuple[str, int, bytes]]) -> list[dict[str, Any]]:
-    """Per case: the serialised answer's size, the pixel tensor's share of it, a digest of the decoded sample."""
-    out = []
+def timed_answers(
+    server: ServerProcess, cases: list[tuple[str, int, bytes]]
+) -> Iterator[tuple[str, int, bytes, bytes, float, float]]:
+    """Per case, one unary call on a raw channel (the answer's bytes as they travel):
+    (kind, side, image, answer, wall seconds, this process's CPU seconds)."""
     with grpc.insecure_channel(server.target, options=channel_options()) as channel:
         call = channel.unary_unary(METHOD, request_serializer=pb.RenderTrainingSampleRequest.SerializeToString)
         call(image_request(noise_image(64, 1)), timeout=120)  # warm up
         for kind, side, data in cases:
             cpu, begun = time.process_time(), time.perf_counter()
             answer: bytes = call(image_request(data), timeout=600)
-            elapsed, cpu = time.perf_counter() - begun, time.process_time() - cpu
-            [item] = pb.RenderTrainingSampleResponse.FromString(answer).sample.multi_modal_data.mm_items[0].items
-            tensor = next(field.tensor for field in item.fields if field.name == "pixel_values")
-            form = "compact" if tensor.HasField("compact") else "raw"
-            pixel_bytes = (
-                len(tensor.compact.codes) + len(tensor.compact.tables) if form == "compact" else len(tensor.data)
-            )
-            out.append(
-                {
-                    "kind": kind,
-                    "side": side,
-                    "jpeg_bytes": len(data),
-                    "response_bytes": len(answer),
-                    "pixel_bytes": pixel_bytes,
-                    "form": form,
-                    "shape": list(tensor.shape),
-                    "table_sizes": list(tensor.compact.table_sizes),
-                    "call_ms": elapsed * 1e3,
-                    "client_cpu_ms": cpu * 1e3,
-                    "digest": sample_digest(answer),
-                }
-            )
-            del answer, item, tensor
+            yield kind, side, data, answer, time.perf_counter() - begun, time.process_time() - cpu
+
+
+def response_bytes(server: ServerProcess, cases: list[tuple[str, int, bytes]]) -> list[dict[str, Any]]:
+    """Per case: the serialised answer's size, the pixel tensor's share of it, a digest of the decoded sample."""
+    out = []
+    for kind, side, data, answer, elapsed, cpu in timed_answers(server, cases):
+        [item] = pb.RenderTrainingSampleResponse.FromString(answer).sample.multi_modal_data.mm_items[0].items
+        tensor = next(field.tensor for field in item.fields if field.name == "pixel_values")
+        form = "compact" if tensor.HasField("compact") else "raw"
+        pixel_bytes = len(tensor.compact.codes) + len(tensor.compact.tables) if form == "compact" else len(tensor.data)
+        out.append(
+            {
+                "kind": kind,
+                "side": side,
+                "jpeg_bytes": len(data),
+                "response_bytes": len(answer),
+                "pixel_bytes": pixel_bytes,
+                "form": form,
+                "shape": list(tensor.shape),
+                "table_sizes": list(tensor.compact.table_sizes),
+                "call_ms": elapsed * 1e3,
+                "client_cpu_ms": cpu * 1e3,
+                "digest": sample_digest(answer),
+            }
+        )
+        del answer, item, tensor
     return out
 
 
@@ -181,31 +187,25 @@ def gzip_wire_bytes(server: ServerProcess, cases: list[tuple[str, int, bytes]]) 
     (gRPC inflating the answer), a digest of the decoded sample, then, on a second call through a
     counting relay (a fresh connection: HTTP/2 set-up included), the bytes that travel to the client."""
     out = []
-    with grpc.insecure_channel(server.target, options=channel_options()) as channel:
-        call = channel.unary_unary(METHOD, request_serializer=pb.RenderTrainingSampleRequest.SerializeToString)
-        call(image_request(noise_image(64, 1)), timeout=120)  # warm up
-        for kind, side, data in cases:
-            cpu, begun = time.process_time(), time.perf_counter()
-            answer: bytes = call(image_request(data), timeout=600)
-            elapsed, cpu = time.perf_counter() - begun, time.process_time() - cpu
-            with (
-                counting_relay(server.target) as (address, counted),
-                grpc.insecure_channel(address, options=channel_options()) as relayed,
-            ):
-                relayed.unary_unary(METHOD, request_serializer=pb.RenderTrainingSampleRequest.SerializeToString)(
-                    image_request(data), timeout=600
-                )
-            out.append(
-                {
-                    "kind": kind,
-                    "side": side,
-                    "wire_bytes": counted[0],
-                    "call_ms": elapsed * 1e3,
-                    "client_cpu_ms": cpu * 1e3,
-                    "digest": sample_digest(answer),
-                }
+    for kind, side, data, answer, elapsed, cpu in timed_answers(server, cases):
+        with (
+            counting_relay(server.target) as (address, counted),
+            grpc.insecure_channel(address, options=channel_options()) as relayed,
+        ):
+            relayed.unary_unary(METHOD, request_serializer=pb.RenderTrainingSampleRequest.SerializeToString)(
+                image_request(data), timeout=600
             )
-            del answer
+        out.append(
+            {
+                "kind": kind,
+                "side": side,
+                "wire_bytes": counted[0],
+                "call_ms": elapsed * 1e3,
+                "client_cpu_ms": cpu * 1e3,
+                "digest": sample_digest(answer),
+            }
+        )
+        del answer
     return out
 
 
