@@ -17,6 +17,7 @@ scripts/setup.sh tools
 duration="${DURATION:-60s}"
 concurrency="${CONCURRENCY:-64}"
 connections="${CONNECTIONS:-$((4 * $(nproc)))}"  # several per worker: each takes whole connections
+[ "$connections" -gt "$concurrency" ] && connections="$concurrency"  # ghz refuses more connections than calls
 data="$(mktemp -t ghz-requests.XXXXXX.json)"
 trap 'rm -f "$data"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null; true' EXIT
 data_args=(--out "$data" --models "${MODELS:-qwen3,qwen3-vl,deepseek-v4}")
