@@ -28,6 +28,7 @@ from render_wire.types import RenderedTrainingSample, SampleRequest, ServerModel
 
 from .async_streams import CALL_CANCELLED, cancelled_by_grpc, render_many
 from .channel import ChannelOptions, Connection, deadline_for, remaining
+from .coalescing import COALESCED, DEFAULT_WINDOW, AsyncCoalescer, SendAlone, answer_of, serialized
 from .renderer import RemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 
@@ -47,14 +48,19 @@ class AsyncRenderClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
         compact_tensors: bool = False,
+        coalesce_window: float | None = DEFAULT_WINDOW,
     ) -> None:
         """As RenderClient: `timeout` per unary call, `connections` HTTP/2 connections, `token`, TLS,
-        `compact_tensors` to keep pixel tensors in their compact form."""
+        `compact_tensors` to keep pixel tensors in their compact form, `coalesce_window` for the
+        calls its tasks make at once."""
+        if coalesce_window is not None and not coalesce_window >= 0:
+            raise ValueError(f"coalesce_window must be a number of seconds, at least 0, or None; got {coalesce_window}")
         self._connection = Connection(
             target, connections=connections, token=token, credentials=credentials, options=options, asyncio=True
         )
         self._timeout = timeout
         self._compact_tensors = compact_tensors
+        self._coalescer = None if coalesce_window is None else AsyncCoalescer(self._connection, coalesce_window)
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
         """A handle on a server model, to pass to `build_training_sample`."""
@@ -65,9 +71,16 @@ class AsyncRenderClient:
         sample = decode_response(await self._call("RenderTrainingSample", encode_sample_request(request), timeout))
         return sample if self._compact_tensors else materialize_all(sample)
 
-    async def _call(self, method: str, request: ProtoMessage, timeout: float | None) -> Any:
-        """A unary call of `method`, resent while the server is restarting or going away (as RenderClient's)."""
+    async def _call(self, method: str, request: ProtoMessage | bytes, timeout: float | None) -> Any:
+        """A unary call of `method`, resent while the server is restarting or going away, coalesced with
+        other tasks' calls where it can be (as RenderClient's)."""
         deadline = deadline_for(timeout or self._timeout)
+        if self._coalescer is not None and method in COALESCED:
+            outcome = await self._coalescer.call(method, serialized(request), deadline)
+            if isinstance(outcome, RenderError):
+                raise outcome
+            if not isinstance(outcome, SendAlone):
+                return answer_of(method, outcome)
         attempt = 0
         while True:
             try:

@@ -239,6 +239,8 @@ class RenderStub(RenderServiceStub):
         )
         # Its request comes serialised: the previous turn's tensors are joined in as they are.
         self.BridgeToNextTurn = channel.unary_unary(_METHOD_PATH.format("BridgeToNextTurn"))
+        # Serialised both ways: render_wire.calls joins and splits batches without re-serialising calls.
+        self.Calls = channel.unary_unary(_METHOD_PATH.format("Calls"))
 
 
 _METHOD_PATH = "/" + pb.DESCRIPTOR.services_by_name["RenderService"].full_name + "/{}"

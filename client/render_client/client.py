@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -45,6 +46,7 @@ from render_wire.types import (
 )
 
 from .channel import ChannelOptions, Connection, ConnectionSettings, deadline_for, remaining
+from .coalescing import COALESCED, DEFAULT_WINDOW, Coalescer, SendAlone, answer_of, serialized
 from .renderer import RemoteMultimodalRenderer, RemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 from .sync_streams import render_many
@@ -71,6 +73,7 @@ class RenderClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
         compact_tensors: bool = False,
+        coalesce_window: float | None = DEFAULT_WINDOW,
     ) -> None:
         """Connect to `target`: a gRPC target ("host:port", "dns:///name:port"), or a list
         of "ip:port" addresses to spread calls over (round_robin).
@@ -87,13 +90,20 @@ class RenderClient:
         rebuilt into the same arrays; with `compact_tensors` they are left as
         `render_client.CompactTensor`s (codes and tables; `.materialize()` gives the
         array) for trainers that expand them on their own device.
+        Calls that threads make at once (render, render_tokens, parse_response,
+        bridge_to_next_turn) travel together in batches: a call waits at most
+        `coalesce_window` seconds for others to join it (coalescing.py); None sends
+        each call on its own.
         """
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
+        if coalesce_window is not None and not coalesce_window >= 0:
+            raise ValueError(f"coalesce_window must be a number of seconds, at least 0, or None; got {coalesce_window}")
         self._settings = ConnectionSettings(target, connections, token, credentials, tuple(options))
         self._timeout = timeout
         self._compact_tensors = compact_tensors
-        self._process_connection: tuple[int, Connection] | None = None
+        self._coalesce_window = coalesce_window
+        self._process_connection: _ProcessConnection | None = None
         self._closed = False
         # What the server declares, kept across forks and pickling: it does not change.
         self._models: ServerModels | None = None
@@ -102,17 +112,24 @@ class RenderClient:
     @property
     def _connection(self) -> Connection:
         """This process's connection, opened on first use."""
+        return self._in_this_process.connection
+
+    @property
+    def _in_this_process(self) -> _ProcessConnection:
+        """This process's connection and what goes with it, opened on first use."""
         current = self._process_connection
         pid = os.getpid()
-        if current is not None and current[0] == pid:
-            return current[1]
+        if current is not None and current.pid == pid:
+            return current
         with _connect_lock:
             current = self._process_connection
-            if current is None or current[0] != pid:  # first use, or a child of the process that opened it
+            if current is None or current.pid != pid:  # first use, or a child of the process that opened it
                 connection = self._settings.connect(asyncio=False)
                 connection.closed = self._closed
-                current = self._process_connection = (pid, connection)
-        return current[1]
+                window = self._coalesce_window
+                coalescer = None if window is None else Coalescer(connection, window)
+                current = self._process_connection = _ProcessConnection(pid, connection, coalescer)
+        return current
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -225,9 +242,17 @@ class RenderClient:
         return self._tensors(decode_tokens_response(self._call("BridgeToNextTurn", request, timeout)))
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """A unary call of `method`, resent while the server is restarting or going away."""
-        connection = self._connection
+        """A unary call of `method`, resent while the server is restarting or going away;
+        coalesced with other threads' calls where it can be."""
+        current = self._in_this_process
+        connection = current.connection
         deadline = deadline_for(timeout or self._timeout)
+        if current.coalescer is not None and method in COALESCED:
+            outcome = current.coalescer.call(method, serialized(request), deadline)
+            if isinstance(outcome, RenderError):
+                raise outcome
+            if not isinstance(outcome, SendAlone):
+                return answer_of(method, outcome)
         attempt = 0
         while True:
             try:
@@ -303,9 +328,9 @@ class RenderClient:
     def close(self) -> None:
         self._closed = True
         current = self._process_connection
-        if current is not None and current[0] == os.getpid():
-            current[1].closed = True
-            for channel in current[1].channels:
+        if current is not None and current.pid == os.getpid():
+            current.connection.closed = True
+            for channel in current.connection.channels:
                 channel.close()
 
     def __enter__(self) -> RenderClient:
@@ -313,6 +338,15 @@ class RenderClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class _ProcessConnection:
+    """A client's connection in one process (channels do not survive a fork), and its coalescer."""
+
+    pid: int
+    connection: Connection
+    coalescer: Coalescer | None
 
 
 def _materialized(results: Iterator[T]) -> Iterator[T]:

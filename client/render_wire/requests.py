@@ -656,7 +656,7 @@ def decode_parse_request(request: pb.ParseResponseRequest) -> ParseArgs:
     )
 
 
-def decode_bridge_request(data: bytes) -> BridgeArgs:
+def decode_bridge_request(data: bytes | memoryview) -> BridgeArgs:
     """A serialised BridgeToNextTurnRequest's arguments; its tensors are views of `data`."""
     field = pb.BridgeToNextTurnRequest.PREVIOUS_MULTI_MODAL_DATA_FIELD_NUMBER
     try:

@@ -82,9 +82,14 @@ def packed_bools(values: object) -> bytes | None:
 
 def encode_response(sample: WireMessage) -> bytes:
     """A RenderTrainingSampleResponse carrying `sample`, serialised."""
+    return sample_response(sample).join()
+
+
+def sample_response(sample: WireMessage) -> WireMessage:
+    """A RenderTrainingSampleResponse carrying `sample`, its tensors not yet joined in."""
     response = WireMessage()
     response.append_message_field(pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER, sample)
-    return response.join()
+    return response
 
 
 def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage:
@@ -95,8 +100,9 @@ def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage
     `outcome` (RenderResult numbers its fields as RenderTrainingSampleResult does).
     """
     if isinstance(outcome, RenderError):
-        error = pb.Error(code=outcome.code.value[0], message=outcome.details, error_type=outcome.error_type or "")
-        result = WireMessage(pb.RenderTrainingSampleResult(index=index, error=error).SerializeToString())
+        result = WireMessage(
+            pb.RenderTrainingSampleResult(index=index, error=encode_error(outcome)).SerializeToString()
+        )
     else:
         result = WireMessage(pb.RenderTrainingSampleResult(index=index).SerializeToString())
         result.append_message_field(pb.RenderTrainingSampleResult.SAMPLE_FIELD_NUMBER, outcome)
@@ -105,12 +111,17 @@ def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage
     return entry
 
 
+def encode_error(error: RenderError) -> pb.Error:
+    """A failed request's status, for a result that carries it instead of an answer."""
+    return pb.Error(code=error.code.value[0], message=error.details, error_type=error.error_type or "")
+
+
 # ---------------------------------------------------------------------------
 # Client side: response -> Python values
 # ---------------------------------------------------------------------------
 
 
-def decode_response(data: bytes) -> RenderedTrainingSample:
+def decode_response(data: bytes | memoryview) -> RenderedTrainingSample:
     """The RenderedTrainingSample a serialised RenderTrainingSampleResponse carries."""
     try:
         rest, samples = split_field(memoryview(data), pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER)
@@ -163,9 +174,13 @@ def _decode_result(
         raise WireFormatError(f"result {result.index} carries both a sample and an error")
     if samples:
         return result.index, decode_payload(merged(samples))
-    error = result.error
+    return result.index, decode_error(result.error)
+
+
+def decode_error(error: pb.Error) -> RenderError:
+    """The RenderError a result's status stands for: the one a unary call would have raised."""
     status = _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
-    return result.index, error_from_status(status, error.message, error.error_type or None)
+    return error_from_status(status, error.message, error.error_type or None)
 
 
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -220,10 +235,15 @@ def encode_rendered_tokens(tokens: RenderedTokensLike, *, compact_tensors: bool 
 
 def encode_tokens_response(tokens: WireMessage | None) -> bytes:
     """A RenderResponse or BridgeToNextTurnResponse carrying encoded `tokens` (None: unset), serialised."""
+    return tokens_response(tokens).join()
+
+
+def tokens_response(tokens: WireMessage | None) -> WireMessage:
+    """A RenderResponse or BridgeToNextTurnResponse carrying `tokens`, its tensors not yet joined in."""
     response = WireMessage()
     if tokens is not None:
         response.append_message_field(_TOKENS_FIELD, tokens)
-    return response.join()
+    return response
 
 
 # Render's and BridgeToNextTurn's answers are the same message under two names.
@@ -281,7 +301,7 @@ def decode_rendered_tokens(data: memoryview) -> RenderedTokensLike:
     )
 
 
-def decode_tokens_response(data: bytes) -> RenderedTokensLike | None:
+def decode_tokens_response(data: bytes | memoryview) -> RenderedTokensLike | None:
     """The RenderedTokens of a serialised RenderResponse or BridgeToNextTurnResponse; None when unset."""
     try:
         rest, fields = split_field(memoryview(data), _TOKENS_FIELD)

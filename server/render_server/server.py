@@ -103,6 +103,7 @@ class RenderServicer:
             "ParseResponse": Kind.PARSE,
             "BridgeToNextTurn": Kind.BRIDGE,
             "DescribeRenderer": Kind.DESCRIBE,
+            "Calls": Kind.CALLS,
         }
         return {
             **{
