@@ -57,6 +57,10 @@ MAX_CALL_BYTES = 1 << 20
 MAX_BATCH_BYTES = 4 << 20
 MAX_BATCH_CALLS = 64
 DEFAULT_WINDOW = 0.001  # seconds
+# Batches at the server at once, per connection: one being rendered and one on its way. A batch
+# whose window has passed while this many are out keeps collecting calls until one comes back:
+# it would only have waited in the server's queue, and the batches are fewer and larger.
+IN_FLIGHT_PER_CONNECTION = 2
 
 
 def serialized(request: ProtoMessage | bytes) -> bytes:
@@ -155,6 +159,10 @@ class Coalescer:
         self._lock = threading.Lock()
         self._open: _Batch | None = None  # the batch later calls join
         self.supported = True  # False once the server has answered that it has no Calls
+        self._in_flight = 0  # batches sent and not yet answered
+        self._limit = IN_FLIGHT_PER_CONNECTION * len(connection.stubs)
+        self._held: _Batch | None = None  # the open batch, once its window has passed
+        self.batches_sent = self.calls_sent = 0  # what it has coalesced: calls / batches is the mean batch
 
     def call(self, method: str, request: bytes, deadline: float | None) -> Outcome:
         """The answer to one call: its own method's answer bytes, its error, or SEND_ALONE."""
@@ -166,16 +174,29 @@ class Coalescer:
             leads = batch is None
             if batch is None:
                 batch = self._open = _Batch()
-            if batch.add(call):
+            filled = batch.add(call)
+            if filled:
                 self._open = None
                 batch.full.set()
-        if leads:
-            # The first call waits for companions, then sends the batch; all wait for their answers.
-            if self._window > 0:
+            # A held batch that fills goes now, at once, whatever is in flight; this call sends it.
+            sends = filled and self._held is batch
+            if sends:
+                self._held = None
+                self._in_flight += 1
+        if leads and not sends:
+            # The first call waits for companions, then sends the batch (unless it filled and went,
+            # or too many are in flight: then it is held, and goes when one comes back).
+            if self._window > 0 and not filled:
                 batch.full.wait(self._window)
             with self._lock:
-                if self._open is batch:
-                    self._open = None
+                if self._open is batch and self._in_flight >= self._limit:
+                    self._held = batch
+                else:
+                    if self._open is batch:
+                        self._open = None
+                    self._in_flight += 1
+                    sends = True
+        if sends:
             self._send(batch.calls, 0)
         if not call.wait(None if deadline is None else deadline - time.monotonic()):
             call.abandoned = True  # not sent again
@@ -184,7 +205,8 @@ class Coalescer:
         return call.outcome
 
     def _send(self, calls: list[_Call], attempt: int) -> None:
-        """Send the calls still waiting (grpcio's future: this thread does not wait for the answer)."""
+        """Send the calls still waiting, in one of the slots in flight (grpcio's future: this
+        thread does not wait for the answer)."""
         now = time.monotonic()
         live = []
         for call in calls:
@@ -193,8 +215,11 @@ class Coalescer:
             elif call.outcome is None and not call.abandoned:
                 live.append(call)
         if not live:
+            self._slot_freed()
             return
         data, timeout = _encoded(live, now)
+        self.batches_sent += 1
+        self.calls_sent += len(live)
         try:
             future = self._connection.next_stub().Calls.future(
                 data, timeout=timeout, metadata=self._connection.metadata
@@ -202,11 +227,13 @@ class Coalescer:
         except ValueError:  # the client, and so its channel, was closed
             for call in live:
                 call.finish(CallCancelledError(CALL_CANCELLED))
+            self._slot_freed()
             return
         future.add_done_callback(lambda done: self._answered(live, done, attempt))
 
     def _answered(self, calls: list[_Call], future: grpc.Future[bytes], attempt: int) -> None:
-        """Hand each call its answer; or send the batch again, or fail it (gRPC's thread: never waits)."""
+        """Hand each call its answer; or send the batch again (in the same slot), or fail it.
+        Runs on gRPC's thread: it never waits."""
         try:
             data = future.result()
         except grpc.RpcError as exc:
@@ -218,13 +245,29 @@ class Coalescer:
             if not isinstance(outcomes, RenderError):
                 for call, outcome in zip(calls, outcomes, strict=True):
                     call.finish(outcome)
+                self._slot_freed()
                 return
             error = outcomes
         delay = _resend_delay(self, calls, error, attempt)
-        if delay is not None:
-            timer = threading.Timer(delay, self._send, (calls, attempt + 1))
-            timer.daemon = True
-            timer.start()
+        if delay is None:
+            self._slot_freed()
+            return
+        timer = threading.Timer(delay, self._send, (calls, attempt + 1))
+        timer.daemon = True
+        timer.start()
+
+    def _slot_freed(self) -> None:
+        """A batch is no longer in flight: the held batch, if any, takes its slot and goes."""
+        with self._lock:
+            self._in_flight -= 1
+            held = self._held
+            if held is not None:
+                self._held = None
+                if self._open is held:
+                    self._open = None
+                self._in_flight += 1
+        if held is not None:
+            self._send(held.calls, 0)
 
     @property
     def connection(self) -> Connection:
@@ -279,15 +322,19 @@ class _AsyncCall:
 
 
 class AsyncCoalescer:
-    """Coalesces the unary calls of an AsyncRenderClient's tasks, on one event loop."""
+    """Coalesces the unary calls of an AsyncRenderClient's tasks, on one event loop (as Coalescer)."""
 
     def __init__(self, connection: Connection, window: float) -> None:
         self._connection = connection
         self._window = window
         self._open: _Batch | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._in_flight = 0
+        self._limit = IN_FLIGHT_PER_CONNECTION * len(connection.stubs)
+        self._held: _Batch | None = None
         self._sending: set[asyncio.Task[None]] = set()  # kept, so that they are not collected mid-call
         self.supported = True
+        self.batches_sent = self.calls_sent = 0
 
     @property
     def connection(self) -> Connection:
@@ -302,23 +349,48 @@ class AsyncCoalescer:
         batch = self._open
         if batch is None:
             batch = self._open = _Batch()
-            self._timer = loop.call_later(self._window, self._flush, batch)
+            self._timer = loop.call_later(self._window, self._window_passed, batch)
         if batch.add(call):
-            self._flush(batch)
+            self._close(batch)
+            if self._held is batch:
+                self._held = None
+            self._start(batch)  # a full batch goes at once, whatever is in flight
         try:
             return await asyncio.wait_for(call.future, None if deadline is None else deadline - time.monotonic())
         except TimeoutError:
             return DeadlineExceededError(DEADLINE_DETAILS)
 
-    def _flush(self, batch: _Batch) -> None:
+    def _close(self, batch: _Batch) -> None:
+        """No more calls join `batch`."""
         if self._open is batch:
             self._open = None
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+
+    def _window_passed(self, batch: _Batch) -> None:
+        if self._open is not batch:
+            return  # it filled and went
+        self._timer = None
+        if self._in_flight >= self._limit:
+            self._held = batch  # goes when a batch comes back
+        else:
+            self._close(batch)
+            self._start(batch)
+
+    def _start(self, batch: _Batch) -> None:
+        self._in_flight += 1
         task = asyncio.ensure_future(self._send(batch.calls))
         self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self._in_flight -= 1
+        held, self._held = self._held, None
+        if held is not None:
+            self._close(held)
+            self._start(held)
 
     async def _send(self, calls: list[_AsyncCall]) -> None:
         attempt = 0
@@ -333,6 +405,8 @@ class AsyncCoalescer:
             if not live:
                 return
             data, timeout = _encoded(live, now)
+            self.batches_sent += 1
+            self.calls_sent += len(live)
             try:
                 stub = self._connection.next_stub()
                 answer = await stub.Calls(data, timeout=timeout, metadata=self._connection.metadata)
