@@ -19,16 +19,25 @@ import grpc.aio
 from google.protobuf.message import Message as ProtoMessage
 
 from render_wire.compact import materialize_all
-from render_wire.errors import CallCancelledError, RenderError, error_from_rpc
+from render_wire.errors import CallCancelledError, DeadlineExceededError, RenderError, error_from_rpc
 from render_wire.models import decode_models
 from render_wire.pb import render_pb2 as pb
-from render_wire.requests import encode_sample_request
+from render_wire.requests import encode_sample_request, request_images, with_held_mm_hashes
 from render_wire.samples import decode_response
 from render_wire.types import RenderedTrainingSample, SampleRequest, ServerModels, TokensRequest
 
 from .async_streams import CALL_CANCELLED, cancelled_by_grpc, render_many
 from .channel import ChannelOptions, Connection, deadline_for, remaining
-from .coalescing import COALESCED, DEFAULT_WINDOW, AsyncCoalescer, SendAlone, answer_of, serialized
+from .coalescing import (
+    COALESCED,
+    DEADLINE_DETAILS,
+    DEFAULT_WINDOW,
+    AsyncCoalescer,
+    SendAlone,
+    answer_of,
+    serialized,
+)
+from .images import DEFAULT_IMAGE_MEMORY_MB, Claim, ImageStore, MiB, MissingHeldItem
 from .renderer import RemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 
@@ -49,18 +58,23 @@ class AsyncRenderClient:
         options: ChannelOptions = (),
         compact_tensors: bool = False,
         coalesce_window: float | None = DEFAULT_WINDOW,
+        image_memory_mb: float = DEFAULT_IMAGE_MEMORY_MB,
     ) -> None:
         """As RenderClient: `timeout` per unary call, `connections` HTTP/2 connections, `token`, TLS,
         `compact_tensors` to keep pixel tensors in their compact form, `coalesce_window` for the
-        calls its tasks make at once."""
+        calls its tasks make at once, `image_memory_mb` for the images it holds."""
         if coalesce_window is not None and not coalesce_window >= 0:
             raise ValueError(f"coalesce_window must be a number of seconds, at least 0, or None; got {coalesce_window}")
+        if not image_memory_mb >= 0:
+            raise ValueError(f"image_memory_mb must be at least 0, got {image_memory_mb}")
         self._connection = Connection(
             target, connections=connections, token=token, credentials=credentials, options=options, asyncio=True
         )
         self._timeout = timeout
         self._compact_tensors = compact_tensors
         self._coalescer = None if coalesce_window is None else AsyncCoalescer(self._connection, coalesce_window)
+        self._images = ImageStore(int(image_memory_mb * MiB), asyncio.Event)
+        self._models: ServerModels | None = None
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
         """A handle on a server model, to pass to `build_training_sample`."""
@@ -68,24 +82,83 @@ class AsyncRenderClient:
 
     async def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
-        sample = decode_response(await self._call("RenderTrainingSample", encode_sample_request(request), timeout))
-        return sample if self._compact_tensors else materialize_all(sample)
+        data = encode_sample_request(request).SerializeToString()
+        sample: RenderedTrainingSample = await self._with_images(
+            "RenderTrainingSample", request.model, data, timeout, decode_response
+        )
+        return sample
 
-    async def _call(self, method: str, request: ProtoMessage | bytes, timeout: float | None) -> Any:
+    def _tensors(self, result: Any) -> Any:
+        return result if self._compact_tensors else materialize_all(result)
+
+    async def _with_images(
+        self,
+        method: str,
+        model: str,
+        request: bytes,
+        timeout: float | None,
+        decode: Callable[[Any], Any],
+        previous: Any = None,
+    ) -> Any:
+        """As RenderClient._with_images: each image's tensors sent and held once (images.py)."""
+        store = self._images
+        deadline = deadline_for(timeout or self._timeout)
+        images = request_images(request, method) if store.max_bytes else []
+        claim = await self._claim(model, images, deadline)
+        try:
+            sent = with_held_mm_hashes(request, method, claim.held) if claim.held else request
+            result = decode(await self._call(method, sent, None, deadline))
+            media = getattr(result, "multi_modal_data", None)
+            try:
+                store.fill(claim, media, previous)
+            except MissingHeldItem:  # the server left out what this call did not claim: ask without claims
+                result = decode(await self._call(method, request, None, deadline))
+                media = getattr(result, "multi_modal_data", None)
+                store.fill(claim, media, previous)
+            self._tensors(result)
+            store.keep(claim, media, previous)
+            return result
+        finally:
+            store.release(claim)
+
+    async def _claim(self, model: str, images: list[memoryview], deadline: float | None) -> Claim:
+        while True:
+            claimed = self._images.claim(model, images)
+            if isinstance(claimed, Claim):
+                return claimed
+            for waiter in claimed:
+                assert isinstance(waiter, asyncio.Event)
+                try:
+                    await asyncio.wait_for(waiter.wait(), remaining(deadline))
+                except TimeoutError:
+                    raise DeadlineExceededError(DEADLINE_DETAILS) from None
+
+    async def _server_models(self) -> ServerModels:
+        if self._models is None:
+            self._models = await self.list_models()
+        return self._models
+
+    async def _call(
+        self, method: str, request: ProtoMessage | bytes, timeout: float | None, deadline: float | None = None
+    ) -> Any:
         """A unary call of `method`, resent while the server is restarting or going away, coalesced with
         other tasks' calls where it can be (as RenderClient's)."""
-        deadline = deadline_for(timeout or self._timeout)
-        if self._coalescer is not None and method in COALESCED:
-            outcome = await self._coalescer.call(method, serialized(request), deadline)
-            if isinstance(outcome, RenderError):
-                raise outcome
-            if not isinstance(outcome, SendAlone):
-                return answer_of(method, outcome)
+        if deadline is None:
+            deadline = deadline_for(timeout or self._timeout)
+        if method in COALESCED:
+            request = serialized(request)  # these methods' stubs take and answer bytes
+            if self._coalescer is not None:
+                outcome = await self._coalescer.call(method, request, deadline)
+                if isinstance(outcome, RenderError):
+                    raise outcome
+                if not isinstance(outcome, SendAlone):
+                    return answer_of(method, outcome)
         attempt = 0
         while True:
             try:
                 stub = getattr(self._connection.next_stub(), method)
-                return await stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
+                answer = await stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
+                return answer_of(method, answer) if method in COALESCED else answer
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             except asyncio.CancelledError:

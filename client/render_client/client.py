@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import grpc
 
 from render_wire.compact import materialize_all
-from render_wire.errors import ModelNotFoundError, RenderError, error_from_rpc
+from render_wire.errors import DeadlineExceededError, ModelNotFoundError, RenderError, error_from_rpc
 from render_wire.jsonvalue import dump_json
 from render_wire.models import decode_models, decode_renderer_info
 from render_wire.pb import render_pb2 as pb
@@ -34,6 +34,8 @@ from render_wire.requests import (
     encode_parse_request,
     encode_render_request,
     encode_sample_request,
+    request_images,
+    with_held_mm_hashes,
 )
 from render_wire.samples import decode_parsed_response, decode_response, decode_tokens_response
 from render_wire.types import (
@@ -46,7 +48,16 @@ from render_wire.types import (
 )
 
 from .channel import ChannelOptions, Connection, ConnectionSettings, deadline_for, remaining
-from .coalescing import COALESCED, DEFAULT_WINDOW, Coalescer, SendAlone, answer_of, serialized
+from .coalescing import (
+    COALESCED,
+    DEADLINE_DETAILS,
+    DEFAULT_WINDOW,
+    Coalescer,
+    SendAlone,
+    answer_of,
+    serialized,
+)
+from .images import DEFAULT_IMAGE_MEMORY_MB, Claim, ImageStore, MiB, MissingHeldItem
 from .renderer import RemoteMultimodalRenderer, RemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 from .sync_streams import render_many
@@ -74,6 +85,7 @@ class RenderClient:
         options: ChannelOptions = (),
         compact_tensors: bool = False,
         coalesce_window: float | None = DEFAULT_WINDOW,
+        image_memory_mb: float = DEFAULT_IMAGE_MEMORY_MB,
     ) -> None:
         """Connect to `target`: a gRPC target ("host:port", "dns:///name:port"), or a list
         of "ip:port" addresses to spread calls over (round_robin).
@@ -94,15 +106,23 @@ class RenderClient:
         bridge_to_next_turn) travel together in batches: a call waits at most
         `coalesce_window` seconds for others to join it (coalescing.py); None sends
         each call on its own.
+        The pixel tensors of images the client was answered are held, up to
+        `image_memory_mb` MiB per process (least recently used dropped first), and
+        do not travel again: a later answer for the same image (a GRPO group's
+        rollouts, every turn of a VLM rollout) hands back the very arrays held
+        (images.py); 0 holds none.
         """
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
         if coalesce_window is not None and not coalesce_window >= 0:
             raise ValueError(f"coalesce_window must be a number of seconds, at least 0, or None; got {coalesce_window}")
+        if not image_memory_mb >= 0:
+            raise ValueError(f"image_memory_mb must be at least 0, got {image_memory_mb}")
         self._settings = ConnectionSettings(target, connections, token, credentials, tuple(options))
         self._timeout = timeout
         self._compact_tensors = compact_tensors
         self._coalesce_window = coalesce_window
+        self._image_memory = int(image_memory_mb * MiB)
         self._process_connection: _ProcessConnection | None = None
         self._closed = False
         # What the server declares, kept across forks and pickling: it does not change.
@@ -128,7 +148,8 @@ class RenderClient:
                 connection.closed = self._closed
                 window = self._coalesce_window
                 coalescer = None if window is None else Coalescer(connection, window)
-                current = self._process_connection = _ProcessConnection(pid, connection, coalescer)
+                images = ImageStore(self._image_memory, threading.Event)
+                current = self._process_connection = _ProcessConnection(pid, connection, coalescer, images)
         return current
 
     def __getstate__(self) -> dict[str, Any]:
@@ -174,9 +195,11 @@ class RenderClient:
 
     def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
-        return self._tensors(
-            decode_response(self._call("RenderTrainingSample", encode_sample_request(request), timeout))
+        data = encode_sample_request(request).SerializeToString()
+        sample: RenderedTrainingSample = self._with_images(
+            "RenderTrainingSample", request.model, data, timeout, decode_response
         )
+        return sample
 
     def render_tokens(
         self,
@@ -199,7 +222,7 @@ class RenderClient:
             chat_template_kwargs=chat_template_kwargs,
             ids_only=ids_only,
         )
-        return self._tensors(decode_tokens_response(self._call("Render", request, timeout)))
+        return self._with_images("Render", model, request.SerializeToString(), timeout, decode_tokens_response)
 
     def parse_response(
         self,
@@ -229,7 +252,13 @@ class RenderClient:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Renderer.bridge_to_next_turn on the server (BridgeToNextTurn): renderers.RenderedTokens or None."""
+        """Renderer.bridge_to_next_turn on the server (BridgeToNextTurn): renderers.RenderedTokens or None.
+
+        The items of `previous_multi_modal_data` stay here (images.py): the answer carries them back as
+        these very item dicts, as in-process, without their tensors crossing the wire either way.
+        """
+        # A server that takes held items passes them through; an older one needs their tensors.
+        keep = previous_multi_modal_data is not None and self._server_models().held_images
         request = encode_bridge_request(
             model,
             previous_prompt_ids,
@@ -238,26 +267,98 @@ class RenderClient:
             tools=tools,
             previous_multi_modal_data=previous_multi_modal_data,
             chat_template_kwargs=chat_template_kwargs,
+            keep_previous_tensors=keep,
         )
-        return self._tensors(decode_tokens_response(self._call("BridgeToNextTurn", request, timeout)))
+        return self._with_images(
+            "BridgeToNextTurn",
+            model,
+            request,
+            timeout,
+            decode_tokens_response,
+            previous_multi_modal_data if keep else None,
+        )
 
-    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """A unary call of `method`, resent while the server is restarting or going away;
-        coalesced with other threads' calls where it can be."""
+    def _with_images(
+        self,
+        method: str,
+        model: str,
+        request: bytes,
+        timeout: float | None,
+        decode: Callable[[Any], Any],
+        previous: Any = None,
+    ) -> Any:
+        """The decoded answer to a call whose answer may carry images, each image's tensors sent and
+        held once (images.py): the call claims the images the client holds, and the answer's held
+        items get the arrays held; its new items are kept."""
+        store = self._in_this_process.images
+        deadline = deadline_for(timeout or self._timeout)
+        images = request_images(request, method) if store.max_bytes and self._may_carry_images(model) else []
+        claim = self._claim(store, model, images, deadline)
+        try:
+            sent = with_held_mm_hashes(request, method, claim.held) if claim.held else request
+            result = decode(self._call(method, sent, None, deadline))
+            media = getattr(result, "multi_modal_data", None)
+            try:
+                store.fill(claim, media, previous)
+            except MissingHeldItem:  # the server left out what this call did not claim: ask without claims
+                result = decode(self._call(method, request, None, deadline))
+                media = getattr(result, "multi_modal_data", None)
+                store.fill(claim, media, previous)
+            self._tensors(result)
+            store.keep(claim, media, previous)
+            return result
+        finally:
+            store.release(claim)
+
+    @staticmethod
+    def _claim(store: ImageStore, model: str, images: list[memoryview], deadline: float | None) -> Claim:
+        """What a call carrying `images` claims, once the calls carrying them first are answered."""
+        while True:
+            claimed = store.claim(model, images)
+            if isinstance(claimed, Claim):
+                return claimed
+            for waiter in claimed:
+                assert isinstance(waiter, threading.Event)
+                if not waiter.wait(remaining(deadline)):
+                    raise DeadlineExceededError(DEADLINE_DETAILS)
+
+    def _may_carry_images(self, model: str) -> bool:
+        """False only for a model the server says takes no images (its requests' images are not
+        rendered, so nothing is learned from them)."""
+        models = self._models
+        if models is None:
+            return True
+        try:
+            return models.get(model).accepts_images
+        except KeyError:
+            return True
+
+    def _server_models(self) -> ServerModels:
+        if self._models is None:
+            self._models = self.list_models()
+        return self._models
+
+    def _call(self, method: str, request: Any, timeout: float | None, deadline: float | None = None) -> Any:
+        """A unary call of `method` (until `deadline`, else for `timeout` or the client's), resent while
+        the server is restarting or going away; coalesced with other threads' calls where it can be."""
         current = self._in_this_process
         connection = current.connection
-        deadline = deadline_for(timeout or self._timeout)
-        if current.coalescer is not None and method in COALESCED:
-            outcome = current.coalescer.call(method, serialized(request), deadline)
-            if isinstance(outcome, RenderError):
-                raise outcome
-            if not isinstance(outcome, SendAlone):
-                return answer_of(method, outcome)
+        if deadline is None:
+            deadline = deadline_for(timeout or self._timeout)
+        if method in COALESCED:
+            request = serialized(request)  # these methods' stubs take and answer bytes
+            if current.coalescer is not None:
+                outcome = current.coalescer.call(method, request, deadline)
+                if isinstance(outcome, RenderError):
+                    raise outcome
+                if not isinstance(outcome, SendAlone):
+                    return answer_of(method, outcome)
         attempt = 0
         while True:
             try:
                 stub = getattr(connection.next_stub(), method)
-                return stub(request, timeout=remaining(deadline), metadata=connection.metadata)
+                answer = stub(request, timeout=remaining(deadline), metadata=connection.metadata)
+                return answer_of(method, answer) if method in COALESCED else answer
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             delay = connection.resend_delay(error, attempt, deadline)
@@ -347,6 +448,7 @@ class _ProcessConnection:
     pid: int
     connection: Connection
     coalescer: Coalescer | None
+    images: ImageStore  # each process holds its own
 
 
 def _materialized(results: Iterator[T]) -> Iterator[T]:

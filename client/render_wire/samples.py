@@ -11,7 +11,7 @@ bytes; everything else is parsed by upb.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TypeVar, overload
 
 import grpc
@@ -36,11 +36,14 @@ from .wireformat import WireFormatError, WireMessage, as_list, merged, split_fie
 # ---------------------------------------------------------------------------
 
 
-def encode_sample(sample: RenderedTrainingSampleLike, *, compact_tensors: bool = False) -> WireMessage:
+def encode_sample(
+    sample: RenderedTrainingSampleLike, *, compact_tensors: bool = False, held: Collection[str] = ()
+) -> WireMessage:
     """A renderers.RenderedTrainingSample (or a mirror of one) as a RenderedTrainingSample message.
 
     Its arrays stay in place until the message is joined (see wireformat.py); with
-    `compact_tensors`, pixel tensors go in compact form where it is exact.
+    `compact_tensors`, pixel tensors go in compact form where it is exact; the items
+    whose hash is in `held` go without them (the client holds them).
     """
     loss_mask = packed_bools(sample.loss_mask)
     if loss_mask is None:
@@ -54,7 +57,7 @@ def encode_sample(sample: RenderedTrainingSampleLike, *, compact_tensors: bool =
     if sample.multi_modal_data is not None:
         message.append_message_field(
             pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER,
-            encode_multi_modal_data(sample.multi_modal_data, compact_tensors=compact_tensors),
+            encode_multi_modal_data(sample.multi_modal_data, compact_tensors=compact_tensors, held=held),
         )
     if sample.mm_token_type_ids is not None:
         message.append_message_field(
@@ -202,9 +205,12 @@ def _decode_sample(data: memoryview) -> RenderedTrainingSample:
 # ---------------------------------------------------------------------------
 
 
-def encode_rendered_tokens(tokens: RenderedTokensLike, *, compact_tensors: bool = False) -> WireMessage:
+def encode_rendered_tokens(
+    tokens: RenderedTokensLike, *, compact_tensors: bool = False, held: Collection[str] = ()
+) -> WireMessage:
     """A renderers.RenderedTokens as a RenderedTokens message (its tensors joined in as they are;
-    with `compact_tensors`, pixel tensors in compact form where it is exact)."""
+    with `compact_tensors`, pixel tensors in compact form where it is exact; none for the items
+    whose hash is in `held`)."""
     message = pb.RenderedTokens(
         token_ids=tokens.token_ids,
         message_indices=tokens.message_indices,
@@ -228,7 +234,7 @@ def encode_rendered_tokens(tokens: RenderedTokensLike, *, compact_tensors: bool 
     if tokens.multi_modal_data is not None:
         encoded.append_message_field(
             pb.RenderedTokens.MULTI_MODAL_DATA_FIELD_NUMBER,
-            encode_multi_modal_data(tokens.multi_modal_data, compact_tensors=compact_tensors),
+            encode_multi_modal_data(tokens.multi_modal_data, compact_tensors=compact_tensors, held=held),
         )
     return encoded
 

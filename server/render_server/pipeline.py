@@ -95,7 +95,9 @@ class RenderPipeline:
             model = self._model(arguments.model, labels)
             check_request(arguments, request.ByteSize(), self._limits)
             sample = render_sample(model, arguments, self._limits, stop_if_cancelled)
-            encoded = encode_sample(sample, compact_tensors=self._compact_tensors)
+            encoded = encode_sample(
+                sample, compact_tensors=self._compact_tensors, held=frozenset(request.held_mm_hashes)
+            )
             TOKENS.labels(labels.model).inc(len(sample.token_ids))
             if model.accepts_images:
                 IMAGES.labels(labels.model).inc(sum(ref.kind == "image" for ref in arguments.media))
@@ -154,7 +156,9 @@ class RenderPipeline:
         check_request(arguments.conversation, request.ByteSize(), self._limits)
         rendered = render_tokens(model, arguments, self._limits, stop_if_cancelled)
         TOKENS.labels(labels.model).inc(len(rendered.token_ids))
-        return encode_rendered_tokens(rendered, compact_tensors=self._compact_tensors)
+        return encode_rendered_tokens(
+            rendered, compact_tensors=self._compact_tensors, held=frozenset(request.held_mm_hashes)
+        )
 
     def _bridge_to_next_turn(self, body: Body, stop_if_cancelled: Callable[[], None], labels: _Labels) -> WireMessage:
         arguments = decode_bridge_request(body)
@@ -162,7 +166,9 @@ class RenderPipeline:
         check_request(arguments.conversation, arguments.request_bytes, self._limits)
         bridged = bridge_to_next_turn(model, arguments, self._limits, stop_if_cancelled)
         return tokens_response(
-            None if bridged is None else encode_rendered_tokens(bridged, compact_tensors=self._compact_tensors)
+            None
+            if bridged is None
+            else encode_rendered_tokens(bridged, compact_tensors=self._compact_tensors, held=arguments.held_mm_hashes)
         )
 
     def _parse_response(self, body: Body, stop_if_cancelled: Callable[[], None], labels: _Labels) -> WireMessage:

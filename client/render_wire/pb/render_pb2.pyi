@@ -250,14 +250,16 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "renderers_version", "transformers_version")
+    __slots__ = ("models", "renderers_version", "transformers_version", "held_images")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     RENDERERS_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRANSFORMERS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HELD_IMAGES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     renderers_version: str
     transformers_version: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., renderers_version: _Optional[str] = ..., transformers_version: _Optional[str] = ...) -> None: ...
+    held_images: bool
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., renderers_version: _Optional[str] = ..., transformers_version: _Optional[str] = ..., held_images: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("id", "renderer", "accepts_images", "tokenizer_fingerprint", "roles", "renderer_config_json", "renderer_info")
