@@ -37,7 +37,7 @@ from .coalescing import (
     answer_of,
     serialized,
 )
-from .images import DEFAULT_IMAGE_MEMORY_MB, Claim, ImageStore, MiB, MissingHeldItem
+from .images import DEFAULT_IMAGE_MEMORY_MB, Claim, ImageStore, MiB, MissingHeldItem, StreamImages
 from .renderer import RemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 
@@ -201,16 +201,21 @@ class AsyncRenderClient:
         return_exceptions: bool,
         timeout: float | None,
     ) -> AsyncIterator[ResultT | RenderError]:
+        images = StreamImages(self._images, method.request_class, method.encode, lambda model: True)
+        if isinstance(requests, AsyncIterable):
+            claimed: Iterable[Any] | AsyncIterable[Any] = _mapped(images.request, requests)
+        else:
+            claimed = map(images.request, requests)
         results = render_many(
             self._connection.stubs,
-            requests,
+            claimed,
             method=method,
             concurrency=concurrency,
             timeout=timeout,
             metadata=self._connection.metadata,
             return_exceptions=return_exceptions,
         )
-        return results if self._compact_tensors else _materialized(results)
+        return _settled(results, images, self._tensors, return_exceptions)
 
     async def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
@@ -229,12 +234,24 @@ class AsyncRenderClient:
         await self.close()
 
 
-async def _materialized(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _mapped(function: Callable[[Any], Any], items: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    async for item in items:
+        yield function(item)
+
+
+async def _settled(
+    results: AsyncIterator[Any], images: StreamImages, finish: Callable[[Any], Any], return_exceptions: bool
+) -> AsyncIterator[Any]:
+    """As the blocking client's: each result with its held items filled in and its tensors `finish`ed."""
     try:
         async for result in results:
-            yield materialize_all(result)
+            settled = images.result(result, finish)
+            if isinstance(settled, RenderError) and not return_exceptions:
+                raise settled
+            yield settled
     finally:
         await results.aclose()  # type: ignore[attr-defined]  # the streams end with the caller's loop
+        images.close()
 
 
 async def build_training_sample(

@@ -57,7 +57,7 @@ from .coalescing import (
     answer_of,
     serialized,
 )
-from .images import DEFAULT_IMAGE_MEMORY_MB, Claim, ImageStore, MiB, MissingHeldItem
+from .images import DEFAULT_IMAGE_MEMORY_MB, Claim, ImageStore, MiB, MissingHeldItem, StreamImages
 from .renderer import RemoteMultimodalRenderer, RemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 from .sync_streams import render_many
@@ -404,17 +404,18 @@ class RenderClient:
         return_exceptions: bool,
         timeout: float | None,
     ) -> Iterator[ResultT | RenderError]:
-        connection = self._connection
+        current = self._in_this_process
+        images = StreamImages(current.images, method.request_class, method.encode, self._may_carry_images)
         results = render_many(
-            connection.stubs,
-            requests,
+            current.connection.stubs,
+            map(images.request, requests),
             method=method,
             concurrency=concurrency,
             timeout=timeout,
-            metadata=connection.metadata,
+            metadata=current.connection.metadata,
             return_exceptions=return_exceptions,
         )
-        return results if self._compact_tensors else _materialized(results)
+        return _settled(results, images, self._tensors, return_exceptions)
 
     def _tensors(self, result: T) -> T:
         """`result` with its compact pixel tensors rebuilt into arrays, unless they are to be kept."""
@@ -451,12 +452,19 @@ class _ProcessConnection:
     images: ImageStore  # each process holds its own
 
 
-def _materialized(results: Iterator[T]) -> Iterator[T]:
+def _settled(
+    results: Iterator[T], images: StreamImages, finish: Callable[[Any], Any], return_exceptions: bool
+) -> Iterator[T]:
+    """A stream's results, each with its held items filled in and its tensors `finish`ed."""
     try:
         for result in results:
-            yield materialize_all(result)
+            settled = images.result(result, finish)
+            if isinstance(settled, RenderError) and not return_exceptions:
+                raise settled  # a malformed answer: raised as the stream raises its errors
+            yield settled
     finally:
         results.close()  # type: ignore[attr-defined]  # the streams end with the caller's loop
+        images.close()
 
 
 # Guards opening a client's connection. A child process gets it unlocked whatever

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import grpc
@@ -39,6 +40,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from render_wire.calls import METHODS, decode_call_results, encode_calls
 from render_wire.errors import (
+    ERROR_TYPE_KEY,
     CallCancelledError,
     DeadlineExceededError,
     RenderError,
@@ -145,9 +147,50 @@ def _encoded(calls: list[Any], now: float) -> tuple[bytes, float | None]:
 
 def _outcomes(data: bytes, calls: list[Any]) -> list[Outcome] | RenderError:
     try:
-        return list(decode_call_results(data, [call.method for call in calls]))
+        outcomes: list[Outcome] = list(decode_call_results(data, [call.method for call in calls]))
     except RenderError as error:
         return error
+    for outcome in outcomes:
+        if isinstance(outcome, RenderError):
+            outcome.rpc_error = CallStatus(outcome)
+    return outcomes
+
+
+class CallStatus(grpc.RpcError, grpc.Call):
+    """A coalesced call's failure as its own unary call would have failed (`RenderError.rpc_error`):
+    its status, details and error-type trailer. Its batch carried it; nothing of it is active."""
+
+    def __init__(self, error: RenderError) -> None:
+        self._error = error
+
+    def code(self) -> grpc.StatusCode:
+        return self._error.code
+
+    def details(self) -> str:
+        return self._error.details
+
+    # Metadata as grpcio gives it at run time: (key, value) tuples (its stubs say otherwise).
+    def initial_metadata(self) -> Any:
+        return ()
+
+    def trailing_metadata(self) -> Any:
+        error_type = self._error.error_type
+        return ((ERROR_TYPE_KEY, error_type),) if error_type else ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> Any:
+        return None  # as grpcio's, for a call without a deadline
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return f"<coalesced call: {self._error.code} {self._error.details!r}>"
 
 
 class Coalescer:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,6 +45,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from render_wire.compact import CompactTensor
+from render_wire.errors import RenderError
+from render_wire.requests import message_images
 from render_wire.types import HeldItem, MultiModalDataLike
 
 MiB = 1 << 20
@@ -104,9 +106,9 @@ class ImageStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def claim(self, model: str, images: Sequence[bytes | memoryview]) -> Claim | list[Waiter]:
-        """What a call carrying `images` claims to hold; or the calls it should wait for first
-        (each carrying one of its images not yet known), after which it asks again."""
+    def claim(self, model: str, images: Sequence[bytes | memoryview], *, wait: bool = True) -> Claim | list[Waiter]:
+        """What a call carrying `images` claims to hold; or (with `wait`) the calls it should wait
+        for first (each carrying one of its images not yet known), after which it asks again."""
         digests = [digest(image) for image in images] if self.max_bytes else []
         with self._lock:
             waits = []
@@ -115,7 +117,7 @@ class ImageStore:
                 waiter = self._in_flight.get(key)
                 if waiter is not None and key not in self._hashes:
                     waits.append(waiter)
-            if waits:
+            if waits and wait:
                 return waits
             claim = Claim(model, digests, {})
             for image in digests:
@@ -245,3 +247,68 @@ def _unpinned(value: Any) -> Any:
     copy = value.copy()
     copy.flags.writeable = False
     return copy
+
+
+class StreamImages:
+    """Each image once for a stream (render_many, render_many_tokens): its requests, encoded here,
+    claim the images the client holds, and its results, which come back in the same order, get the
+    held items filled in and their new items kept. Calls do not wait here for one another's images."""
+
+    def __init__(
+        self,
+        store: ImageStore,
+        request_class: type[Any],
+        encode: Callable[[Any], Any],
+        may_carry_images: Callable[[str], bool],
+    ) -> None:
+        self._store = store
+        self._request_class = request_class
+        self._encode = encode
+        self._may_carry_images = may_carry_images
+        self._pending: deque[Claim | None] = deque()  # one per request taken, in order
+
+    def request(self, item: Any) -> Any:
+        """What to send for one of the caller's items: its request, with its claims."""
+        request = item
+        if not isinstance(item, self._request_class):
+            try:
+                request = self._encode(item)
+            except RenderError:
+                self._pending.append(None)
+                return item  # the stream encodes it again, and answers its error in its place
+        images = message_images(request.messages) if self._may_carry_images(request.model) else []
+        claim = self._store.claim(request.model, images, wait=False)
+        assert isinstance(claim, Claim)
+        if claim.held:
+            if request is item:  # the caller's message: not changed
+                request = type(item)()
+                request.CopyFrom(item)
+            request.held_mm_hashes.extend(claim.held)
+        self._pending.append(claim)
+        return request
+
+    def result(self, result: Any, finish: Callable[[Any], Any]) -> Any:
+        """One result, in order: held items filled in, `finish`ed (tensors materialised), new items kept."""
+        claim = self._pending.popleft()
+        if claim is None:
+            return result
+        try:
+            if isinstance(result, RenderError):
+                return result
+            media = result.multi_modal_data
+            try:
+                self._store.fill(claim, media)
+            except MissingHeldItem as exc:
+                return RenderError(f"malformed response: {exc}")
+            finish(result)
+            self._store.keep(claim, media)
+            return result
+        finally:
+            self._store.release(claim)
+
+    def close(self) -> None:
+        """The stream ended: the claims of requests never answered are released."""
+        while self._pending:
+            claim = self._pending.popleft()
+            if claim is not None:
+                self._store.release(claim)

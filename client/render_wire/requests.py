@@ -726,3 +726,12 @@ def with_held_mm_hashes(request: bytes, method: str, hashes: Iterable[str]) -> b
     for mm_hash in hashes:
         extra.append_bytes_field(_IMAGE_FIELDS[method][1], mm_hash.encode())
     return request + extra.join()
+
+
+def message_images(messages: Iterable[pb.Message]) -> list[bytes]:
+    """The encoded images of a request's messages, in order."""
+    images: list[bytes] = []
+    for message in messages:
+        if message.WhichOneof("content") == "parts":
+            images.extend(part.image.data for part in message.parts.parts if part.WhichOneof("part") == "image")
+    return images
