@@ -91,7 +91,7 @@ def test_a_call_carrying_two_requests_is_refused() -> None:
 
 
 def test_bytes_that_are_no_batch_are_refused() -> None:
-    with pytest.raises(InvalidArgumentError, match="request: not a valid render.v1.CallsRequest"):
+    with pytest.raises(InvalidArgumentError, match=r"request: not a valid render\.v1\.CallsRequest"):
         decode_calls(b"\xff\xff\xff")
 
 
