@@ -36,7 +36,7 @@ from render_wire.calls import decode_call_results, encode_calls
 from render_wire.requests import encode_parse_request, encode_sample_request
 from tests.client.clients import noise_image
 from tests.reference import reference_renderer
-from tests.support import ServerProcess, corpus, running_server
+from tests.support import ServerProcess, corpus
 
 THREADS = 16
 
@@ -313,16 +313,3 @@ def test_requests_refused_before_sending_are_refused_as_alone(server: ServerProc
     with RenderClient(server.target, timeout=120) as client, pytest.raises(InvalidArgumentError, match="messages"):
         client.renderer("qwen3").render("not a list")  # type: ignore[arg-type]
     assert threading.active_count() < 100  # no thread left waiting for a batch
-
-
-def test_one_worker_server_answers_a_batch_of_every_kind_too() -> None:
-    with (
-        running_server("--workers", "1") as single,
-        RenderClient(single.target, timeout=120) as client,
-        RenderClient(single.target, timeout=120, coalesce_window=None) as plain,
-    ):
-        work = calls_of_every_kind()[:20]
-        expected = [outcome(call, plain) for _, call in work]
-        with ThreadPoolExecutor(THREADS) as threads:
-            got = list(threads.map(lambda call: outcome(call, client), [call for _, call in work]))
-    assert got == expected
