@@ -242,9 +242,11 @@ def main() -> None:
     print(json.dumps({"ready": True, "rollouts": len(work), "turns": len(cases)}), flush=True)
     local = Env(reference_renderer(args.model), None)
     expected_calls: dict[str, dict[int, Any]] = {}
+    coalescer = client._in_this_process.coalescer if client is not None else None
     for line in sys.stdin:
         command = json.loads(line)
         differences = 0
+        sent = (coalescer.batches_sent, coalescer.calls_sent) if coalescer is not None else (0, 0)
         if command["run"] == "rollouts":
             result, got = run_rollouts(env, work, command["threads"], command["seconds"])
             for index, turn, prompt, parsed in got:
@@ -261,6 +263,9 @@ def main() -> None:
                     table[index] = in_process(kind_cases[index])
                 differences += value != table[index]
         result["differences"] = differences
+        if coalescer is not None:  # how the calls travelled: calls / batches is the mean batch
+            result["batches_sent"] = coalescer.batches_sent - sent[0]
+            result["calls_sent"] = coalescer.calls_sent - sent[1]
 
         print(json.dumps(result), flush=True)
     if client is not None:

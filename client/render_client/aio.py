@@ -33,7 +33,6 @@ from .coalescing import (
     DEADLINE_DETAILS,
     DEFAULT_WINDOW,
     AsyncCoalescer,
-    SendAlone,
     answer_of,
     serialized,
 )
@@ -148,11 +147,12 @@ class AsyncRenderClient:
         if method in COALESCED:
             request = serialized(request)  # these methods' stubs take and answer bytes
             if self._coalescer is not None:
-                outcome = await self._coalescer.call(method, request, deadline)
-                if isinstance(outcome, RenderError):
-                    raise outcome
-                if not isinstance(outcome, SendAlone):
-                    return answer_of(method, outcome)
+                data = request
+                return await self._coalescer.call(method, data, deadline, lambda: self._unary(method, data, deadline))
+        return await self._unary(method, request, deadline)
+
+    async def _unary(self, method: str, request: ProtoMessage | bytes, deadline: float | None) -> Any:
+        """A unary call, resent while the server is restarting or going away."""
         attempt = 0
         while True:
             try:

@@ -53,7 +53,6 @@ from .coalescing import (
     DEADLINE_DETAILS,
     DEFAULT_WINDOW,
     Coalescer,
-    SendAlone,
     answer_of,
     serialized,
 )
@@ -348,11 +347,14 @@ class RenderClient:
         if method in COALESCED:
             request = serialized(request)  # these methods' stubs take and answer bytes
             if current.coalescer is not None:
-                outcome = current.coalescer.call(method, request, deadline)
-                if isinstance(outcome, RenderError):
-                    raise outcome
-                if not isinstance(outcome, SendAlone):
-                    return answer_of(method, outcome)
+                return current.coalescer.call(
+                    method, request, deadline, lambda: self._unary(connection, method, request, deadline)
+                )
+        return self._unary(connection, method, request, deadline)
+
+    @staticmethod
+    def _unary(connection: Connection, method: str, request: Any, deadline: float | None) -> Any:
+        """A unary call, resent while the server is restarting or going away."""
         attempt = 0
         while True:
             try:

@@ -2,28 +2,38 @@
 
 gRPC Python charges each call ~0.2 ms of the client's CPU and ~0.3 ms of the
 server's whatever its size, and a batch of N calls about 1/N of that per call
-(`bench/README.md`, "RL rollouts"): for the small calls an RL rollout makes
-every turn (parse_response, bridge_to_next_turn) that cost is larger than the
-work. So RenderClient and AsyncRenderClient send their render, render_tokens,
-parse_response and bridge_to_next_turn calls through a Coalescer: the first
-call of a batch waits at most `window` seconds (a millisecond by default) for
-others to join it, or until the batch is full, and then the batch goes as one
-Calls call. A lone call is delayed by the window and nothing more.
+(bench/README.md, "RL rollouts"): for the small calls an RL rollout makes every
+turn (parse_response, bridge_to_next_turn) that cost is larger than the work.
+So RenderClient and AsyncRenderClient send their render, render_tokens,
+parse_response and bridge_to_next_turn calls through a Coalescer:
+
+- A call made while no other is in flight or waiting goes at once, alone, as
+  the plain unary call it is: a lone caller is neither delayed nor charged for
+  batching (threads waking each other cost more CPU than the call itself).
+- A call made while others are in flight opens a batch, or joins the open
+  one; the batch's first call waits at most `window` seconds (a millisecond by
+  default) for companions, or until the batch is full (MAX_BATCH_CALLS,
+  MAX_BATCH_BYTES), and the batch goes as one Calls call.
+- At most IN_FLIGHT_PER_CONNECTION batches per connection are at the server at
+  once; a batch whose window has passed meanwhile keeps gathering calls until
+  one comes back (it would only have queued at the server): fewer, larger
+  batches, the server's cost per call paid once per batch.
 
 Each call keeps what it has as a unary call: its own deadline (it raises
 DeadlineExceededError when its time is up, and the server skips it if its time
-is up before its turn), its own result or error, resends on UNAVAILABLE (the
-batch is sent again, without the calls that are done), and cancellation
-(asyncio: a cancelled call leaves its batch if the batch has not gone yet; once
-it has, the server renders it with the others and its answer is dropped).
-Requests over MAX_CALL_BYTES go alone, as do all calls to a server without
-Calls (it answers UNIMPLEMENTED once; the coalescer then stands aside).
+is up before its turn), its own result or error (with a CallStatus as its
+rpc_error), resends on UNAVAILABLE (the batch is sent again, without the calls
+that are done), and cancellation (asyncio: a cancelled call leaves its batch if
+the batch has not gone yet; once it has, the server renders it with the others
+and its answer is dropped). Requests over MAX_CALL_BYTES go alone, as do all
+calls to a server without Calls (it answers UNIMPLEMENTED once; the coalescer
+then stands aside).
 
-The coalescer hands back each call's answer as the bytes its own method would
-have answered (render_wire.calls), so the client decodes it as it decodes a
-unary answer. Two engines, as for streams: `Coalescer` for threads (the first
-call of a batch sends it, with grpcio's future API, and every call waits for
-its own answer), `AsyncCoalescer` for one event loop.
+The coalescer hands back each call's answer as its own method's unary answer
+(render_wire.calls carries the bytes unchanged), so the client decodes it as
+it decodes a unary answer. Two engines, as for streams: `Coalescer` for threads
+(the first call of a batch sends it with grpcio's future API, and every call
+waits for its own answer), `AsyncCoalescer` for one event loop.
 """
 
 from __future__ import annotations
@@ -31,8 +41,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
 
 import grpc
 import grpc.aio
@@ -50,6 +60,8 @@ from render_wire.errors import (
 from render_wire.pb import render_pb2 as pb
 
 from .channel import Connection
+
+T = TypeVar("T")
 
 # The methods a coalescer carries.
 COALESCED: Final = frozenset(METHODS)
@@ -202,15 +214,34 @@ class Coalescer:
         self._lock = threading.Lock()
         self._open: _Batch | None = None  # the batch later calls join
         self.supported = True  # False once the server has answered that it has no Calls
-        self._in_flight = 0  # batches sent and not yet answered
+        self._in_flight = 0  # batches (and calls that went alone) sent and not yet answered
         self._limit = IN_FLIGHT_PER_CONNECTION * len(connection.stubs)
         self._held: _Batch | None = None  # the open batch, once its window has passed
         self.batches_sent = self.calls_sent = 0  # what it has coalesced: calls / batches is the mean batch
 
-    def call(self, method: str, request: bytes, deadline: float | None) -> Outcome:
-        """The answer to one call: its own method's answer bytes, its error, or SEND_ALONE."""
+    def call(self, method: str, request: bytes, deadline: float | None, alone: Callable[[], T]) -> T | Any:
+        """The answer to one call, as `answer_of` gives it; its error raised. `alone()` sends it on its own
+        (a unary call): when no other call is in flight or waiting, or when it cannot go in a batch."""
         if not self.supported or len(request) > MAX_CALL_BYTES:
-            return SEND_ALONE
+            return alone()
+        with self._lock:
+            idle = self._open is None and not self._in_flight
+            if idle:
+                self._in_flight += 1
+        if idle:  # nothing to wait for: no delay, no batch; calls that come meanwhile gather
+            try:
+                return alone()
+            finally:
+                self._slot_freed()
+        outcome = self._batched(method, request, deadline)
+        if isinstance(outcome, RenderError):
+            raise outcome
+        if isinstance(outcome, SendAlone):
+            return alone()
+        return answer_of(method, outcome)
+
+    def _batched(self, method: str, request: bytes, deadline: float | None) -> Outcome:
+        """The outcome of a call sent in a batch: its own method's answer bytes, its error, or SEND_ALONE."""
         call = _Call(method, request, deadline)
         with self._lock:
             batch = self._open
@@ -383,10 +414,26 @@ class AsyncCoalescer:
     def connection(self) -> Connection:
         return self._connection
 
-    async def call(self, method: str, request: bytes, deadline: float | None) -> Outcome:
+    async def call(
+        self, method: str, request: bytes, deadline: float | None, alone: Callable[[], Awaitable[T]]
+    ) -> T | Any:
         """As Coalescer.call, awaited; a cancelled call leaves its batch if that has not gone yet."""
         if not self.supported or len(request) > MAX_CALL_BYTES:
-            return SEND_ALONE
+            return await alone()
+        if self._open is None and not self._in_flight:
+            self._in_flight += 1
+            try:
+                return await alone()
+            finally:
+                self._slot_freed()
+        outcome = await self._batched(method, request, deadline)
+        if isinstance(outcome, RenderError):
+            raise outcome
+        if isinstance(outcome, SendAlone):
+            return await alone()
+        return answer_of(method, outcome)
+
+    async def _batched(self, method: str, request: bytes, deadline: float | None) -> Outcome:
         loop = asyncio.get_running_loop()
         call = _AsyncCall(method, request, deadline, loop.create_future())
         batch = self._open
@@ -429,6 +476,9 @@ class AsyncCoalescer:
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
         self._in_flight -= 1
         held, self._held = self._held, None
         if held is not None:

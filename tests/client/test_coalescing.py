@@ -48,11 +48,11 @@ def smooth_image(side: int) -> bytes:
     return buffer.getvalue()
 
 
-def slow_sample() -> SampleRequest:
+def slow_sample(side: int = 2500) -> SampleRequest:
     return SampleRequest(
         "qwen3-vl",
         [
-            {"role": "user", "content": [{"type": "text", "text": "Describe."}, {"type": "image", "image": smooth_image(2500)}]},
+            {"role": "user", "content": [{"type": "text", "text": "Describe."}, {"type": "image", "image": smooth_image(side)}]},
             {"role": "assistant", "content": "A gradient."},
         ],
     )  # fmt: skip
@@ -130,8 +130,8 @@ def test_concurrent_calls_of_every_kind_travel_together_and_are_answered_as_alon
         with ThreadPoolExecutor(THREADS) as threads:
             got = list(threads.map(lambda call: outcome(call, client), [call for _, call in work]))
         coalescer = client._in_this_process.coalescer
-        assert coalescer is not None and coalescer.calls_sent == len(work)
-        assert coalescer.batches_sent < len(work) / 2, "the calls went alone, not in batches"
+        assert coalescer is not None and coalescer.calls_sent > len(work) / 2, "the calls went alone"
+        assert coalescer.batches_sent < coalescer.calls_sent / 2, "the calls went in batches of one"
     differing = [kind for (kind, _), want, have in zip(work, expected, got, strict=True) if want != have]
     assert differing == []
 
@@ -148,11 +148,13 @@ def test_each_call_of_a_batch_keeps_its_own_error(server: ServerProcess, alone: 
     ]
     expected = [outcome(lambda c, r=request: c.render(r), alone) for request in requests]
     assert [type(e) for e in expected] == [type(expected[0]), tuple, tuple, tuple, type(expected[0])]
-    with RenderClient(server.target, timeout=120, coalesce_window=0.2) as client:  # one batch, surely
-        with ThreadPoolExecutor(len(requests)) as threads:
-            got = list(threads.map(lambda r: outcome(lambda c: c.render(r), client), requests))
+    with RenderClient(server.target, timeout=120, coalesce_window=0.2) as client, ThreadPoolExecutor(8) as threads:
+        busy = threads.submit(client.render, slow_sample())  # goes alone: the others gather meanwhile
+        time.sleep(0.05)
+        got = list(threads.map(lambda r: outcome(lambda c: c.render(r), client), requests))
+        busy.result(timeout=120)
         coalescer = client._in_this_process.coalescer
-        assert coalescer is not None and coalescer.batches_sent == 1
+        assert coalescer is not None and (coalescer.batches_sent, coalescer.calls_sent) == (1, len(requests))
         with pytest.raises(ModelNotFoundError) as raised:
             client.render(requests[1])
     assert got == expected
@@ -163,15 +165,19 @@ def test_each_call_of_a_batch_keeps_its_own_error(server: ServerProcess, alone: 
 def test_a_call_keeps_its_own_deadline_in_a_batch(server: ServerProcess) -> None:
     quick = SampleRequest("qwen3", [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}])
     with RenderClient(server.target, timeout=120, coalesce_window=0.1) as client, ThreadPoolExecutor(2) as threads:
-        rendered = threads.submit(client.render, slow_sample())
-        time.sleep(0.02)  # joins the slow call's batch, behind it
+        slow, other = slow_sample(2500), slow_sample(2400)  # two images: neither waits for the other's
+        first = threads.submit(client.render, slow)  # goes alone, the server idle
+        time.sleep(0.02)
+        rendered = threads.submit(client.render, other)  # opens a batch
+        time.sleep(0.02)  # joins that batch, behind a slow call
         started = time.monotonic()
         with pytest.raises(DeadlineExceededError):
             client.render(quick, timeout=0.25)
         assert time.monotonic() - started < 5  # it did not wait for its batch
-        assert rendered.result(timeout=120).multi_modal_data is not None
+        for slow in (first, rendered):
+            assert slow.result(timeout=120).multi_modal_data is not None
         coalescer = client._in_this_process.coalescer
-        assert coalescer is not None and coalescer.batches_sent == 1
+        assert coalescer is not None and (coalescer.batches_sent, coalescer.calls_sent) == (1, 2)
 
 
 def test_the_server_skips_a_call_of_a_batch_whose_time_is_up(server: ServerProcess) -> None:
@@ -267,16 +273,18 @@ def test_the_asyncio_clients_tasks_are_coalesced_cancelled_and_timed_out(
             got = await asyncio.gather(*(client.render(request) for request in requests))
             assert [sample.token_ids for sample in got] == expected
             coalescer = client._coalescer
-            assert coalescer is not None and coalescer.calls_sent == len(requests)
+            assert coalescer is not None and coalescer.calls_sent == len(requests) - 1  # the first went alone
             assert coalescer.batches_sent < len(requests) / 2
             # A call cancelled before its batch goes leaves it: it is never sent.
+            busy = asyncio.ensure_future(client.render(requests[1]))  # goes alone; the next gathers
             cancelled = asyncio.ensure_future(client.render(requests[0]))
             await asyncio.sleep(0)
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
+            await busy
             await asyncio.sleep(0.05)
-            assert coalescer.calls_sent == len(requests)
+            assert coalescer.calls_sent == len(requests) - 1
             with pytest.raises(DeadlineExceededError):
                 await client.render(requests[0], timeout=0.0005)
 
