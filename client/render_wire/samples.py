@@ -291,9 +291,22 @@ def encode_parsed_response(parsed: ParsedResponseLike) -> pb.ParseResponseRespon
 
 def decode_rendered_tokens(data: memoryview) -> RenderedTokensLike:
     """A RenderedTokens message as renderers.RenderedTokens (or types.RenderedTokens)."""
-    types = result_types()
+    if len(data) < _WHOLE_BELOW:
+        return _rendered_tokens(pb.RenderedTokens.FromString(data))  # type: ignore[arg-type]  # upb takes any buffer
     rest, media = split_field(data, pb.RenderedTokens.MULTI_MODAL_DATA_FIELD_NUMBER)
-    message = pb.RenderedTokens.FromString(rest)
+    return _rendered_tokens(pb.RenderedTokens.FromString(rest), merged(media) if media else None)
+
+
+# An answer this small carries no tensor worth sharing (tensors.py copies those below 1 MiB anyway):
+# upb parses it whole, rather than wireformat.split_field walking its fields in Python.
+_WHOLE_BELOW = 256 * 1024
+
+
+def _rendered_tokens(message: pb.RenderedTokens, media: memoryview | None = None) -> RenderedTokensLike:
+    """renderers.RenderedTokens from a parsed message; its media from `media` when split off before."""
+    types = result_types()
+    if media is None and message.HasField("multi_modal_data"):
+        media = memoryview(message.multi_modal_data.SerializeToString())
     return types.RenderedTokens(
         token_ids=as_list(message.token_ids),
         message_indices=as_list(message.message_indices),
@@ -302,7 +315,7 @@ def decode_rendered_tokens(data: memoryview) -> RenderedTokensLike:
         message_roles=list(message.message_roles),
         message_tool_names=[entry.name if entry.HasField("name") else None for entry in message.message_tool_names],
         multi_modal_data=(
-            decode_multi_modal_data(merged(media), types.MultiModalData, types.PlaceholderRange) if media else None
+            None if media is None else decode_multi_modal_data(media, types.MultiModalData, types.PlaceholderRange)
         ),
     )
 
@@ -310,6 +323,9 @@ def decode_rendered_tokens(data: memoryview) -> RenderedTokensLike:
 def decode_tokens_response(data: bytes | memoryview) -> RenderedTokensLike | None:
     """The RenderedTokens of a serialised RenderResponse or BridgeToNextTurnResponse; None when unset."""
     try:
+        if len(data) < _WHOLE_BELOW:
+            response = pb.RenderResponse.FromString(data)  # type: ignore[arg-type]  # upb takes any buffer
+            return _rendered_tokens(response.tokens) if response.HasField("tokens") else None
         rest, fields = split_field(memoryview(data), _TOKENS_FIELD)
         pb.RenderResponse.FromString(rest)  # fields a newer server may add; or junk
         return decode_rendered_tokens(merged(fields)) if fields else None
