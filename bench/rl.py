@@ -52,7 +52,9 @@ KINDS = ("render", "parse", "bridge")
 VLM = "qwen3-vl"
 GROUP = 16
 TURNS = 6
-CONNECTIONS = 2  # one per server worker
+# One connection: two batches in flight (coalescing.IN_FLIGHT_PER_CONNECTION), both render
+# processes of one worker busy; more connections make smaller batches for no more throughput here.
+CONNECTIONS = 1
 
 
 def percentile(values: list[float], q: float) -> float:

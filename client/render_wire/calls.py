@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from .errors import RenderError, invalid
 from .pb import render_pb2 as pb
 from .samples import decode_error, encode_error
-from .wireformat import WireFormatError, WireMessage, split_field, varint
+from .wireformat import WireFormatError, WireMessage, split_field, split_fields, varint
 
 # The methods a batch carries, by the number of their field in CallRequest's and CallResult's oneof.
 METHODS: Final = {
@@ -111,13 +111,10 @@ def decode_calls(data: bytes) -> list[Call]:
 
 def _decode_call(data: memoryview, field: str) -> Call:
     requests: list[tuple[str, memoryview]] = []
-    rest = data
     try:
-        for number, method in _METHOD_BY_NUMBER.items():
-            remainder, payloads = split_field(rest, number)
-            rest = memoryview(remainder)
-            requests.extend((method, payload) for payload in payloads)
-        call = pb.CallRequest.FromString(bytes(rest))
+        rest, payloads = split_fields(data, _METHOD_BY_NUMBER)
+        requests.extend((_METHOD_BY_NUMBER[number], payload) for number, payload in payloads)
+        call = pb.CallRequest.FromString(rest)
     except (WireFormatError, DecodeError) as exc:
         raise invalid(field, f"not a valid render.v1.CallRequest ({exc})") from None
     if len(requests) != 1:
