@@ -23,11 +23,18 @@ Anything else is built in process, as before, with one log line (logger
 `render_client.switch`, INFO) saying why; so is everything when the server renders
 with another renderers version than this process has. `undo()` (or
 `stop_serving_renderers()`) puts renderers' functions back.
+
+For a program whose code is not yours, the switch can be made by its launch command:
+
+    python -m render_client.switch render-service:50051 prime_rl.trainer.sft.train @ sft.toml
+
+runs the module as `python -m prime_rl.trainer.sft.train @ sft.toml` would, switched.
 """
 
 from __future__ import annotations
 
 import logging
+import runpy
 import sys
 import threading
 import types
@@ -378,3 +385,27 @@ def _describe(config: Any) -> str:
 
 def _kwargs_text(kwargs: Mapping[str, Any] | None) -> str:
     return f", chat_template_kwargs={dict(kwargs)!r}" if kwargs else ""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m render_client.switch TARGET MODULE [ARGS...]`: MODULE run as __main__, switched."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or args[0].startswith("-"):
+        raise SystemExit("usage: python -m render_client.switch TARGET MODULE [ARGS...]")
+    target, module, rest = args[0], args[1], args[2:]
+    # Its lines said on stderr, whatever logging the program sets up (or not) later.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    serve_renderers(target)
+    sys.argv = [module, *rest]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    # The package's module, not this __main__ copy of it: one switch, the one stop_serving_renderers undoes.
+    from render_client import switch
+
+    switch.main()

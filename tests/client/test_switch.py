@@ -9,9 +9,12 @@ the loads, so that a test can tell a tokenizer was not loaded.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -196,3 +199,25 @@ def test_a_served_tokenizer_loads_the_real_one_only_when_used_otherwise(switch: 
     assert tokenizer.encode("Hello, world") == expected.encode("Hello, world") and len(tokenizer) == len(expected)
     assert tokenizer.eos_token_id == expected.eos_token_id
     assert hub.loads == [QWEN3]  # once
+
+
+def test_the_launch_command_switches_a_program_it_runs_unchanged(server: ServerProcess, tmp_path: Path) -> None:
+    # A program that is not ours, run by module name: `python -m render_client.switch TARGET MODULE ARGS...`.
+    (tmp_path / "their_trainer.py").write_text(
+        "import sys\n"
+        "from renderers.base import create_renderer, load_tokenizer\n"
+        "renderer = create_renderer(load_tokenizer(sys.argv[1]))\n"
+        "print(type(renderer).__name__, renderer.model, sys.argv[1:], __name__)\n",
+        encoding="utf-8",
+    )
+    finished = subprocess.run(
+        [sys.executable, "-m", "render_client.switch", server.target, "their_trainer", QWEN3, "--steps", "3"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.split(maxsplit=2) == ["Qwen3Renderer", "qwen3", f"['{QWEN3}', '--steps', '3'] __main__\n"]
+    assert f"create_renderer({QWEN3!r}, auto): served by render-server model 'qwen3'" in finished.stderr

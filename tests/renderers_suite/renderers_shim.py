@@ -242,10 +242,10 @@ def _client() -> Any:
         # Each call notes the served model it is for: a renderer made in a fixture
         # counts for every test that calls it.
         _use.calls += 1
-        if isinstance(request, bytes):  # BridgeToNextTurn's, serialised by the client
-            request = pb.BridgeToNextTurnRequest.FromString(request)
-        if getattr(request, "model", ""):
-            _use.served.add(request.model)
+        # BridgeToNextTurn's request comes serialised by the client.
+        message = pb.BridgeToNextTurnRequest.FromString(request) if isinstance(request, bytes) else request
+        if getattr(message, "model", ""):
+            _use.served.add(message.model)
         return call(method, request, timeout)
 
     client._call = counted  # type: ignore[method-assign]
@@ -255,7 +255,11 @@ def _client() -> Any:
 def _remote(model: ServedModel, kwargs: dict[str, Any] | None) -> Any:
     """RenderClient.renderer(model, chat_template_kwargs=kwargs): the remote twin, `config`,
     class and attributes included. Kwargs the renderer refuses raise here, as create_renderer's do."""
-    return _client().renderer(model.id, chat_template_kwargs=kwargs)
+    renderer = _client().renderer(model.id, chat_template_kwargs=kwargs)
+    # Its class, config and attributes are what the server declares (ListModels, DescribeRenderer),
+    # asked once per client: a use of the server even when the answer was already kept.
+    _use.calls += 1
+    return renderer
 
 
 def _make(
