@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import importlib
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -194,15 +195,18 @@ class RemoteRenderer(_ModelCalls):
         # (supports_tools, effective_thinking_retention, ...), or a clear refusal.
         if name.startswith("__") or name in ("client", "model", "chat_template_kwargs", "info"):
             raise AttributeError(name)
-        info = self._info()
-        if name in info.attributes:
-            return copy.deepcopy(info.attributes[name])
         stands_for = getattr(type(self), "stands_for", None)
-        if name in info.unserved_attributes or (stands_for is not None and hasattr(stands_for, name)):
+        known = stands_for is not None and hasattr(stands_for, name)
+        if not name.startswith("_"):  # declared attributes are public: only those ask the server
+            info = self._info()
+            if name in info.attributes:
+                return copy.deepcopy(info.attributes[name])
+            known = known or name in info.unserved_attributes
+        if known:
             raise AttributeError(
                 f"{type(self).__name__}.{name} is not served remotely: this renderer runs on the render"
-                f" server (model {self.model!r}); here it has the protocol methods and the attributes"
-                f" the server declares ({', '.join(sorted(info.attributes)) or 'none'}), not {name!r}"
+                f" server (model {self.model!r}); here it has renderers' protocol methods and the public"
+                " attributes the server declares, nothing that needs the renderer's tokenizer"
             )
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -319,11 +323,23 @@ def renderer_class(name: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
-@functools.cache
 def stand_in_class(base: type[RemoteRenderer], real: type) -> type[RemoteRenderer]:
     """`base`, made a subclass of renderer class `real` (with its name) whose members are
     all shadowed: the protocol by `base`'s, the rest by AttributeError (or the value the
-    server declares for it), so that none runs on the remote object by accident."""
+    server declares for it), so that none runs on the remote object by accident. One class
+    per pair, whichever thread asks first."""
+    with _making_classes:
+        made = _stand_in_classes.get((base, real))
+        if made is None:
+            made = _stand_in_classes[(base, real)] = _stand_in_class(base, real)
+        return made
+
+
+_making_classes = threading.Lock()
+_stand_in_classes: dict[tuple[type, type], type[RemoteRenderer]] = {}
+
+
+def _stand_in_class(base: type[RemoteRenderer], real: type) -> type[RemoteRenderer]:
     namespace: dict[str, object] = {
         "__module__": __name__,
         "__qualname__": real.__qualname__,
