@@ -17,7 +17,7 @@ from typing import TypeVar, overload
 import grpc
 from google.protobuf.message import DecodeError
 
-from .errors import RenderError, error_from_status
+from .errors import RenderError, decode_error_detail, encode_error_detail, error_from_status
 from .jsonvalue import JSONValue, dump_json, load_json
 from .pb import render_pb2 as pb
 from .tensors import decode_multi_modal_data, encode_multi_modal_data
@@ -116,7 +116,12 @@ def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage
 
 def encode_error(error: RenderError) -> pb.Error:
     """A failed request's status, for a result that carries it instead of an answer."""
-    return pb.Error(code=error.code.value[0], message=error.details, error_type=error.error_type or "")
+    return pb.Error(
+        code=error.code.value[0],
+        message=error.details,
+        error_type=error.error_type or "",
+        error_detail_json=encode_error_detail(error.error_detail),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -183,7 +188,9 @@ def _decode_result(
 def decode_error(error: pb.Error) -> RenderError:
     """The RenderError a result's status stands for: the one a unary call would have raised."""
     status = _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
-    return error_from_status(status, error.message, error.error_type or None)
+    return error_from_status(
+        status, error.message, error.error_type or None, decode_error_detail(error.error_detail_json)
+    )
 
 
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
