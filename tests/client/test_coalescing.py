@@ -321,3 +321,38 @@ def test_requests_refused_before_sending_are_refused_as_alone(server: ServerProc
     with RenderClient(server.target, timeout=120) as client, pytest.raises(InvalidArgumentError, match="messages"):
         client.renderer("qwen3").render("not a list")  # type: ignore[arg-type]
     assert threading.active_count() < 100  # no thread left waiting for a batch
+
+
+def test_the_asyncio_renderers_calls_are_coalesced_and_answered_as_alone(
+    server: ServerProcess, alone: RenderClient
+) -> None:
+    # AsyncRenderClient.renderer(model): renderers' protocol awaited, as an asyncio env server calls it.
+    local = reference_renderer("qwen3")
+    work: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+    for conversation in text_conversations():
+        split = turns(conversation)
+        if split is None:
+            continue
+        prompt, rest, answer = split
+        tools = conversation.get("tools")
+        prompt_ids = local.render_ids(prompt, tools=tools, add_generation_prompt=True)
+        completion = local.render_ids(prompt + answer, tools=tools)[len(prompt_ids) :]
+        work.append(("render", (prompt,), {"tools": tools, "add_generation_prompt": True}))
+        work.append(("render_ids", (conversation["messages"],), {"tools": tools}))
+        work.append(("parse_response", (completion,), {"tools": tools, "prompt_ids": prompt_ids}))
+        if rest:
+            work.append(("bridge_to_next_turn", (prompt_ids, completion, rest), {"tools": tools}))
+    plain = alone.renderer("qwen3")
+    expected = [getattr(plain, method)(*args, **kwargs) for method, args, kwargs in work]
+
+    async def run() -> tuple[list[Any], int, int]:
+        async with AsyncRenderClient(server.target, timeout=120) as client:
+            renderer = client.renderer("qwen3")
+            got = await asyncio.gather(*(getattr(renderer, method)(*args, **kwargs) for method, args, kwargs in work))
+            coalescer = client._coalescer
+            assert coalescer is not None
+            return list(got), coalescer.batches_sent, coalescer.calls_sent
+
+    got, batches, calls = asyncio.run(run())
+    assert got == expected
+    assert calls >= len(work) - 1 and batches < calls / 4, (batches, calls)
