@@ -12,7 +12,9 @@ Four parts, in-process and remote side by side in one run, against one
    block by block: turns per second, the env server's CPU per turn, the
    server's CPU per turn (every process under its supervisor), latency p50/p99
    by turn index, and that every turn's results equal the in-process ones.
-   Ratios are taken block beside block, then the median over the rounds.
+   Ratios are taken block beside block, then the median over the rounds. A third
+   process sends every call alone (coalesce_window=None): the client before
+   coalescing, measured in the same rounds.
 2. calls: each call kind alone (render, parse_response, bridge_to_next_turn)
    from R = 64 threads: the env server's CPU per call, remote over in-process.
 3. group: a GRPO group of G = 16 rollouts of one 1024x1024-image prompt,
@@ -64,10 +66,12 @@ def percentile(values: list[float], q: float) -> float:
 class EnvProcess:
     """A bench.rl_env process, in-process (no target) or remote, driven command by command."""
 
-    def __init__(self, model: str, target: str | None) -> None:
+    def __init__(self, model: str, target: str | None, *, coalesce: bool = True) -> None:
         command = [sys.executable, "-m", "bench.rl_env", "--model", model]
         if target is not None:
             command += ["--target", target, "--connections", str(CONNECTIONS)]
+            if not coalesce:
+                command += ["--coalesce-window", "-1"]
         self._process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = json.loads(self._readline())
 
@@ -105,13 +109,15 @@ def env_part(server: ServerProcess, quick: bool) -> tuple[list[dict[str, Any]], 
     rows, call_rows = [], []
     for model in TEXT_MODELS:
         local, remote = EnvProcess(model, None), EnvProcess(model, server.target)
+        alone = EnvProcess(model, server.target, coalesce=False)  # each call on its own, as before Calls
         for threads in THREADS:
-            pairs = []
+            pairs, alone_pairs = [], []
             for _ in range(rounds):
                 anchor = measured(server, local, run="rollouts", threads=threads, seconds=block)
-                service = measured(server, remote, run="rollouts", threads=threads, seconds=block)
-                pairs.append((anchor, service))
+                pairs.append((anchor, measured(server, remote, run="rollouts", threads=threads, seconds=block)))
+                alone_pairs.append((anchor, measured(server, alone, run="rollouts", threads=threads, seconds=block)))
             row = env_row(model, threads, pairs)
+            row["each_call_alone"] = env_row(model, threads, alone_pairs)
             rows.append(row)
             print_env_row(row)
         for kind in KINDS:
@@ -128,8 +134,8 @@ def env_part(server: ServerProcess, quick: bool) -> tuple[list[dict[str, Any]], 
                 f"{' '.join(f'{r:.2f}' for r in row['cpu_ratio_per_round'])}); differences {row['differences']}",
                 flush=True,
             )
-        local.close()
-        remote.close()
+        for env in (local, remote, alone):
+            env.close()
     return rows, call_rows
 
 
@@ -189,6 +195,12 @@ def print_env_row(row: dict[str, Any]) -> None:
         f"x{row['turns_per_s_ratio']:.2f}, server CPU x{row['server_cpu_ratio']:.2f} of in-process | "
         f"differences {local['differences'] + remote['differences']} of {local['turns'] + remote['turns']} turns",
         flush=True,
+    )
+    alone = row["each_call_alone"]
+    print(
+        f"    each call alone (coalesce_window=None): {alone['remote']['turns_per_s']:.0f} turns/s, env CPU "
+        f"x{alone['env_cpu_ratio']:.2f}, turns/s x{alone['turns_per_s_ratio']:.2f}, server CPU "
+        f"x{alone['server_cpu_ratio']:.2f} of in-process; differences {alone['remote']['differences']}"
     )
     turns = [t for t, v in remote["latency_ms_by_turn"].items() if v["n"] >= 20]
     print("    turn          " + " ".join(f"{t:>11}" for t in turns))
