@@ -157,6 +157,8 @@ def env_row(model: str, threads: int, pairs: list[tuple[dict[str, Any], dict[str
             "server_cpu_ms_per_turn": sum(b["server_cpu_seconds"] for b in blocks) / turns * 1e3,
             "bridged_share": sum(b["bridged"] for b in blocks) / turns,
             "differences": sum(b["differences"] for b in blocks),
+            "errors": sum(b.get("errors", 0) for b in blocks),
+            "first_errors": sorted({e for b in blocks for e in b.get("first_errors", [])})[:3],
             "turns": turns,
             "latency_ms_by_turn": {
                 turn + 1: {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)}
@@ -193,14 +195,16 @@ def print_env_row(row: dict[str, Any]) -> None:
         f"{remote['cpu_ms_per_turn']:.2f} ms, server {remote['server_cpu_ms_per_turn']:.2f} ms CPU/turn, "
         f"batches of {remote['batch_mean']:.1f} | env CPU x{row['env_cpu_ratio']:.2f}, turns/s "
         f"x{row['turns_per_s_ratio']:.2f}, server CPU x{row['server_cpu_ratio']:.2f} of in-process | "
-        f"differences {local['differences'] + remote['differences']} of {local['turns'] + remote['turns']} turns",
+        f"differences {local['differences'] + remote['differences']} of {local['turns'] + remote['turns']} turns, "
+        f"errors {local['errors'] + remote['errors']}",
         flush=True,
     )
     alone = row["each_call_alone"]
     print(
         f"    each call alone (coalesce_window=None): {alone['remote']['turns_per_s']:.0f} turns/s, env CPU "
         f"x{alone['env_cpu_ratio']:.2f}, turns/s x{alone['turns_per_s_ratio']:.2f}, server CPU "
-        f"x{alone['server_cpu_ratio']:.2f} of in-process; differences {alone['remote']['differences']}"
+        f"x{alone['server_cpu_ratio']:.2f} of in-process; differences {alone['remote']['differences']}, "
+        f"rollouts ended by an error {alone['remote']['errors']} {alone['remote']['first_errors']}"
     )
     turns = [t for t, v in remote["latency_ms_by_turn"].items() if v["n"] >= 20]
     print("    turn          " + " ".join(f"{t:>11}" for t in turns))

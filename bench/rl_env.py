@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.work import working_set
-from render_client import RenderClient
+from render_client import RenderClient, RenderError
 from tests.reference import reference_renderer
 
 
@@ -130,6 +130,7 @@ def run_rollouts(env: Env, work: list[Rollout], threads: int, seconds: float) ->
     latencies: dict[int, list[float]] = {}
     results: list[tuple[int, int, Any, Any]] = []
     bridged_turns = [0]
+    errors: list[str] = []
     deadline = time.perf_counter() + seconds
 
     def stop() -> bool:
@@ -146,7 +147,11 @@ def run_rollouts(env: Env, work: list[Rollout], threads: int, seconds: float) ->
                     results.append((index, turn, prompt, parsed))
                     bridged_turns[0] += bridged
 
-            play(env, work[index], record, stop)
+            try:
+                play(env, work[index], record, stop)
+            except RenderError as error:  # the rollout ends; counted (each call alone can exceed the server's limit)
+                with lock:
+                    errors.append(f"{type(error).__name__}: {error}")
 
     pool = [threading.Thread(target=worker) for _ in range(threads)]
     cpu, started = time.process_time(), time.perf_counter()
@@ -157,6 +162,8 @@ def run_rollouts(env: Env, work: list[Rollout], threads: int, seconds: float) ->
     return {
         "turns": len(results),
         "bridged": bridged_turns[0],
+        "errors": len(errors),
+        "first_errors": sorted(set(errors))[:3],
         "seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - cpu,
         "latencies_ms": {str(turn): values for turn, values in sorted(latencies.items())},
