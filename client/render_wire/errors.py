@@ -21,6 +21,11 @@ import grpc
 # Trailing-metadata key naming the Python exception type a renderer raised.
 ERROR_TYPE_KEY = "render-error-type"
 
+# The most UTF-8 bytes of details an error carries. gRPC sends them percent-encoded in a
+# header and refuses headers past 8-16 KiB, answering RESOURCE_EXHAUSTED in their place; a
+# message that echoes its input (a 100 KiB model id) would be replaced by that.
+MAX_DETAILS_BYTES = 1024
+
 
 class RenderError(Exception):
     """An error render-service answered with (or the client caught first).
@@ -39,6 +44,7 @@ class RenderError(Exception):
     http_status: int = 500
 
     def __init__(self, details: str, *, error_type: str | None = None) -> None:
+        details = bounded(details)
         super().__init__(details)
         self.details = details
         # The exception type the renderer raised, e.g. "ValueError"; None when the
@@ -123,6 +129,28 @@ _BY_CODE: dict[grpc.StatusCode, type[RenderError]] = {
         CallCancelledError,
     )
 }
+
+
+def bounded(details: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """`details` if it fits in `limit` UTF-8 bytes, else its start and its end around a marker
+    saying how much was cut: the field a message names comes first and the limit or the
+    choices it states come last, so an echoed value in between is what gets cut."""
+    if len(details) <= limit // 4:  # fits whatever its characters
+        return details
+    size = len(details.encode("utf-8", "surrogatepass"))
+    if size <= limit:
+        return details
+    head = _prefix(details, limit * 5 // 8)
+    tail = _prefix(details[::-1], limit * 2 // 8)[::-1]
+    return f"{head}[...{len(details) - len(head) - len(tail)} characters cut...]{tail}"
+
+
+def _prefix(text: str, size: int) -> str:
+    """The longest start of `text` of at most `size` UTF-8 bytes."""
+    prefix = text[:size]
+    while len(prefix.encode("utf-8", "surrogatepass")) > size:
+        prefix = prefix[: -max(1, (len(prefix.encode("utf-8", "surrogatepass")) - size) // 4)]
+    return prefix
 
 
 def invalid(field: str, problem: str) -> InvalidArgumentError:
