@@ -185,7 +185,7 @@ def _decode_tensor(data: memoryview, budget: TensorBudget | None = None, where: 
     except RenderError:  # past the budget
         raise
     except (TypeError, ValueError, OverflowError) as exc:
-        raise RenderError(f"malformed tensor in response (dtype {tensor.dtype!r}): {exc}") from None
+        raise RenderError(f"malformed tensor (dtype {tensor.dtype!r}): {exc}") from None
     if array.nbytes < _SHARE_FROM_BYTES or not array.flags.aligned:
         # A small view would keep a whole response alive; an unaligned one slows
         # numpy and is refused by some consumers. Those are copied, read-only alike.

@@ -201,6 +201,8 @@ class RenderProcessProxy:
                         self._head_started = time.monotonic()  # the next call's render starts now
                 if answers is not None:  # else: the caller left
                     answers.put(Answer(_CODES[code], body, last, next_index))
+                # Not held while waiting for the next answer: an answer can be hundreds of MiB of pixels.
+                del body
         except (OSError, EOFError):
             pass  # the render process is gone, or we are closing
         except Exception:

@@ -124,11 +124,15 @@ class JsonCalls:
             raise invalid("request", "JSON nested too deeply") from None
         except ValueError as exc:
             raise invalid("request", f"not valid JSON ({exc})") from None
+        if type(values) is not dict:
+            raise invalid("request", f"must be a JSON object, not {type(values).__name__}")
         message = request_class()
         try:
             json_format.ParseDict(values, message)
         except json_format.ParseError as exc:
             raise invalid("request", str(exc).splitlines()[0] if str(exc) else "not a valid request") from None
+        except Exception as exc:  # what json_format.Parse would have wrapped as a ParseError
+            raise invalid("request", f"{type(exc).__name__}: {exc}") from None
         return message
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from render_wire.errors import InvalidArgumentError, invalid
 from render_wire.pb import render_pb2 as pb
 from render_wire.requests import Conversation, RenderArguments
-from render_wire.wireformat import TooManyValues, WireFormatError, count_fields
+from render_wire.wireformat import Census, TooManyValues, WireFormatError, count_values
 
 MiB = 1024 * 1024
 
@@ -95,78 +95,84 @@ def check_ids(field: str, count: int, limits: Limits) -> None:
         raise _too_many(_IDS, field, count, limits)
 
 
+def check_batch(requests: int, field: str, limits: Limits) -> None:
+    if requests > limits.max_batch_requests:
+        raise _too_many(_REQUESTS, field, requests, limits)
+
+
 # -- before a request is parsed -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Counted:
-    """What a counted field holds and the limit on how many."""
+    """A field with a limit of its own on how many values it holds."""
 
     unit: str  # e.g. "token ids"
     limit: Callable[[Limits], int]
     flag: str
-    packed: bool = False  # a packed repeated int field (else: one value per occurrence)
 
 
-_IDS = _Counted("token ids", lambda limits: limits.max_tokens, "--max-tokens", packed=True)
+_IDS = _Counted("token ids", lambda limits: limits.max_tokens, "--max-tokens")
 _MESSAGES = _Counted("messages", lambda limits: limits.max_messages, "--max-messages")
 _REQUESTS = _Counted("requests", lambda limits: limits.max_batch_requests, "--max-batch-requests")
-_TOKEN_IDS = pb.TokenIds.IDS_FIELD_NUMBER
 
-
-def _fields(message_class: Any, **counted: _Counted) -> dict[int, tuple[str, _Counted]]:
-    return {message_class.DESCRIPTOR.fields_by_name[name].number: (name, what) for name, what in counted.items()}
-
-
-# Per request message, its fields a limit bounds. prompt_ids is a TokenIds message: its ids are counted.
-_COUNTED: dict[type, dict[int, tuple[str, _Counted]]] = {
-    pb.RenderTrainingSampleRequest: _fields(pb.RenderTrainingSampleRequest, messages=_MESSAGES),
-    pb.RenderRequest: _fields(pb.RenderRequest, messages=_MESSAGES),
-    pb.ParseResponseRequest: _fields(pb.ParseResponseRequest, token_ids=_IDS, prompt_ids=_IDS),
-    pb.BridgeToNextTurnRequest: _fields(
-        pb.BridgeToNextTurnRequest, previous_prompt_ids=_IDS, previous_completion_ids=_IDS, new_messages=_MESSAGES
-    ),
-    pb.RenderTrainingSamplesRequest: _fields(pb.RenderTrainingSamplesRequest, requests=_REQUESTS),
-    pb.RendersRequest: _fields(pb.RendersRequest, requests=_REQUESTS),
+# The fields a limit of their own bounds, by full name, and how errors name them.
+_COUNTED: dict[str, tuple[str, _Counted]] = {
+    **{
+        f"render.v1.{name}.messages": ("messages", _MESSAGES)
+        for name in ("RenderTrainingSampleRequest", "RenderRequest")
+    },
+    "render.v1.BridgeToNextTurnRequest.new_messages": ("new_messages", _MESSAGES),
+    "render.v1.ParseResponseRequest.token_ids": ("token_ids", _IDS),
+    "render.v1.TokenIds.ids": ("prompt_ids", _IDS),  # ParseResponseRequest.prompt_ids's
+    "render.v1.BridgeToNextTurnRequest.previous_prompt_ids": ("previous_prompt_ids", _IDS),
+    "render.v1.BridgeToNextTurnRequest.previous_completion_ids": ("previous_completion_ids", _IDS),
+    **{
+        f"render.v1.{name}.requests": ("requests", _REQUESTS)
+        for name in ("RenderTrainingSamplesRequest", "RendersRequest")
+    },
 }
-_NESTED_IDS = {pb.ParseResponseRequest.PROMPT_IDS_FIELD_NUMBER}
+# A batch's requests are counted here, and each one's contents as it is taken (pipeline.py).
+_BATCHED = frozenset({"render.v1.RenderTrainingSamplesRequest.requests", "render.v1.RendersRequest.requests"})
 
 # Smaller requests are parsed and then counted: upb spends at most ~75 x their size on them.
 COUNT_FROM_BYTES = 64 * 1024
 
 
+def max_values(limits: Limits) -> int:
+    """The most values (sub-messages, strings, numbers but token ids) one request may hold:
+    64 a message on average, at --max-messages; each request of a batch is counted alone."""
+    return 64 * limits.max_messages
+
+
 def check_counts(
     message_class: Any, data: memoryview, limits: Limits, check: Callable[[], None] = lambda: None
 ) -> None:
-    """Refuse a request whose token id lists, messages or batched requests are past their limits,
-    counted on its wire bytes before it is parsed (`check` raises once the call is over).
+    """Refuse a request past its limits on values, counted on its wire bytes before upb parses it:
+    token ids, messages and batched requests each against their own limit, and everything it
+    holds against `max_values` (`check` runs as it goes, raising once the call is over).
 
     A malformed request is INVALID_ARGUMENT, as upb's refusal would be.
     """
-    counted = _COUNTED.get(message_class)
-    if not counted or len(data) < COUNT_FROM_BYTES:
+    if len(data) < COUNT_FROM_BYTES:
         return
-    limit = {number: what.limit(limits) for number, (_, what) in counted.items()}
-    packed = {number for number, (_, what) in counted.items() if what.packed and number not in _NESTED_IDS}
+    census = Census(
+        most=max_values(limits),
+        limits={name: what.limit(limits) for name, (_, what) in _COUNTED.items()},
+        opaque=_BATCHED,
+        check=check,
+    )
     try:
-        try:
-            counts = count_fields(data, limit, packed=packed, check=check)
-        except TooManyValues as exc:
-            name, what = counted[exc.number]
+        count_values(data, message_class.DESCRIPTOR, census)
+    except TooManyValues as exc:
+        if exc.limit is not None:
+            name, what = _COUNTED[exc.limit]
             raise _too_many(what, name, exc.values, limits, exact=exc.exact) from None
-        for number in _NESTED_IDS & counted.keys():
-            name, what = counted[number]
-            try:
-                ids = sum(
-                    count_fields(payload, {_TOKEN_IDS: limit[number]}, packed={_TOKEN_IDS}, check=check)[
-                        _TOKEN_IDS
-                    ].values
-                    for payload in counts[number].payloads
-                )
-            except TooManyValues as exc:
-                raise _too_many(what, name, exc.values, limits, exact=False) from None
-            if ids > limit[number]:
-                raise _too_many(what, name, ids, limits)
+        raise invalid(
+            exc.field,
+            f"more values than the limit of {census.most} in one request (sub-messages, strings, numbers "
+            f"other than token ids: 64 x --max-messages {limits.max_messages})",
+        ) from None
     except WireFormatError as exc:
         raise InvalidArgumentError(
             f"request: not a valid {message_class.DESCRIPTOR.full_name} protobuf message ({exc})"
@@ -175,8 +181,9 @@ def check_counts(
 
 def _too_many(what: _Counted, field: str, count: int, limits: Limits, exact: bool = True) -> InvalidArgumentError:
     most = what.limit(limits)
-    amount = str(count) if exact else f"more than {most}"
-    return invalid(field, f"{amount} {what.unit} exceed the limit of {most} ({what.flag})")
+    if not exact:  # counting stopped at the first past the limit
+        return invalid(field, f"more {what.unit} than the limit of {most} ({what.flag})")
+    return invalid(field, f"{count} {what.unit} exceed the limit of {most} ({what.flag})")
 
 
 def check_text_before_decode(request: Any, request_bytes: int, limits: Limits) -> None:
@@ -191,7 +198,7 @@ def check_text_before_decode(request: Any, request_bytes: int, limits: Limits) -
         return
     if isinstance(request, (pb.ParseResponseRequest, pb.DescribeRendererRequest)):
         for field in ("tools_json", "chat_template_kwargs_json"):
-            if request.HasField(field):
+            if field in request.DESCRIPTOR.fields_by_name and request.HasField(field):
                 check_text_bytes(len(getattr(request, field).encode()), field, limits)
         return
     field = "new_messages" if isinstance(request, pb.BridgeToNextTurnRequest) else "messages"

@@ -50,6 +50,7 @@ from render_wire.wireformat import WireFormatError, WireMessage, split_field
 from .handoff import Answer, Kind, Request
 from .limits import (
     Limits,
+    check_batch,
     check_counts,
     check_ids,
     check_request,
@@ -290,6 +291,7 @@ class RenderPipeline:
             raise InvalidArgumentError(
                 f"{where}: not a valid {batch_class.DESCRIPTOR.full_name} protobuf message"
             ) from None
+        check_batch(len(items), where, self._limits)  # a small batch is not counted before (check_counts)
         return items
 
 

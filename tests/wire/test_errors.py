@@ -9,6 +9,8 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from render_client import RenderClient, SampleRequest
 from render_client.aio import AsyncRenderClient
@@ -159,3 +161,27 @@ def test_a_failed_call_s_error_is_reachable_though_raised_from_none(server: Serv
         asyncio.run(render_async())
     rpc_error = raised.value.rpc_error
     assert isinstance(rpc_error, grpc.RpcError) and rpc_error.code() == grpc.StatusCode.NOT_FOUND
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=50), st.text(min_size=0, max_size=5000), st.text(max_size=50))
+def test_details_are_bounded_keeping_their_start_and_end(start: str, echoed: str, end: str) -> None:
+    details = f"{start}{echoed}{end}"
+    error = InvalidArgumentError(details)
+    size = len(error.details.encode("utf-8", "surrogatepass"))
+    assert size <= errors.MAX_DETAILS_BYTES
+    if len(details.encode("utf-8", "surrogatepass")) <= errors.MAX_DETAILS_BYTES:
+        assert error.details == details
+    else:  # the field named first and the limit stated last stay; the middle is cut, and says so
+        assert error.details.startswith(start) and error.details.endswith(end)
+        assert "characters cut...]" in error.details
+    assert str(error) == error.details
+    assert pickle.loads(pickle.dumps(error)).details == (error.details or "INVALID_ARGUMENT")
+
+
+def test_an_echoed_model_id_leaves_the_field_and_the_choices() -> None:
+    error = ModelNotFoundError(f"model: no model {'x' * 100_000!r} (this server has qwen3, qwen3-vl)")
+    assert error.details.startswith("model: no model 'xxx") and error.details.endswith(
+        "(this server has qwen3, qwen3-vl)"
+    )
+    assert "[...99" in error.details and len(error.details) < 1024
