@@ -326,6 +326,7 @@ class Inbox:
                     else:
                         self._waiting.append(Request(call_id, Kind(kind), received, deadline, first_index, body))
                     self._changed.notify()
+                del body  # not held while waiting for the next frame: a request can be 64 MiB
         except (OSError, EOFError):
             pass
         except Exception:
@@ -373,8 +374,9 @@ def serve_renders(
             if part.last:
                 break
         inbox.done(request)
-        # Not kept until the next request comes: an answer can hold hundreds of MiB of pixels.
-        del parts
+        # Not kept until the next request comes: an answer can hold hundreds of MiB of pixels,
+        # a request 64 MiB.
+        del parts, request
         part = None
 
 

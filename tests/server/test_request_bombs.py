@@ -25,7 +25,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from render_wire.pb import render_pb2 as pb
 from render_wire.wireformat import varint
 from tests.methods import METHODS, Method, call, call_batch
-from tests.server.test_image_bombs import memory_growth_mib
+from tests.server.test_image_bombs import memory_growth_mib, status_kib
 from tests.server.test_workers import cpu_seconds
 from tests.support import ServerProcess
 
@@ -126,11 +126,15 @@ def refused_cheaply(server: ServerProcess, send: Callable[[], tuple[grpc.StatusC
 def test_the_issue_s_bombs_are_refused_cheaply(server: ServerProcess, channel: grpc.Channel, case: str) -> None:
     name, make, deadline, expected = ISSUE_BOMBS[case]
     data = make()
+    resident = {pid: status_kib(pid, "VmRSS") for pid in server.render_processes()}
     refused_cheaply(server, lambda: call(channel, METHODS[name], data, timeout=deadline), expected)
     # No work goes on behind the answer (zero rows of 2**24 copies kept a core busy 15 s past its deadline).
     busy = {pid: cpu_seconds(pid) for pid in server.render_processes()}
     time.sleep(1.0)
     assert all(cpu_seconds(pid) - busy[pid] < 0.5 for pid in busy), busy
+    # Nor is the request kept once refused (an error's traceback held its bytes until the next GC).
+    kept = {pid: (status_kib(pid, "VmRSS") - resident[pid]) / 1024 for pid in resident}
+    assert max(kept.values()) < 16, kept
     method = METHODS[name]
     assert call(channel, method, method.example.SerializeToString()) == (grpc.StatusCode.OK, "")
     assert "Traceback" not in server.log()
