@@ -236,6 +236,12 @@ HOSTILE: dict[str, tuple[Callable[[Any], Any | None], grpc.StatusCode, str, bool
         "chat_template_kwargs: Unsupported chat_template_kwargs for 'qwen3': ['kkkkk",
         True,
     ),
+    "a 100 KiB value for a renderer option": (  # pydantic's refusal echoes it, and its errors go in a trailer
+        lambda request: _with(request, chat_template_kwargs_json=json.dumps({"enable_thinking": "x" * BIG})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chat_template_kwargs.enable_thinking: Input should be a valid boolean, unable to interpret input (got 'xxx",
+        True,
+    ),
     "tools nested 100000 deep": (
         lambda request: _with(request, tools_json="[" * BIG + "]" * BIG),
         grpc.StatusCode.INVALID_ARGUMENT,
