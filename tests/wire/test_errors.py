@@ -246,3 +246,19 @@ def test_pydantic_s_validation_error_is_rebuilt_with_its_errors() -> None:
         assert str(error) == "chat_template_kwargs.enable_thinking: x" and error.details == str(error)
     # Without the detail (an older server), a plain InvalidArgumentError: still a ValueError.
     assert type(error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "x", error_type)) is InvalidArgumentError
+
+
+def test_an_error_detail_that_echoes_its_input_is_cut_to_fit_its_trailer() -> None:
+    detail = {
+        "title": "Config",
+        "errors": [{"type": "bool_parsing", "loc": ["enable_thinking"], "input": "x" * 100_000}],
+    }
+    error = InvalidArgumentError("x", error_type="ValidationError", error_detail=detail)
+    assert error.error_detail is not None
+    assert len(errors.encode_error_detail(error.error_detail)) <= errors.MAX_ERROR_DETAIL_BYTES
+    assert error.error_detail["errors"][0]["loc"] == ["enable_thinking"]
+    assert "characters cut...]" in error.error_detail["errors"][0]["input"]
+    small = {"title": "Config", "errors": [{"type": "bool_parsing", "loc": ["a"], "input": "y"}]}
+    assert InvalidArgumentError("x", error_detail=small).error_detail == small  # untouched
+    many = {"title": "Config", "errors": [{"loc": [str(n)], "input": "z" * 300} for n in range(100)]}
+    assert InvalidArgumentError("x", error_detail=many).error_detail is None  # no room even cut: left out
