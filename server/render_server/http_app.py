@@ -1,6 +1,6 @@
 """The HTTP port, served by uvicorn in a process of its own beside the gRPC workers.
 
-    GET  /healthz                   200 while the process runs
+    GET  /healthz                   200 while the supervisor and every worker are alive (status.py), else 503
     GET  /readyz                    200 when every worker serves and the server is not draining, else 503
     GET  /metrics                   Prometheus text, all processes added up
     POST /v1/render_training_sample a RenderTrainingSampleRequest in the protobuf JSON mapping;
@@ -89,7 +89,8 @@ class HttpApp:
             return
         route = (scope["method"], scope["path"])
         if route == ("GET", "/healthz"):
-            await _respond(send, 200, b"ok\n")
+            alive, reason = self._status.liveness()
+            await _respond(send, 200 if alive else 503, (reason + "\n").encode())
         elif route == ("GET", "/readyz"):
             ready, reason = self._status.readiness()
             await _respond(send, 200 if ready else 503, (reason + "\n").encode())
@@ -135,16 +136,16 @@ class HttpApp:
                 ),
             )
             return
-        request = route.request_class()
-        try:
-            json_format.Parse(body, request)
-        except (json_format.ParseError, UnicodeDecodeError) as exc:
-            message = str(exc).splitlines()[0] if str(exc) else "not valid JSON"
-            await _error(send, InvalidArgumentError(f"request: {message}"))
-            return
         method = f"http:{route.method}"  # its label in the metrics
 
         def render_to_json() -> str:
+            # Parsed here, off the event loop: a large body takes a while, and /healthz and /readyz must not wait.
+            request = route.request_class()
+            try:
+                json_format.Parse(body, request)
+            except (json_format.ParseError, UnicodeDecodeError) as exc:
+                message = str(exc).splitlines()[0] if str(exc) else "not valid JSON"
+                raise InvalidArgumentError(f"request: {message}") from None
             with IN_FLIGHT.labels(method).track_inprogress():
                 if route.kind is None:
                     answer = encode_response(self._pipeline.render(request, method=method))

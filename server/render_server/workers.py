@@ -42,7 +42,7 @@ from .http_app import HttpApp, serve_http
 from .pipeline import RenderPipeline, as_render_error
 from .registry import ModelRegistry
 from .server import ServerOptions, start_server
-from .status import SharedStatus
+from .status import BEAT_INTERVAL, SharedStatus
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class Supervisor:
         """
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
+        self.status.beat_supervisor()
         # The loaded models live as long as the process: keep them out of the
         # garbage collector's passes, which would otherwise walk them again and
         # again while renders allocate, and would dirty the pages children share.
@@ -129,13 +130,16 @@ class Supervisor:
             if not _wait_readable(ready.fileno(), _READY_TIMEOUT) or ready.read(1) != b"1":
                 raise RuntimeError(f"{_name(slot)} did not start (pid {pid})")
         self._children[pid] = _Child(slot=slot, pid=pid, started=time.monotonic())
+        if slot != HTTP:
+            self.status.beat(slot)  # it beats on its own from now on
         self._update_status()
         log.info("%s serving (pid %d)", _name(slot), pid)
 
     def _serve_child(self, slot: int | str, ready_fd: int) -> int:
         if slot == HTTP:
             return self._serve_http(ready_fd)
-        return _serve_worker(self._registry, self._options, self._grace, ready_fd)
+        assert isinstance(slot, int)
+        return _serve_worker(self._registry, self._options, self._grace, ready_fd, lambda: self.status.beat(slot))
 
     def _serve_http(self, ready_fd: int) -> int:
         assert self._http_socket is not None  # SIGTERM: uvicorn installs its own handler
@@ -154,6 +158,7 @@ class Supervisor:
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):
+            self.status.beat_supervisor()
             for pid, status in _reaped():
                 child = self._children.pop(pid, None)
                 if child is not None:
@@ -193,6 +198,7 @@ class Supervisor:
         deadline = time.monotonic() + self._grace + 10
         failed = False
         while waiting and time.monotonic() < deadline:
+            self.status.beat_supervisor()
             for pid, status in _reaped():
                 child = self._children.pop(pid, None)
                 if child is not None:
@@ -213,8 +219,13 @@ class Supervisor:
         return failed
 
 
-def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float, ready_fd: int) -> int:
-    """A worker: its render processes, forked first (gRPC must not start before a fork), then its gRPC server."""
+def _serve_worker(
+    registry: ModelRegistry, options: ServerOptions, grace: float, ready_fd: int, beat: Callable[[], None]
+) -> int:
+    """A worker: its render processes, forked first (gRPC must not start before a fork), then its gRPC server.
+
+    `beat` says the worker is alive (status.py); a thread of its own calls it, never a handler thread.
+    """
     worker = os.getpid()
     pids: list[int] = []
     grpc_ends: list[socket.socket] = []
@@ -249,6 +260,7 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
     running = start_server(registry, renders, replace(options, reuse_port=True))
     os.write(ready_fd, b"1")
     os.close(ready_fd)
+    threading.Thread(target=_beat_forever, args=(beat,), name="heartbeat", daemon=True).start()
     stop.wait()
     # Health goes NOT_SERVING first so balancers stop sending, then new calls are
     # refused and in-flight ones get `grace` seconds to finish.
@@ -265,6 +277,13 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
                 log.error("worker %d: its render process (pid %d) died: %s", worker, pid, _describe(status))
         return 1
     return 0
+
+
+def _beat_forever(beat: Callable[[], None]) -> None:
+    # Until the process exits, draining included: silence means stuck, not busy.
+    while True:
+        beat()
+        time.sleep(BEAT_INTERVAL)
 
 
 def _serve_render_process(pipeline: RenderPipeline, sock: socket.socket, worker: int) -> None:
