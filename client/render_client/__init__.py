@@ -29,6 +29,7 @@ from render_wire.types import (
 
 from .channel import target_for, tls_credentials
 from .client import RenderClient, build_training_sample
+from .consistency import ReplicaMismatchError
 from .fingerprint import tokenizer_fingerprint
 from .renderer import RemoteMultimodalRenderer, RemoteRenderer
 
@@ -46,6 +47,7 @@ __all__ = [
     "RenderClient",
     "RenderError",
     "RenderedTrainingSample",
+    "ReplicaMismatchError",
     "ResourceExhaustedError",
     "SampleRequest",
     "ServerModels",

@@ -20,6 +20,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from render_wire.compact import materialize_all
 from render_wire.errors import CallCancelledError, RenderError, error_from_rpc
+from render_wire.identity import decode_identity
 from render_wire.models import decode_models
 from render_wire.pb import render_pb2 as pb
 from render_wire.requests import encode_sample_request
@@ -28,6 +29,7 @@ from render_wire.types import RenderedTrainingSample, SampleRequest, ServerModel
 
 from .async_streams import CALL_CANCELLED, cancelled_by_grpc, render_many
 from .channel import ChannelOptions, Connection, deadline_for, remaining
+from .consistency import Pins
 from .renderer import RemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 
@@ -55,6 +57,7 @@ class AsyncRenderClient:
         )
         self._timeout = timeout
         self._compact_tensors = compact_tensors
+        self._pins = Pins()  # each model's fingerprint as the first replica to answer declared it
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
         """A handle on a server model, to pass to `build_training_sample`."""
@@ -62,17 +65,26 @@ class AsyncRenderClient:
 
     async def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
-        sample = decode_response(await self._call("RenderTrainingSample", encode_sample_request(request), timeout))
+        sample = decode_response(
+            await self._call("RenderTrainingSample", encode_sample_request(request), timeout, request.model)
+        )
         return sample if self._compact_tensors else materialize_all(sample)
 
-    async def _call(self, method: str, request: ProtoMessage, timeout: float | None) -> Any:
-        """A unary call of `method`, resent while the server is restarting or going away (as RenderClient's)."""
+    async def _call(self, method: str, request: ProtoMessage, timeout: float | None, model: str | None = None) -> Any:
+        """A unary call of `method`, resent while the server is restarting or going away (as RenderClient's);
+        the answer about `model` checked against the replicas that answered before (consistency.py)."""
         deadline = deadline_for(timeout or self._timeout)
         attempt = 0
         while True:
             try:
                 stub = getattr(self._connection.next_stub(), method)
-                return await stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
+                call = stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
+                response = await call
+                if model is not None:
+                    mismatch = self._pins.check(model, decode_identity(await call.trailing_metadata()))
+                    if mismatch is not None:
+                        raise mismatch
+                return response
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             except asyncio.CancelledError:
@@ -123,6 +135,7 @@ class AsyncRenderClient:
             timeout=timeout,
             metadata=self._connection.metadata,
             return_exceptions=return_exceptions,
+            check=self._pins.check,
         )
         return results if self._compact_tensors else _materialized(results)
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config, unpinned_sources
 from .image_cache import DEFAULT_IMAGE_CACHE_MB, return_large_frees_to_the_os
 from .limits import Limits, MiB
 
@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="gRPC message compression of answers; gzip shrinks compact pixel tensors to ~0.3-0.8x of their "
         "size at ~100-200 ms of server time per 1024x1024 image (default: %(default)s)",
+    )
+    add(
+        "--allow-unpinned-revisions",
+        action="store_true",
+        help="load hub models whose revision is a branch or tag (or none: 'main'), with a warning; by default "
+        "only commit ids, so that replicas started at different times load the same files",
     )
     add("--log-level", default="INFO", help="logging level (default: %(default)s)")
     add(
@@ -194,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return_large_frees_to_the_os()  # so that evicted images leave RSS (image_cache.py)
         try:
-            registry = ModelRegistry.load(load_config(args.config), image_cache_bytes=int(args.image_cache_mb * MiB))
+            configs = load_config(args.config)
+            unpinned = unpinned_sources(configs)
+            if unpinned and not args.allow_unpinned_revisions:
+                raise ConfigError(f"{unpinned[0]} (pin a commit, or pass --allow-unpinned-revisions)")
+            for source in unpinned:
+                log.warning("%s: replicas started at other times may load other files under this id", source)
+            registry = ModelRegistry.load(configs, image_cache_bytes=int(args.image_cache_mb * MiB))
         except ConfigError as exc:
             log.error("bad model registry: %s", exc)
             return 2

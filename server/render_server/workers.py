@@ -130,7 +130,7 @@ class Supervisor:
             if not _wait_readable(ready.fileno(), _READY_TIMEOUT) or ready.read(1) != b"1":
                 raise RuntimeError(f"{_name(slot)} did not start (pid {pid})")
         self._children[pid] = _Child(slot=slot, pid=pid, started=time.monotonic())
-        if slot != HTTP:
+        if isinstance(slot, int):  # a worker
             self.status.beat(slot)  # it beats on its own from now on
         self._update_status()
         log.info("%s serving (pid %d)", _name(slot), pid)
