@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -158,6 +159,12 @@ class _WithoutTorchNotice(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First of all: loading the models takes seconds to minutes, and a stop meanwhile must not wait
+    # it out (in a container the server is PID 1, which the kernel sends no signal it has no handler
+    # for: a pod deleted while loading would sit out its whole grace period). The supervisor
+    # installs its own handlers once every model is loaded.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_while_starting)
     # Before anything imports transformers (the registry does, below); forked processes inherit it.
     logging.getLogger("transformers").addFilter(_WithoutTorchNotice())
     args = parse_args(argv)
@@ -232,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
 
         supervisor = Supervisor(registry, options, workers=args.workers, grace=args.grace, http_socket=http_socket)
         return supervisor.run(on_ready)
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:
+    """Stop at once: nothing is served yet, so there is nothing to drain."""
+    log.info("%s while starting: stopping", signal.Signals(signum).name)
+    raise SystemExit(128 + signum)  # as if the signal had ended the process, after the cleanups ran
 
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
