@@ -138,8 +138,9 @@ class HttpApp:
             return
         method = f"http:{route.method}"  # its label in the metrics
 
-        def render_to_json() -> str:
-            # Parsed here, off the event loop: a large body takes a while, and /healthz and /readyz must not wait.
+        def render_to_json() -> bytes:
+            # Off the event loop, parsing and encoding included: a large body or answer takes a while,
+            # and /healthz and /readyz must not wait.
             request = route.request_class()
             try:
                 json_format.Parse(body, request)
@@ -152,14 +153,14 @@ class HttpApp:
                 else:
                     answer = self._pipeline.call(route.kind, request.SerializeToString(), method=method)
             response = route.response_class.FromString(answer)
-            return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
+            return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None).encode()
 
         try:
-            text = await asyncio.get_running_loop().run_in_executor(self._renders, render_to_json)
+            answer = await asyncio.get_running_loop().run_in_executor(self._renders, render_to_json)
         except RenderError as exc:
             await _error(send, exc)
             return
-        await _respond(send, 200, text.encode(), "application/json")
+        await _respond(send, 200, answer, "application/json")
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -183,6 +184,9 @@ async def _error(send: Send, error: RenderError) -> None:
     await _respond(send, error.http_status, json.dumps(body).encode(), "application/json")
 
 
+_PIECE = 1 << 20  # bytes of an answer handed to the server at once
+
+
 async def _respond(
     send: Send,
     status: int,
@@ -194,10 +198,18 @@ async def _respond(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type.encode()), *(headers or [])],
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    # In pieces: a JSON answer with pixel tensors runs to hundreds of MiB, which TLS encrypts on the
+    # event loop; between pieces (and while the client catches up) the loop answers health probes.
+    for start in range(0, len(body), _PIECE):
+        await send({"type": "http.response.body", "body": body[start : start + _PIECE], "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def serve_http(app: HttpApp, sock: socket.socket, tls: TlsFiles | None, grace: float) -> None:
