@@ -82,7 +82,7 @@ class Pod:
     """A replica as the endpoints controller sees it: its ports, whether it is going away, its probes."""
 
     grpc_port: int
-    http_port: int
+    health_port: int  # where its probes go (--health-port)
     terminating: bool = False
     not_ready: int = 0  # probes that failed
     ready_at: float | None = None  # when a probe first passed
@@ -111,7 +111,7 @@ def test_a_replica_replaced_under_load_costs_no_call(tmp_path: Path) -> None:
         while not stop.wait(0.2):  # the probe's period, scaled down
             ready = []
             for pod in list(pods.values()):
-                if run_probe(readiness, "127.0.0.1", pod.http_port).success:
+                if run_probe(readiness, "127.0.0.1", pod.health_port).success:
                     pod.ready_at = pod.ready_at or time.monotonic()
                     ready.append(pod)
                 else:
@@ -119,9 +119,11 @@ def test_a_replica_replaced_under_load_costs_no_call(tmp_path: Path) -> None:
             relay.endpoints = [f"127.0.0.1:{pod.grpc_port}" for pod in ready if not pod.terminating]
 
     controller = threading.Thread(target=endpoints_controller, daemon=True)
-    with running_server("--workers", "1", "--config", str(old_registry), "--grace", "30") as old:
-        assert old.http_port is not None
-        pods["old"] = Pod(old.port, old.http_port)
+    old_health = free_port()
+    with running_server(
+        "--workers", "1", "--config", str(old_registry), "--grace", "30", "--health-port", str(old_health)
+    ) as old:
+        pods["old"] = Pod(old.port, old_health)
         controller.start()
         while relay.endpoints != [old.target]:
             time.sleep(0.1)
@@ -135,10 +137,10 @@ def test_a_replica_replaced_under_load_costs_no_call(tmp_path: Path) -> None:
         )
         streaming.start()
         time.sleep(2)
-        new_grpc, new_http = free_port(), free_port()
-        pods["new"] = Pod(new_grpc, new_http)  # probed from now on, while it loads
+        new_grpc, new_health = free_port(), free_port()
+        pods["new"] = Pod(new_grpc, new_health)  # probed from now on, while it loads
         with running_server(
-            "--workers", "1", "--config", str(new_registry), "--port", str(new_grpc), "--http-port", str(new_http)
+            "--workers", "1", "--config", str(new_registry), "--port", str(new_grpc), "--health-port", str(new_health)
         ) as new:
             while f"127.0.0.1:{new.port}" not in relay.endpoints:
                 time.sleep(0.1)

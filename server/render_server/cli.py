@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--http-host", help="HTTP address (health, metrics, JSON render); default: --host")
     add("--http-port", type=int, default=8080, help="HTTP port; 0 picks a free one (default: %(default)s)")
     add("--no-http", action="store_true", help="serve no HTTP port")
+    add(
+        "--health-port",
+        type=int,
+        help="serve /healthz and /readyz alone on this port (on --http-host), plaintext, from a process of their "
+        "own that renders never slow: for probes (default: none; the HTTP port answers them too)",
+    )
     add("--workers", type=int, default=available_cpus(), help="worker processes, one per core (default: %(default)s)")
     add("--threads", type=int, default=32, help="handler threads per worker; a stream holds one (default: %(default)s)")
     add(
@@ -202,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             # Hold the ports first: a clash fails at once, not after loading the models.
             port = stack.enter_context(reserved_port(args.host, args.port))
             http_socket = None if args.no_http else stack.enter_context(listening_socket(http_host, args.http_port))
+            health_socket = (
+                None if args.health_port is None else stack.enter_context(listening_socket(http_host, args.health_port))
+            )
         except OSError as exc:
             log.error("cannot listen: %s", exc.strerror or exc)
             return 2
@@ -231,13 +240,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         models = ", ".join(model.id for model in registry.describe().models)
         http = "" if http_socket is None else f" http {http_host}:{http_socket.getsockname()[1]}"
+        if health_socket is not None:
+            http += f" health {http_host}:{health_socket.getsockname()[1]}"
 
         def on_ready() -> None:
             # Tests and scripts wait for this line: every process is loaded and listening.
             print(f"render-server listening on {args.host}:{port}{http} with models {models}", flush=True)
             log.info("ready in %.1fs with %d workers", time.perf_counter() - started, args.workers)
 
-        supervisor = Supervisor(registry, options, workers=args.workers, grace=args.grace, http_socket=http_socket)
+        supervisor = Supervisor(
+            registry,
+            options,
+            workers=args.workers,
+            grace=args.grace,
+            http_socket=http_socket,
+            health_socket=health_socket,
+        )
         return supervisor.run(on_ready)
 
 

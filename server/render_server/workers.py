@@ -7,7 +7,7 @@ This is gRPC Python's own multiprocessing pattern. Each worker is a gRPC
 process, which moves bytes, and the render processes it forks first, which
 render (handoff.py says why; two by default, so that one long render does not
 hold up the calls behind it). One more child serves the HTTP port
-(http_app.py). The supervisor loads the models before forking, so children
+(http_app.py), and with --health-port another answers probes (health.py). The supervisor loads the models before forking, so children
 start (and restart) without loading anything and share the loaded pages
 copy-on-write. It never touches gRPC itself: gRPC must not be initialised
 before a fork.
@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from . import metrics
 from .auth import TokenCheck
 from .handoff import RenderProcessPool, RenderProcessProxy, serve_renders
+from .health import serve_health
 from .http_app import HttpApp, serve_http
 from .pipeline import RenderPipeline, as_render_error
 from .registry import ModelRegistry
@@ -54,11 +55,12 @@ _LOST_GRACE = 1.0
 _RENDER_EXIT_TIMEOUT = 2.0
 _READY_TIMEOUT = 60.0
 HTTP = "http"  # the HTTP child's slot
+HEALTH = "health"  # the health port's child's slot (health.py)
 
 
 @dataclass
 class _Child:
-    slot: int | str  # a worker's index, or HTTP
+    slot: int | str  # a worker's index, HTTP or HEALTH
     pid: int
     started: float
 
@@ -73,12 +75,18 @@ class Supervisor:
         workers: int,
         grace: float,
         http_socket: socket.socket | None = None,
+        health_socket: socket.socket | None = None,
     ) -> None:
         self._registry = registry
         self._options = options
         self._grace = grace
         self._http_socket = http_socket
-        self._slots: list[int | str] = [*range(workers), *([HTTP] if http_socket else [])]
+        self._health_socket = health_socket
+        self._slots: list[int | str] = [
+            *range(workers),
+            *([HTTP] if http_socket else []),
+            *([HEALTH] if health_socket else []),
+        ]
         self._children: dict[int, _Child] = {}
         self._missing: dict[int | str, float] = {}  # slot -> when its child last started
         self._stopping = threading.Event()
@@ -138,6 +146,12 @@ class Supervisor:
     def _serve_child(self, slot: int | str, ready_fd: int) -> int:
         if slot == HTTP:
             return self._serve_http(ready_fd)
+        if slot == HEALTH:
+            assert self._health_socket is not None
+            os.write(ready_fd, b"1")  # the socket already listens
+            os.close(ready_fd)
+            serve_health(self.status, self._health_socket)  # until SIGTERM ends the process
+            return 0
         assert isinstance(slot, int)
         return _serve_worker(self._registry, self._options, self._grace, ready_fd, lambda: self.status.beat(slot))
 
@@ -178,14 +192,14 @@ class Supervisor:
                     self._missing[slot] = time.monotonic()
 
     def _update_status(self) -> None:
-        self.status.set_serving(sum(child.slot != HTTP for child in self._children.values()))
+        self.status.set_serving(sum(isinstance(child.slot, int) for child in self._children.values()))
 
     def _stop(self) -> int:
         self.status.start_draining()
-        workers = [child for child in self._children.values() if child.slot != HTTP]
+        workers = [child for child in self._children.values() if isinstance(child.slot, int)]
         log.info("draining %d workers (grace %.0fs)", len(workers), self._grace)
         failed = self._terminate(workers)
-        # The HTTP process goes last, so that /readyz says "draining" meanwhile.
+        # The HTTP and health processes go last, so that /readyz says "draining" meanwhile.
         failed |= self._terminate(list(self._children.values()))
         return 1 if failed else 0
 
@@ -382,7 +396,9 @@ def _wait_readable(fd: int, timeout: float) -> bool:
 
 
 def _name(slot: int | str) -> str:
-    return "the HTTP process" if slot == HTTP else f"worker {slot}"
+    if slot == HTTP:
+        return "the HTTP process"
+    return "the health process" if slot == HEALTH else f"worker {slot}"
 
 
 def _describe(status: int) -> str:

@@ -191,21 +191,22 @@ def test_the_kustomization_lists_every_manifest() -> None:
     assert set(manifests(PRODUCTION).by_kind) == PRODUCTION_KINDS
 
 
-def test_every_probe_asks_the_http_process() -> None:
+def test_every_probe_asks_the_health_process() -> None:
     for build_ in (manifests(BASE), manifests(PRODUCTION)):
         probes = {kind: build_.probe(kind) for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+        args = server_args(build_)
         for kind, probe in probes.items():
             assert set(build_.container[kind]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"httpGet"}, kind
-            assert probe["port"] == build_.port("http") == 8080, kind
+            # The health port render-server serves with --health-port, plaintext with TLS on too.
+            assert probe["port"] == build_.port("health") == args.health_port, kind
+            assert probe["scheme"] == "HTTP", kind
         assert probes["readinessProbe"]["path"] == "/readyz"
         assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/healthz"
         # Loading every model may take minutes: start-up allows ten.
         assert probes["startupProbe"]["failureThreshold"] * probes["startupProbe"]["periodSeconds"] >= 600
         # Liveness never fails a pod faster than a minute: a worker silent for that long (status.py).
         assert probes["livenessProbe"]["failureThreshold"] * probes["livenessProbe"]["periodSeconds"] >= 60
-    assert {manifests(BASE).probe(kind)["scheme"] for kind in ("readinessProbe", "livenessProbe")} == {"HTTP"}
-    # With TLS on, the HTTP port speaks HTTPS, and so do the probes.
-    assert {manifests(PRODUCTION).probe(kind)["scheme"] for kind in ("readinessProbe", "livenessProbe")} == {"HTTPS"}
+    assert server_args(manifests(PRODUCTION)).tls_cert is not None  # the probes above work with TLS on
 
 
 def test_the_pod_runs_as_the_images_non_root_user_read_only() -> None:
@@ -311,7 +312,7 @@ def test_the_headless_service_selects_the_pods_by_port_name() -> None:
     assert built.by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
     container_ports = {port["name"]: port["containerPort"] for port in built.container["ports"]}
     ports = {port["name"]: port for port in service["ports"]}
-    assert set(ports) == {"grpc", "http"} == set(container_ports)
+    assert set(ports) == {"grpc", "http"} == set(container_ports) - {"health"}  # health: the kubelet's only
     for name, port in ports.items():
         assert port["targetPort"] in (name, container_ports[name])
     assert ports["grpc"]["port"] == container_ports["grpc"] == 50051
@@ -376,6 +377,8 @@ def test_the_network_policy_lets_in_only_labelled_clients_and_monitoring() -> No
     assert set(source) == {"namespaceSelector"}  # every pod of that namespace, no other namespace
     assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
     assert [port["port"] for port in monitoring["ports"]] == ["http"]
+    # Nothing reaches the health port but the kubelet (from the node, which policies always let through).
+    assert "health" not in {port["port"] for rule in policy["ingress"] for port in rule["ports"]}
     # Egress: DNS only (deploy/README.md says how to open the hub).
     assert {port["port"] for rule in policy["egress"] for port in rule["ports"]} == {53}
 

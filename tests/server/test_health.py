@@ -1,6 +1,7 @@
 """Health that answers under any load: the probes deploy/k8s gives the kubelet answer within a second while
-a worker's every handler thread is held by an open stream and --max-concurrent-rpcs is reached, with TLS
-and tokens off and on; readiness covers every worker, not the one a connection lands on."""
+a worker's every handler thread is held by an open stream and --max-concurrent-rpcs is reached, and the HTTP
+port renders JSON, with TLS and tokens off and on; readiness covers every worker, not the one a connection
+lands on."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from render_wire.pb import render_pb2 as pb
 from render_wire.pb.render_pb2_grpc import RenderServiceStub
 from tests.deploy.manifests import BASE, PRODUCTION, manifests, run_probe
 from tests.server.test_security import make_ca, make_cert
-from tests.support import ServerProcess, running_server
+from tests.support import ServerProcess, free_port, running_server
 
 THREADS = 4  # the worker's handler threads, and its --max-concurrent-rpcs
 TOKEN = "health-test-token"
@@ -105,13 +106,15 @@ def json_render_load(server: ServerProcess, scheme: str, headers: dict[str, str]
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "tls-and-tokens"])
 def test_the_manifests_probes_answer_while_a_worker_is_saturated(secure: bool, certs: Path) -> None:
+    health_port = free_port()  # where the manifests' probes go: --health-port
     args = ["--workers", "1", "--threads", str(THREADS), "--max-concurrent-rpcs", str(THREADS)]
+    args += ["--health-port", str(health_port)]
     # The build whose probes the kubelet runs: the base, or with TLS and tokens from Secrets.
     built = manifests(PRODUCTION if secure else BASE)
     if secure:
         args += ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")]
         args += ["--auth-tokens-file", str(certs / "tokens")]
-        assert {built.probe(kind)["scheme"] for kind in PROBES} == {"HTTPS"}
+    assert {built.probe(kind)["port"] for kind in PROBES} == {built.port("health")}
     scheme = "https" if secure else "http"
     metadata = (("authorization", f"Bearer {TOKEN}"),) if secure else ()
     with running_server(*args) as server:
@@ -144,8 +147,7 @@ def test_the_manifests_probes_answer_while_a_worker_is_saturated(secure: bool, c
                 thread.start()
             time.sleep(1)  # the JSON renders under way
             results = {
-                kind: [run_probe(built.probe(kind), "127.0.0.1", server.http_port or 0) for _ in range(5)]
-                for kind in PROBES
+                kind: [run_probe(built.probe(kind), "127.0.0.1", health_port) for _ in range(5)] for kind in PROBES
             }
             assert in_flight_streams(server, scheme) == THREADS  # still saturated throughout
         stop.set()
