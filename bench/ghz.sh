@@ -4,21 +4,25 @@
 #   bench/ghz.sh                 start a local server (one worker per core), run 60 s at concurrency 64
 #   bench/ghz.sh HOST:PORT       run against a server that is already up
 #
-# Request data: the shared corpus's conversations for qwen3, qwen3-vl (with
-# images) and deepseek-v4 (bench/ghz_data.py). DURATION, CONCURRENCY and
-# CONNECTIONS override the defaults; calls still in flight when the time is up
-# are waited for (--duration-stop wait), not counted as errors. Installs ghz
-# (and the rest) if missing.
+# Request data (bench/ghz_data.py): the repository's corpus of conversations
+# (tests/fixtures/conversations.jsonl), or the JSONL file CONVERSATIONS names,
+# for MODELS (default qwen3,qwen3-vl,deepseek-v4: default-registry ids).
+# DURATION, CONCURRENCY and CONNECTIONS override the defaults; calls still in
+# flight when the time is up are waited for (--duration-stop wait), not counted
+# as errors. Installs ghz (and the rest) if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test >/dev/null
+scripts/setup.sh tools
 
 duration="${DURATION:-60s}"
 concurrency="${CONCURRENCY:-64}"
 connections="${CONNECTIONS:-$((4 * $(nproc)))}"  # several per worker: each takes whole connections
+[ "$connections" -gt "$concurrency" ] && connections="$concurrency"  # ghz refuses more connections than calls
 data="$(mktemp -t ghz-requests.XXXXXX.json)"
 trap 'rm -f "$data"; [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null; true' EXIT
-.venv/bin/python -m bench.ghz_data --out "$data" >&2
+data_args=(--out "$data" --models "${MODELS:-qwen3,qwen3-vl,deepseek-v4}")
+[ -n "${CONVERSATIONS:-}" ] && data_args+=(--conversations "$CONVERSATIONS")
+.venv/bin/python -m bench.ghz_data "${data_args[@]}" >&2
 
 target="${1:-}"
 if [ -z "$target" ]; then

@@ -51,7 +51,9 @@ def main() -> None:
         default="qwen3,qwen3-vl,deepseek-v4",
         help="default-registry model ids, comma-separated (default: %(default)s)",
     )
-    parser.add_argument("--conversations", type=Path, help="JSONL of {messages, tools} (default: the shared corpus)")
+    parser.add_argument(
+        "--conversations", type=Path, help="JSONL of {messages, tools} (default: tests/fixtures/conversations.jsonl)"
+    )
     args = parser.parse_args()
     if args.conversations:
         conversations = [json.loads(line) for line in args.conversations.read_text().splitlines() if line.strip()]

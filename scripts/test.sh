@@ -10,11 +10,14 @@ scripts/setup.sh test
 if [ "$(id -u)" -eq 0 ]; then
   for command in buildah debootstrap; do
     if ! PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" command -v "$command" >/dev/null; then
+      echo "test: installing buildah and debootstrap from Debian's packages (apt-get, as root)" \
+        "for tests/deploy/test_container.py" >&2
       scripts/install-container-tools.sh
       break
     fi
   done
 fi
+echo "test: checking generated code, lint, format and types, then running pytest" >&2
 .venv/bin/python scripts/gen_proto.py --check
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

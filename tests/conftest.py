@@ -42,7 +42,9 @@ def client(server: ServerProcess) -> Iterator[RenderClient]:
 #   render_server in its command (a string constant "render_server",
 #   "render-server", "render_server.cli", ...), as running_server itself and
 #   test_workers' port-in-use test do; unless it only asks the command for its
-#   --help or --version (test_dockerfile reads `render_server --help`: it serves nothing).
+#   --help or --version (test_dockerfile reads `render_server --help`: it serves nothing);
+# - code that launches this repository's scripts/test.sh or scripts/setup.sh: a whole
+#   checkout set up and tested (test_fresh_clone), minutes, not the quick loop's business.
 #
 # Reading the code, rather than converting every `with running_server(...)` in a
 # test body into a fixture, finds both ways of starting one, and any new test or
@@ -59,7 +61,7 @@ SERVER_STARTERS = {
     ("tests.deploy.container", "base_tarball"),  # debootstraps its base
 }
 PROCESS_LAUNCHERS = {"subprocess", "Popen", "create_subprocess_exec", "create_subprocess_shell", "spawnv", "execv"}
-SERVER_COMMAND = re.compile(r"render[-_]server(\.\w+)*")
+SERVER_COMMAND = re.compile(r"render[-_]server(\.\w+)*|scripts/(test|setup)\.sh")
 NOT_SERVING = {"--help", "-h", "--version"}
 _STARTS_SERVER: dict[types.CodeType, bool] = {}
 
@@ -122,6 +124,8 @@ def _names_and_constants(code: types.CodeType) -> tuple[set[str], set[str]]:
     for constant in code.co_consts:
         if isinstance(constant, str):
             constants.add(constant)
+        elif isinstance(constant, (tuple, frozenset)):  # a list display of constants: ["cmd", "-m", ...]
+            constants.update(item for item in constant if isinstance(item, str))
         elif isinstance(constant, types.CodeType):  # lambdas, comprehensions, inner functions
             inner_names, inner_constants = _names_and_constants(constant)
             names |= inner_names

@@ -31,23 +31,30 @@ CORPUS_ENV = "RENDER_SERVICE_CORPUS"
 DEFAULT_MODELS = ("qwen3", "qwen3-vl", "deepseek-v4", "qwen3-template")
 
 
-@cache
-def corpus_path() -> Path:
-    """The shared conversation corpus: $RENDER_SERVICE_CORPUS, else shared/fixtures beside a parent folder."""
+FIXTURE_CORPUS = ROOT / "tests" / "fixtures" / "conversations.jsonl"
+
+
+def corpus_paths() -> list[Path]:
+    """The conversation corpora: this repository's own, then the extra one $RENDER_SERVICE_CORPUS names, if any."""
+    paths = [FIXTURE_CORPUS]
     if os.environ.get(CORPUS_ENV):
-        return Path(os.environ[CORPUS_ENV])
-    for folder in ROOT.parents:
-        candidate = folder / "shared" / "fixtures" / "conversations.jsonl"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"conversation corpus not found: set {CORPUS_ENV} to shared/fixtures/conversations.jsonl")
+        extra = Path(os.environ[CORPUS_ENV])
+        if not extra.is_file():
+            raise FileNotFoundError(
+                f"{CORPUS_ENV}={extra}: no such file (a JSONL corpus; unset it to use only {FIXTURE_CORPUS})"
+            )
+        paths.append(extra)
+    return paths
 
 
 @cache
 def corpus() -> tuple[dict[str, Any], ...]:
-    """Every conversation of the corpus: {"id", "messages", "tags", maybe "tools"}."""
-    with corpus_path().open(encoding="utf-8") as lines:
-        return tuple(json.loads(line) for line in lines if line.strip())
+    """Every conversation of the corpora: {"id", "messages", "tags", maybe "tools"} (tests/fixtures/make_corpus.py)."""
+    rows: list[dict[str, Any]] = []
+    for path in corpus_paths():
+        with path.open(encoding="utf-8") as lines:
+            rows.extend(json.loads(line) for line in lines if line.strip())
+    return tuple(rows)
 
 
 def tool(name: str) -> str:

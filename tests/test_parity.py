@@ -1,6 +1,6 @@
 """Parity: every sample through a real server and the client equals the in-process one.
 
-For every default model, every conversation of the shared corpus and every
+For every default model, every conversation of the corpus (tests/fixtures) and every
 option set below, `render_client.build_training_sample` against a live
 render-server returns exactly what `renderers.build_training_sample` returns
 in-process (token_ids, loss_mask, mm_token_type_ids, mm_hashes,

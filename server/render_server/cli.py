@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers").addFilter(_WithoutTorchNotice())
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not log.isEnabledFor(logging.DEBUG):
+        # huggingface_hub's HTTP client logs every request of a hub download at INFO.
+        for noisy in ("httpx", "httpx2"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     # Tokenizers' own thread pool only helps batch encodes; renders are single calls (and we fork).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     prepare_metrics_dir()
@@ -224,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("%s: replicas started at other times may load other files under this id", source)
             registry = ModelRegistry.load(configs, image_cache_bytes=int(args.image_cache_mb * MiB))
         except ConfigError as exc:
-            log.error("bad model registry: %s", exc)
+            # One line; the traceback of what failed underneath only at --log-level DEBUG.
+            log.error("bad model registry: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return 2
         options = ServerOptions(
             host=args.host,

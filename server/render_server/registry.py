@@ -8,6 +8,7 @@ swapped: a VLM renderer's image cache, for one bounded in bytes (image_cache.py)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,7 @@ from render_wire.errors import ModelNotFoundError
 from render_wire.types import ModelInfo, RendererInfo, ServerModels
 
 from .config import ConfigError, ModelConfig, Source
+from .hub import from_hub_or_cache, one_line
 from .image_cache import DEFAULT_IMAGE_CACHE_MB, ImageCache, ImageCacheBudget, MiB, install
 
 log = logging.getLogger(__name__)
@@ -143,14 +145,25 @@ class ModelRegistry:
         models = []
         for config in configs:
             started = time.perf_counter()
-            tokenizer, fingerprint = once(config.tokenizer, "tokenizer", lambda c=config: _load_tokenizer(c.tokenizer))
+            where = f"models.{config.id}"
+            tokenizer, fingerprint = once(
+                config.tokenizer,
+                "tokenizer",
+                lambda c=config, w=where: _loading(
+                    f"{w}.tokenizer", c.tokenizer, lambda: _load_tokenizer(c.tokenizer, f"{w}.tokenizer")
+                ),
+            )
             processor = None
-            if config.image_processor is not None:
+            if (source := config.image_processor) is not None:
                 processor = once(
-                    config.image_processor,
+                    source,
                     "image_processor",
-                    lambda c=config: ImageProcessorOnly(
-                        load_image_processor(c.image_processor, c.image_processor_options)
+                    lambda c=config, s=source, w=where: _loading(
+                        f"{w}.image_processor",
+                        s,
+                        lambda: ImageProcessorOnly(
+                            load_image_processor(s, c.image_processor_options, f"{w}.image_processor")
+                        ),
                     ),
                 )
             models.append(_load_model(config, tokenizer, fingerprint, processor, budget))
@@ -173,8 +186,21 @@ class ModelRegistry:
         return {model_id: model.fingerprint for model_id, model in self._models.items()}
 
 
-def _load_tokenizer(source: Source) -> tuple[Any, str]:
-    tokenizer = load_tokenizer(source)
+def _loading(where: str, source: Source, load: Any) -> Any:
+    """`load()`, whatever it raises turned into one ConfigError line naming the entry and the source."""
+    try:
+        return load()
+    except ConfigError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
+    except Exception as exc:
+        log.debug("%s: loading %s failed", where, source.describe(), exc_info=True)
+        raise ConfigError(f"{where}: {source.describe()}: {one_line(exc)}") from exc
+
+
+def _load_tokenizer(source: Source, where: str = "") -> tuple[Any, str]:
+    tokenizer = load_tokenizer(source, where)
     return tokenizer, tokenizer_fingerprint(tokenizer)
 
 
@@ -194,7 +220,11 @@ def _load_model(
         renderer_config = config_class(**config.renderer_options)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"{where}.renderer_options: {exc}") from None
-    renderer = build_renderer(tokenizer, renderer_config, processor)
+    try:
+        renderer = build_renderer(tokenizer, renderer_config, processor)
+    except Exception as exc:  # renderers refused this tokenizer or processor
+        log.debug("%s: building the renderer failed", where, exc_info=True)
+        raise ConfigError(f"{where}.renderer: {config.renderer!r}: {one_line(exc)}") from exc
     multimodal = renderers.is_multimodal(renderer)
     if multimodal and processor is None:
         # Without one, the renderer would fetch a processor on the first image.
@@ -262,9 +292,15 @@ def source_location(source: Source) -> str:
     return str(folder)
 
 
-def load_tokenizer(source: Source) -> Any:
-    return transformers.AutoTokenizer.from_pretrained(source_location(source), revision=source.revision)
+def load_tokenizer(source: Source, where: str = "") -> Any:
+    if source.hub is not None:
+        return from_hub_or_cache(transformers.AutoTokenizer.from_pretrained, source, where)
+    return transformers.AutoTokenizer.from_pretrained(source_location(source))
 
 
-def load_image_processor(source: Source, options: dict[str, Any]) -> Any:
-    return transformers.AutoImageProcessor.from_pretrained(source_location(source), revision=source.revision, **options)
+def load_image_processor(source: Source, options: dict[str, Any], where: str = "") -> Any:
+    if source.hub is not None:
+        return from_hub_or_cache(
+            functools.partial(transformers.AutoImageProcessor.from_pretrained, **options), source, where
+        )
+    return transformers.AutoImageProcessor.from_pretrained(source_location(source), **options)
