@@ -207,9 +207,9 @@ async def _respond(
     )
     # In pieces: a JSON answer with pixel tensors runs to hundreds of MiB, which TLS encrypts on the
     # event loop; between pieces (and while the client catches up) the loop answers health probes.
-    for start in range(0, len(body), _PIECE):
-        await send({"type": "http.response.body", "body": body[start : start + _PIECE], "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
+    for start in range(0, max(len(body), 1), _PIECE):
+        end = start + _PIECE
+        await send({"type": "http.response.body", "body": body[start:end], "more_body": end < len(body)})
 
 
 def serve_http(app: HttpApp, sock: socket.socket, tls: TlsFiles | None, grace: float) -> None:
