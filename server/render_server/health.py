@@ -30,11 +30,12 @@ def serve_health(status: SharedStatus, sock: socket.socket) -> None:
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 ok, reason = status.liveness()
+                code = 200 if ok else 503
             elif self.path == "/readyz":
                 ok, reason = status.readiness()
+                code = 200 if ok else 503
             else:
-                ok, reason = False, "not found: /healthz or /readyz"
-            code = 200 if ok else 404 if reason.startswith("not found") else 503
+                code, reason = 404, "not found: /healthz or /readyz"
             body = (reason + "\n").encode()
             self.send_response(code)
             self.send_header("Content-Type", "text/plain; charset=utf-8")

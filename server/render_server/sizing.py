@@ -46,17 +46,17 @@ REQUEST_COPIES = 2  # a request held by a gRPC handler and read by its render pr
 
 @dataclass(frozen=True)
 class Sizing:
-    """render-server's flags that bound its memory (their defaults are cli.py's)."""
+    """render-server's flags that bound its memory: `from_args` reads them, defaults included, as cli.py does."""
 
     workers: int
-    render_processes: int = 2
-    threads: int = 32
-    image_cache_mb: float = 256
-    max_images: int = 64
-    max_image_pixels: int = 8192 * 8192
-    max_request_mb: float = 64
-    max_concurrent_rpcs: int = 256
-    http: bool = True
+    render_processes: int
+    threads: int
+    image_cache_mb: float
+    max_images: int
+    max_image_pixels: int
+    max_request_mb: float
+    max_concurrent_rpcs: int
+    http: bool
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Sizing:

@@ -37,7 +37,7 @@ from tests.deploy.container import (
     serving,
 )
 from tests.reference import package_folder, qwen3_tokenizer, reference_renderer, sample_differences
-from tests.support import DEFAULT_MODELS, ROOT, corpus
+from tests.support import DEFAULT_MODELS, ROOT, corpus, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,11 @@ def test_the_image_is_configured_as_the_dockerfile_says(built: Built) -> None:
     assert config.entrypoint == dockerfile.exec_form(dockerfile.last("ENTRYPOINT"))
     assert config.cmd == []
     assert config.user == dockerfile.last("USER")
-    assert config.exposed_ports == {"50051/tcp", "8080/tcp"}
+    assert (
+        config.exposed_ports
+        == {f"{port}/tcp" for port in dockerfile.last("EXPOSE").split()}
+        >= {"50051/tcp", "8080/tcp"}
+    )
     assert config.healthcheck[0] == "CMD"
     assert config.healthcheck[1:] == ["python", "-m", "render_server.probe", "--address", "127.0.0.1:50051"]
     assert config.env["HF_HOME"] == dockerfile.env("HF_HOME")
@@ -195,15 +199,18 @@ def test_the_kubernetes_pod_spec_serves_from_the_image(built: Built, tmp_path: P
     sandbox.uid, sandbox.gid = security["runAsUser"], security["runAsGroup"]
     sandbox.env.update({item["name"]: item["value"] for item in spec.get("env", [])})
     # Kubernetes' args replace the image's CMD and follow its ENTRYPOINT.
+    # The probes' health port too, on a free port (its manifest port, 8081, may be taken on the test's host).
+    health_port = free_port()
     argv = (spec.get("command") or config.entrypoint) + args + flags_for_the_test(config)
+    argv += ["--health-port", str(health_port)]
     with contextlib.ExitStack() as stack:
         with built.timings.step("pod spec: start"):
             server = stack.enter_context(serving(sandbox, argv))
         with built.timings.step("pod spec: calls"):
-            # The kubelet's probes, from outside the container (its HTTP port stands in for the pod's).
-            assert server.http_port is not None
+            # The kubelet's probes, from outside the container, on the health port standing in for the pod's.
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-                probed = k8s.run_probe(built_manifests.probe(kind), "127.0.0.1", server.http_port)
+                assert built_manifests.probe(kind)["port"] == built_manifests.port("health")
+                probed = k8s.run_probe(built_manifests.probe(kind), "127.0.0.1", health_port)
                 assert probed.success, (kind, probed)
             with RenderClient(server.target, timeout=120) as client:
                 listed = [model.id for model in client.list_models().models]
