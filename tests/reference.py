@@ -128,6 +128,30 @@ def _item_differences(expected: dict[str, list[dict[str, Any]]], actual: dict[st
     return problems
 
 
+def expected_error_type(exc: BaseException) -> str:
+    """The error_type the service answers with for an exception a renderer raised: a builtin's
+    name, another library's class with its module ("jinja2.exceptions.UndefinedError")."""
+    cls = type(exc)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+class RefusedRenderer:
+    """Stands in for a remote renderer that `client.renderer(...)` refused to make (as
+    create_renderer refuses the same kwargs in-process): every method raises that error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise self.error
+
+        return refuse
+
+
 def expected_error_details(exc: BaseException, field: str = "messages") -> str:
     """The details the service answers with for an exception a renderer raised on `field`:
     "field: " and its message, on one line (pydantic's: "field.key: problem (got value)" per error)."""

@@ -86,6 +86,7 @@ RUN_PYTHON = [
     ("README.md", "## Quick start"),
     ("README.md", "## Using it from a trainer"),
     ("docs/client.md", "## Checking that the server tokenizes as you do"),
+    ("docs/client.md", "## Switching a trainer without editing it"),
 ]
 # (page, heading, why it is not run here)
 NOT_RUN = [
@@ -132,6 +133,18 @@ def test_the_trainer_examples_run_each_on_its_own(server: ServerProcess, capsys:
 def test_the_tokenizer_fingerprint_check_passes(server: ServerProcess) -> None:
     [example] = examples("docs/client.md", "## Checking that the server tokenizes as you do", "python")
     run_python(example, server, "docs/client.md")  # it asserts that the fingerprints are equal
+
+
+def test_the_switch_example_serves_renderers_own_create_renderer(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import renderers
+
+    original = renderers.create_renderer
+    [example] = examples("docs/client.md", "## Switching a trainer without editing it", "python")
+    run_python(example, server, "docs/client.md")
+    assert capsys.readouterr().out.strip() == "Qwen3Renderer qwen3"
+    assert renderers.create_renderer is original  # the example switched back
 
 
 # --- the command line: docs/protocol.md, in order ----------------------------------------------

@@ -18,7 +18,13 @@ import pytest
 import renderers
 
 from render_client import RenderClient, RenderError, build_training_sample
-from tests.reference import expected_error_details, reference_renderer, sample_differences
+from tests.reference import (
+    RefusedRenderer,
+    expected_error_details,
+    expected_error_type,
+    reference_renderer,
+    sample_differences,
+)
 from tests.support import DEFAULT_MODELS, corpus, running_server
 
 
@@ -80,7 +86,10 @@ def render_both(client: RenderClient, model: str, options: Options) -> Tally:
         construction_error: Exception | None = None
     except Exception as exc:  # renderers refuses these kwargs for this model
         local, construction_error = None, exc
-    remote = client.renderer(model, chat_template_kwargs=options.chat_template_kwargs)
+    try:
+        remote = client.renderer(model, chat_template_kwargs=options.chat_template_kwargs)
+    except RenderError as exc:  # refused at once, as create_renderer refuses in-process: compared below
+        remote = RefusedRenderer(exc)
     for conversation in corpus():
         arguments = options.call_arguments(conversation)
         expected_error = construction_error
@@ -96,7 +105,7 @@ def render_both(client: RenderClient, model: str, options: Options) -> Tally:
             if expected_error is None:
                 tally.mismatches.append(f"{where}: service raised {exc.code.name} {exc.details!r}")
             elif (exc.error_type, exc.details) != (
-                type(expected_error).__name__,
+                expected_error_type(expected_error),
                 expected_error_details(
                     expected_error, "chat_template_kwargs" if expected_error is construction_error else "messages"
                 ),
@@ -104,8 +113,10 @@ def render_both(client: RenderClient, model: str, options: Options) -> Tally:
                 tally.mismatches.append(
                     f"{where}: service raised {exc.error_type} {exc.details!r}, in-process {expected_error!r}"
                 )
-            elif not isinstance(exc, (ValueError, NotImplementedError)) or (
-                isinstance(expected_error, NotImplementedError) != isinstance(exc, NotImplementedError)
+            elif (
+                not isinstance(exc, (ValueError, NotImplementedError))
+                or not isinstance(exc, type(expected_error))  # what catches it in-process catches it here
+                or isinstance(expected_error, NotImplementedError) != isinstance(exc, NotImplementedError)
             ):
                 tally.mismatches.append(f"{where}: service raised {type(exc).__name__} for {expected_error!r}")
             else:

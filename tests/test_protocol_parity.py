@@ -41,8 +41,10 @@ import renderers
 import render_client
 from render_client import InvalidArgumentError, RenderClient, RenderError, UnimplementedError
 from tests.reference import (
+    RefusedRenderer,
     deepseek_tokenizer,
     expected_error_details,
+    expected_error_type,
     qwen3_tokenizer,
     reference_renderer,
     sample_differences,
@@ -117,8 +119,10 @@ def _same_scalar(expected: Any, actual: Any) -> bool:
 def refusal_differences(expected: Exception, actual: RenderError, field: str) -> list[str]:
     """How the service's refusal differs from the exception the renderer raised in-process."""
     problems = []
-    if actual.error_type != type(expected).__name__:
-        problems.append(f"error_type {actual.error_type!r} instead of {type(expected).__name__!r}")
+    if actual.error_type != expected_error_type(expected):
+        problems.append(f"error_type {actual.error_type!r} instead of {expected_error_type(expected)!r}")
+    if not isinstance(actual, type(expected)):  # what catches it in-process catches it remotely
+        problems.append(f"{type(actual).__mro__} is not a {type(expected).__name__}")
     if actual.details != expected_error_details(expected, field):
         problems.append(f"details {actual.details!r} instead of {expected_error_details(expected, field)!r}")
     # NotImplementedError is UNIMPLEMENTED; anything else INVALID_ARGUMENT (a ValueError), named by error_type.
@@ -190,7 +194,11 @@ def renderers_for(client: RenderClient, model: str, kwargs: dict[str, Any] | Non
         local, error = reference_renderer(model, kwargs), None
     except Exception as exc:  # renderers refuses these kwargs for this model
         local, error = None, exc
-    return local, error, client.renderer(model, chat_template_kwargs=kwargs)
+    try:
+        remote = client.renderer(model, chat_template_kwargs=kwargs)
+    except RenderError as exc:  # ...and so does the server, at once: every call compares the refusal
+        remote = RefusedRenderer(exc)
+    return local, error, remote
 
 
 def refusing(error: Exception) -> Callable[..., Any]:

@@ -25,10 +25,10 @@ from tests.renderers_suite.renderers_shim import IN_PROCESS_ONLY
 from tests.support import running_server
 
 # Floors, so that the comparison cannot pass by running nothing: with renderers
-# 0.1.12, 389 tests pass in process, 372 of them on served configs (192 on the
-# default registry's).
-MIN_SERVED_PASSING = 350
-MIN_DEFAULT_SERVED_PASSING = 180
+# 0.1.12, 389 tests pass in process, 373 of them on served configs (274 on the
+# default registry's), 4 more are IN_PROCESS_ONLY.
+MIN_SERVED_PASSING = 360
+MIN_DEFAULT_SERVED_PASSING = 260
 
 
 @contextmanager

@@ -2,6 +2,8 @@
 
 `build_training_sample(client.renderer("qwen3"), messages, ...)` returns what
 `renderers.build_training_sample` returns in-process, rendered by the server.
+`serve_renderers("host:port")` at start-up makes renderers' own `create_renderer`
+return the server's renderers, for trainers that build them themselves.
 Needs only grpcio, protobuf and numpy (and pillow only to pass PIL images).
 """
 
@@ -31,9 +33,11 @@ from .channel import target_for, tls_credentials
 from .client import RenderClient, build_training_sample
 from .consistency import ReplicaMismatchError
 from .fingerprint import tokenizer_fingerprint
-from .renderer import RemoteMultimodalRenderer, RemoteRenderer
+from .renderer import AsyncRemoteRenderer, RemoteMultimodalRenderer, RemoteRenderer
+from .switch import RendererSwitch, ServedTokenizer, serve_renderers, stop_serving_renderers
 
 __all__ = [
+    "AsyncRemoteRenderer",
     "CallCancelledError",
     "CompactTensor",
     "DeadlineExceededError",
@@ -47,15 +51,19 @@ __all__ = [
     "RenderClient",
     "RenderError",
     "RenderedTrainingSample",
+    "RendererSwitch",
     "ReplicaMismatchError",
     "ResourceExhaustedError",
     "SampleRequest",
+    "ServedTokenizer",
     "ServerModels",
     "TokensRequest",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
     "build_training_sample",
+    "serve_renderers",
+    "stop_serving_renderers",
     "target_for",
     "tls_credentials",
     "tokenizer_fingerprint",

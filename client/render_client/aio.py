@@ -3,9 +3,13 @@
 from render_client.aio import AsyncRenderClient, build_training_sample
 
 async with AsyncRenderClient("render-service:50051") as client:
-    sample = await build_training_sample(client.renderer("qwen3"), messages)
+    renderer = client.renderer("qwen3")
+    sample = await build_training_sample(renderer, messages)
     async for sample in client.render_many(requests, concurrency=32):
         ...
+    # renderers' protocol, awaited (rollout servers):
+    prompt = await renderer.render(messages, add_generation_prompt=True)
+    parsed = await renderer.parse_response(completion_ids, prompt_ids=prompt.token_ids)
 """
 
 from __future__ import annotations
@@ -19,18 +23,32 @@ import grpc.aio
 from google.protobuf.message import Message as ProtoMessage
 
 from render_wire.compact import materialize_all
-from render_wire.errors import CallCancelledError, RenderError, error_from_rpc
+from render_wire.errors import CallCancelledError, ModelNotFoundError, RenderError, error_from_rpc
 from render_wire.identity import decode_identity
-from render_wire.models import decode_models
+from render_wire.jsonvalue import dump_json
+from render_wire.models import decode_models, decode_renderer_info
 from render_wire.pb import render_pb2 as pb
-from render_wire.requests import encode_sample_request
-from render_wire.samples import decode_response
-from render_wire.types import RenderedTrainingSample, SampleRequest, ServerModels, TokensRequest
+from render_wire.requests import (
+    encode_bridge_request,
+    encode_describe_request,
+    encode_parse_request,
+    encode_render_request,
+    encode_sample_request,
+)
+from render_wire.samples import decode_parsed_response, decode_response, decode_tokens_response
+from render_wire.types import (
+    ModelInfo,
+    RenderedTrainingSample,
+    RendererInfo,
+    SampleRequest,
+    ServerModels,
+    TokensRequest,
+)
 
 from .async_streams import CALL_CANCELLED, cancelled_by_grpc, render_many
 from .channel import ChannelOptions, Connection, deadline_for, remaining
 from .consistency import Pins
-from .renderer import RemoteRenderer
+from .renderer import AsyncRemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 
 Message = Mapping[str, Any]
@@ -57,11 +75,35 @@ class AsyncRenderClient:
         )
         self._timeout = timeout
         self._compact_tensors = compact_tensors
+        self._models: ServerModels | None = None
+        self._renderer_infos: dict[tuple[str, str], RendererInfo] = {}
         self._pins = Pins()  # each model's fingerprint as the first replica to answer declared it
 
-    def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> RemoteRenderer:
-        """A handle on a server model, to pass to `build_training_sample`."""
-        return RemoteRenderer(self, model, dict(chat_template_kwargs) if chat_template_kwargs else None)
+    def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> AsyncRemoteRenderer:
+        """The server's renderer for `model`, with renderers' protocol methods awaitable (renderer.py);
+        pass it to `build_training_sample` too. Asks the server nothing until used."""
+        return AsyncRemoteRenderer(self, model, chat_template_kwargs)
+
+    async def renderer_info(self, model: str, chat_template_kwargs: Mapping[str, Any] | None = None) -> RendererInfo:
+        """As RenderClient.renderer_info: what the server's renderer declares; asked once, then kept."""
+        key = (model, dump_json(dict(chat_template_kwargs or {}), "chat_template_kwargs"))
+        info = self._renderer_infos.get(key)
+        if info is None:
+            default = (await self._model_info(model)).renderer_info if not chat_template_kwargs else None
+            if default is None:
+                request = encode_describe_request(model, chat_template_kwargs)
+                default = decode_renderer_info(await self._call("DescribeRenderer", request, None, model))
+            info = self._renderer_infos[key] = default
+        return info
+
+    async def _model_info(self, model: str) -> ModelInfo:
+        if self._models is None:
+            self._models = await self.list_models()
+        try:
+            return self._models.get(model)
+        except KeyError:
+            available = ", ".join(info.id for info in self._models.models)
+            raise ModelNotFoundError(f"model: no model {model!r} (this server has {available})") from None
 
     async def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
@@ -70,7 +112,78 @@ class AsyncRenderClient:
         )
         return sample if self._compact_tensors else materialize_all(sample)
 
-    async def _call(self, method: str, request: ProtoMessage, timeout: float | None, model: str | None = None) -> Any:
+    async def render_tokens(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[Any] | None = None,
+        add_generation_prompt: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        ids_only: bool = False,
+        process_multimodal: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """As RenderClient.render_tokens: Renderer.render (or render_ids) on the server."""
+        request = encode_render_request(
+            model,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=chat_template_kwargs,
+            ids_only=ids_only,
+            process_multimodal=process_multimodal,
+        )
+        return self._tensors(decode_tokens_response(await self._call("Render", request, timeout, model)))
+
+    async def parse_response(
+        self,
+        model: str,
+        token_ids: Sequence[int],
+        *,
+        tools: Sequence[Any] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """As RenderClient.parse_response: Renderer.parse_response on the server."""
+        request = encode_parse_request(
+            model, token_ids, tools=tools, prompt_ids=prompt_ids, chat_template_kwargs=chat_template_kwargs
+        )
+        return decode_parsed_response(await self._call("ParseResponse", request, timeout, model))
+
+    async def bridge_to_next_turn(
+        self,
+        model: str,
+        previous_prompt_ids: Sequence[int],
+        previous_completion_ids: Sequence[int],
+        new_messages: Sequence[Message],
+        *,
+        tools: Sequence[Any] | None = None,
+        previous_multi_modal_data: Any = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        process_multimodal: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """As RenderClient.bridge_to_next_turn: renderers.RenderedTokens or None."""
+        request = encode_bridge_request(
+            model,
+            previous_prompt_ids,
+            previous_completion_ids,
+            new_messages,
+            tools=tools,
+            previous_multi_modal_data=previous_multi_modal_data,
+            chat_template_kwargs=chat_template_kwargs,
+            process_multimodal=process_multimodal,
+        )
+        return self._tensors(decode_tokens_response(await self._call("BridgeToNextTurn", request, timeout, model)))
+
+    def _tensors(self, result: Any) -> Any:
+        return result if self._compact_tensors else materialize_all(result)
+
+    async def _call(
+        self, method: str, request: ProtoMessage | bytes, timeout: float | None, model: str | None = None
+    ) -> Any:
         """A unary call of `method`, resent while the server is restarting or going away (as RenderClient's);
         the answer about `model` checked against the replicas that answered before (consistency.py)."""
         deadline = deadline_for(timeout or self._timeout)
@@ -165,7 +278,7 @@ async def _materialized(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 async def build_training_sample(
-    renderer: RemoteRenderer,
+    renderer: AsyncRemoteRenderer,
     messages: Sequence[Message],
     *,
     role_to_mask: Callable[[Message], bool] | None = None,

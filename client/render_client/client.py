@@ -47,7 +47,7 @@ from render_wire.types import (
 
 from .channel import ChannelOptions, Connection, ConnectionSettings, deadline_for, remaining
 from .consistency import Pins
-from .renderer import RemoteMultimodalRenderer, RemoteRenderer
+from .renderer import RemoteRenderer, remote_renderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 from .sync_streams import render_many
 
@@ -127,15 +127,15 @@ class RenderClient:
         """The server's renderer for `model`, standing in for `renderers.create_renderer(...)`.
 
         It is a `renderers.Renderer` (a `renderers.MultimodalRenderer` for models
-        that take images): pass it to renderers' own helpers or to this package's
-        `build_training_sample`. `chat_template_kwargs` plays the part it plays
-        in `renderers.create_renderer`. Asks the server which models it has,
-        once per client.
+        that take images), an instance of the renderers class the server's renderer
+        is, with its `config` and public attributes (renderer.py): pass it to
+        renderers' own helpers or to this package's `build_training_sample`.
+        `chat_template_kwargs` plays the part it plays in `renderers.create_renderer`,
+        and kwargs the renderer refuses raise here, as there. Asks the server what
+        it has once per client (and model and kwargs).
         """
         kwargs = dict(chat_template_kwargs) if chat_template_kwargs else None
-        info = self._model_info(model)
-        renderer_class = RemoteMultimodalRenderer if info.accepts_images else RemoteRenderer
-        return renderer_class(self, model, kwargs)
+        return remote_renderer(self, model, kwargs, self.renderer_info(model, kwargs))
 
     def _model_info(self, model: str) -> ModelInfo:
         if self._models is None:
@@ -148,7 +148,8 @@ class RenderClient:
 
     def renderer_info(self, model: str, chat_template_kwargs: Mapping[str, Any] | None = None) -> RendererInfo:
         """What the server's renderer for `model` and `chat_template_kwargs` declares
-        (stop tokens, prefix stability, modality map); asked once, then kept."""
+        (stop tokens, prefix stability, modality map, class, config, attributes); asked
+        once, then kept. Safe from many threads: at worst two ask at once."""
         key = (model, dump_json(dict(chat_template_kwargs or {}), "chat_template_kwargs"))
         info = self._renderer_infos.get(key)
         if info is None:
@@ -174,10 +175,11 @@ class RenderClient:
         add_generation_prompt: bool = False,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         ids_only: bool = False,
+        process_multimodal: bool | None = None,
         timeout: float | None = None,
     ) -> Any:
         """Renderer.render on the server (Render): a renderers.RenderedTokens (with ids_only,
-        render_ids: only its token_ids are filled in)."""
+        render_ids: only its token_ids are filled in). `process_multimodal` None: not passed."""
         request = encode_render_request(
             model,
             messages,
@@ -185,6 +187,7 @@ class RenderClient:
             add_generation_prompt=add_generation_prompt,
             chat_template_kwargs=chat_template_kwargs,
             ids_only=ids_only,
+            process_multimodal=process_multimodal,
         )
         return self._tensors(decode_tokens_response(self._call("Render", request, timeout, model)))
 
@@ -214,6 +217,7 @@ class RenderClient:
         tools: Sequence[Any] | None = None,
         previous_multi_modal_data: Any = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        process_multimodal: bool | None = None,
         timeout: float | None = None,
     ) -> Any:
         """Renderer.bridge_to_next_turn on the server (BridgeToNextTurn): renderers.RenderedTokens or None."""
@@ -225,6 +229,7 @@ class RenderClient:
             tools=tools,
             previous_multi_modal_data=previous_multi_modal_data,
             chat_template_kwargs=chat_template_kwargs,
+            process_multimodal=process_multimodal,
         )
         return self._tensors(decode_tokens_response(self._call("BridgeToNextTurn", request, timeout, model)))
 

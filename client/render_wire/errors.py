@@ -6,20 +6,29 @@ Each class carries its gRPC status (`code`) and the HTTP status the server's
 HTTP port answers it with (`http_status`), as google-api-core's exceptions do.
 Each also subclasses the builtin exception trainer code already catches around
 `renderers.build_training_sample` (ValueError, NotImplementedError, ...), so
-switching to the service keeps existing `except` clauses working.
+switching to the service keeps existing `except` clauses working; and when a
+renderer raised an exception of a library the caller has imported (jinja2's
+TemplateError family, pydantic's ValidationError), the error is an instance of
+that class too.
 """
 
 from __future__ import annotations
 
 import builtins
 import functools
+import json
+import sys
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import grpc
 
 # Trailing-metadata key naming the Python exception type a renderer raised.
 ERROR_TYPE_KEY = "render-error-type"
+# Trailing-metadata key (binary) with what rebuilds a pydantic ValidationError: JSON text.
+ERROR_DETAIL_KEY = "render-error-detail-bin"
+# pydantic's ValidationError, which takes its title and errors to be built.
+_VALIDATION_ERROR = ("pydantic_core._pydantic_core", "ValidationError")
 
 
 class RenderError(Exception):
@@ -38,20 +47,28 @@ class RenderError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     http_status: int = 500
 
-    def __init__(self, details: str, *, error_type: str | None = None) -> None:
+    def __init__(
+        self, details: str, *, error_type: str | None = None, error_detail: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(details)
+        self._set(details, error_type, error_detail)
+
+    def _set(self, details: str, error_type: str | None, error_detail: dict[str, Any] | None) -> None:
         self.details = details
-        # The exception type the renderer raised, e.g. "ValueError"; None when the
-        # error did not come from the renderer.
+        # The exception type the renderer raised: a builtin's name ("ValueError") or a
+        # library's class with its module ("jinja2.exceptions.UndefinedError"); None
+        # when the error did not come from the renderer.
         self.error_type = error_type
+        # For a pydantic ValidationError: {"title": ..., "errors": [...]}; else None.
+        self.error_detail = error_detail
         self.rpc_error: grpc.RpcError | None = None
 
     def __str__(self) -> str:
         return self.details  # not KeyError's quoted repr when it is one too
 
     def __reduce__(self) -> tuple[object, ...]:
-        # Rebuilt through error_from_status, so that it keeps the builtin family it was given.
-        return (error_from_status, (self.code, self.details, self.error_type))
+        # Rebuilt through error_from_status, so that it keeps the family it was given.
+        return (error_from_status, (self.code, self.details, self.error_type, self.error_detail))
 
 
 class InvalidArgumentError(RenderError, ValueError):
@@ -130,51 +147,140 @@ def invalid(field: str, problem: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"{field}: {problem}")
 
 
-def error_from_status(code: grpc.StatusCode, details: str | None, error_type: str | None = None) -> RenderError:
+def error_type_name(exc_type: type[BaseException]) -> str:
+    """How `error_type` names an exception class: a builtin by its name, others with their module."""
+    if exc_type.__module__ == "builtins":
+        return exc_type.__name__
+    return f"{exc_type.__module__}.{exc_type.__qualname__}"
+
+
+def error_from_status(
+    code: grpc.StatusCode,
+    details: str | None,
+    error_type: str | None = None,
+    error_detail: dict[str, Any] | None = None,
+) -> RenderError:
     """The RenderError for a status the server answered with.
 
     When a renderer raised a builtin exception (error_type "AttributeError",
     "KeyError", ...), the error is an instance of that builtin too, so trainer
-    code catching what renderers raises in-process catches it remotely as well.
+    code catching what renderers raises in-process catches it remotely as well;
+    so it is for another library's exception class (error_type
+    "jinja2.exceptions.UndefinedError") when this process has imported its
+    module (code that catches it has), and for pydantic's ValidationError, rebuilt
+    with its errors from `error_detail`.
     """
+    details = details or code.name
     cls = _BY_CODE.get(code)
     if cls is None:
-        error = RenderError(details or code.name, error_type=error_type)
+        error = RenderError(details, error_type=error_type, error_detail=error_detail)
         error.code = code
         return error
-    return _in_builtin_family(cls, error_type)(details or code.name, error_type=error_type)
+    family = _family(cls, error_type)
+    if family is cls:
+        return cls(details, error_type=error_type, error_detail=error_detail)
+    if _is_validation_error(family):
+        validation_error = _validation_error(family, error_detail)
+        if validation_error is not None:
+            validation_error._set(details, error_type, error_detail)
+            return validation_error
+        return cls(details, error_type=error_type, error_detail=error_detail)
+    return family(details, error_type=error_type, error_detail=error_detail)
 
 
-def _in_builtin_family(cls: type[RenderError], error_type: str | None) -> type[RenderError]:
+def _family(cls: type[RenderError], error_type: str | None) -> type[RenderError]:
+    """`cls`, made an instance of the class `error_type` names where that can be."""
     # What a renderer raises on a request is answered INVALID_ARGUMENT (NotImplementedError: UNIMPLEMENTED).
-    if cls is not InvalidArgumentError:
+    if cls is not InvalidArgumentError or not error_type:
         return cls
-    builtin = getattr(builtins, error_type, None) if error_type else None
-    if not isinstance(builtin, type) or not issubclass(builtin, Exception) or issubclass(cls, builtin):
+    if "." in error_type:
+        # Another library's class: only from a module already imported, so that an answer
+        # never makes the client import anything (and code catching it has imported it).
+        module_name, _, qualname = error_type.rpartition(".")
+        found: object = sys.modules.get(module_name)
+        for part in qualname.split(".") if found is not None else ():
+            found = getattr(found, part, None)
+    else:
+        found = getattr(builtins, error_type, None)
+    if not isinstance(found, type) or not issubclass(found, Exception) or issubclass(cls, found):
         return cls
-    return _combined(cls, builtin)  # type: ignore[arg-type]  # classes are hashable; mypy's stubs say otherwise
+    return _combined(cls, found)  # type: ignore[arg-type]  # classes are hashable; mypy's stubs say otherwise
 
 
 @functools.cache
-def _combined(cls: type[RenderError], builtin: type[Exception]) -> type[RenderError]:
-    """`cls` that is also a `builtin` (cls itself where the two cannot be combined)."""
+def _combined(cls: type[RenderError], other: type[Exception]) -> type[RenderError]:
+    """`cls` that is also an `other` (cls itself where the two cannot be combined)."""
+    namespace: dict[str, object] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    if _is_validation_error(other):
+        # Built by pydantic (from_exception_data), which calls the class with its own arguments.
+        namespace["__init__"] = _no_init
+        try:
+            return type(cls.__name__, (cls, other), namespace)
+        except TypeError:
+            return cls
     try:
-        combined = type(cls.__name__, (cls, builtin), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
-        combined("probe")  # some builtins (UnicodeDecodeError, ...) take other arguments
+        combined = type(cls.__name__, (cls, other), namespace)
+        combined("probe")  # some classes (UnicodeDecodeError, ...) take other arguments
     except TypeError:
         return cls
     return combined
 
 
+def _is_validation_error(cls: type) -> bool:
+    return any((base.__module__, base.__name__) == _VALIDATION_ERROR for base in cls.__mro__)
+
+
+def _no_init(self: object, *args: object, **kwargs: object) -> None:
+    pass
+
+
+def _validation_error(cls: type[RenderError], detail: dict[str, Any] | None) -> RenderError | None:
+    """A pydantic ValidationError of class `cls` with the title and errors of `detail`, or None."""
+    if not isinstance(detail, dict) or not isinstance(detail.get("title"), str):
+        return None
+    build = getattr(cls, "from_exception_data", None)
+    try:
+        return cast(RenderError, build(detail["title"], detail.get("errors") or [])) if build else None
+    except (TypeError, ValueError, KeyError):  # errors this pydantic does not know
+        return None
+
+
+def validation_error_detail(exc: BaseException) -> dict[str, Any] | None:
+    """What rebuilds `exc` if it is a pydantic ValidationError (error_from_status), else None."""
+    if not _is_validation_error(type(exc)):
+        return None
+    errors = exc.errors(include_url=False)  # type: ignore[attr-defined]
+    # Context values that are not JSON (an exception a validator raised) travel as their text.
+    return {"title": exc.title, "errors": json.loads(json.dumps(errors, default=str))}  # type: ignore[attr-defined]
+
+
 def error_from_rpc(exc: grpc.RpcError) -> RenderError:
     """The RenderError for a failed call (sync or asyncio); its `rpc_error` is `exc`."""
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
-    error_type = None
+    error_type = error_detail = None
     # (key, value) tuples at run time, whatever grpc's stubs say.
     trailers = cast("Sequence[tuple[str, str | bytes]]", exc.trailing_metadata() or ())
     for key, value in trailers:
         if key == ERROR_TYPE_KEY:
             error_type = value if isinstance(value, str) else value.decode()
-    error = error_from_status(code, exc.details(), error_type)
+        elif key == ERROR_DETAIL_KEY:
+            error_detail = decode_error_detail(value)
+    error = error_from_status(code, exc.details(), error_type, error_detail)
     error.rpc_error = exc  # raised `from None` by the client: see RenderError
     return error
+
+
+def encode_error_detail(detail: dict[str, Any] | None) -> str:
+    """`error_detail` as the Error message's error_detail_json: "" for None."""
+    return "" if detail is None else json.dumps(detail, ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_error_detail(text: str | bytes) -> dict[str, Any] | None:
+    """An error_detail_json (or its trailer); None when empty or not a JSON object."""
+    if not text:
+        return None
+    try:
+        detail = json.loads(text)
+    except ValueError:
+        return None
+    return detail if isinstance(detail, dict) else None

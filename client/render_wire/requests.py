@@ -133,7 +133,9 @@ def encode_sample_request(request: SampleRequest) -> pb.RenderTrainingSampleRequ
     return encode_request(**{field.name: getattr(request, field.name) for field in fields(request)})
 
 
-def encode_message(message: object, field: str, out: pb.Message) -> None:
+def encode_message(message: object, field: str, out: pb.Message, *, with_media: bool = True) -> None:
+    """`message` into `out`. Without `with_media`, media parts go without their data (for a
+    renderer told process_multimodal=False, which renders a placeholder and reads no image)."""
     if not isinstance(message, Mapping):
         raise invalid(field, f"expected a message dict, got {type(message).__name__}")
     if "role" not in message:
@@ -150,7 +152,7 @@ def encode_message(message: object, field: str, out: pb.Message) -> None:
             elif isinstance(value, (list, tuple)):
                 out.parts.SetInParent()
                 for index, part in enumerate(value):
-                    _encode_part(part, f"{field}.content[{index}]", out.parts.parts.add())
+                    _encode_part(part, f"{field}.content[{index}]", out.parts.parts.add(), with_media)
             else:
                 raise invalid(
                     f"{field}.content", f"expected a str, a list of parts or None, got {type(value).__name__}"
@@ -169,7 +171,7 @@ def encode_message(message: object, field: str, out: pb.Message) -> None:
         out.extra_json = dump_json(extra, field)
 
 
-def _encode_part(part: object, field: str, out: pb.ContentPart) -> None:
+def _encode_part(part: object, field: str, out: pb.ContentPart, with_media: bool) -> None:
     if not isinstance(part, Mapping):
         raise invalid(field, f"expected a content part dict, got {type(part).__name__}")
     kind = part.get("type")
@@ -180,7 +182,8 @@ def _encode_part(part: object, field: str, out: pb.ContentPart) -> None:
         media_kind = _MEDIA_KIND_BY_TYPE[kind]
         payload_key, source = _media_source(part, media_kind)
         media = getattr(out, media_kind)
-        media.data = media_bytes(source, f"{field}.{payload_key}")
+        if with_media:
+            media.data = media_bytes(source, f"{field}.{payload_key}")
         media.type = kind
     else:
         raise invalid(
@@ -497,12 +500,22 @@ def _set_chat_template_kwargs(request: ModelRequest, chat_template_kwargs: Mappi
 
 
 def _add_messages(
-    container: RepeatedCompositeFieldContainer[pb.Message], messages: Sequence[Message], field: str
+    container: RepeatedCompositeFieldContainer[pb.Message],
+    messages: Sequence[Message],
+    field: str,
+    with_media: bool = True,
 ) -> None:
     if not isinstance(messages, (list, tuple)):
         raise invalid(field, f"expected a list of message dicts, got {type(messages).__name__}")
     for index, message in enumerate(messages):
-        encode_message(message, f"{field}[{index}]", container.add())
+        encode_message(message, f"{field}[{index}]", container.add(), with_media=with_media)
+
+
+def _set_process_multimodal(request: pb.RenderRequest | pb.BridgeToNextTurnRequest, value: bool | None) -> None:
+    if value is not None:
+        if not isinstance(value, bool):
+            raise invalid("process_multimodal", f"expected a bool, got {type(value).__name__}")
+        request.process_multimodal = value
 
 
 def _set_ids(container: RepeatedScalarFieldContainer[int], ids: Sequence[int], field: str) -> None:
@@ -522,11 +535,14 @@ def encode_render_request(
     add_generation_prompt: bool,
     chat_template_kwargs: Mapping[str, object] | None,
     ids_only: bool,
+    process_multimodal: bool | None = None,
 ) -> pb.RenderRequest:
-    """The request for one Renderer.render (or render_ids) call."""
+    """The request for one Renderer.render (or render_ids) call; `process_multimodal` None
+    leaves the argument out (the renderer's default)."""
     request = pb.RenderRequest(add_generation_prompt=bool(add_generation_prompt), ids_only=ids_only)
     _set_conversation_options(request, model, tools, chat_template_kwargs)
-    _add_messages(request.messages, messages, "messages")
+    _set_process_multimodal(request, process_multimodal)
+    _add_messages(request.messages, messages, "messages", with_media=process_multimodal is not False)
     return request
 
 
@@ -539,6 +555,7 @@ def encode_tokens_request(request: TokensRequest) -> pb.RenderRequest:
         add_generation_prompt=request.add_generation_prompt,
         chat_template_kwargs=request.chat_template_kwargs,
         ids_only=request.ids_only,
+        process_multimodal=request.process_multimodal,
     )
 
 
@@ -569,6 +586,7 @@ def encode_bridge_request(
     tools: Sequence[Mapping[str, object]] | None,
     previous_multi_modal_data: MultiModalDataLike | None,
     chat_template_kwargs: Mapping[str, object] | None,
+    process_multimodal: bool | None = None,
 ) -> bytes:
     """The serialised request for one Renderer.bridge_to_next_turn call.
 
@@ -579,7 +597,8 @@ def encode_bridge_request(
     _set_conversation_options(request, model, tools, chat_template_kwargs)
     _set_ids(request.previous_prompt_ids, previous_prompt_ids, "previous_prompt_ids")
     _set_ids(request.previous_completion_ids, previous_completion_ids, "previous_completion_ids")
-    _add_messages(request.new_messages, new_messages, "new_messages")
+    _set_process_multimodal(request, process_multimodal)
+    _add_messages(request.new_messages, new_messages, "new_messages", with_media=process_multimodal is not False)
     message = WireMessage(request.SerializeToString())
     if previous_multi_modal_data is not None:
         try:
@@ -611,6 +630,7 @@ class RenderArgs:
     conversation: Conversation
     add_generation_prompt: bool
     ids_only: bool
+    process_multimodal: bool | None  # None: not passed
 
 
 @dataclass
@@ -634,6 +654,7 @@ class BridgeArgs:
     previous_multi_modal_data: MultiModalDataLike | None  # renderers.MultiModalData (types' without renderers)
     # The request's size without previous_multi_modal_data: its pixel tensors are no text to limit.
     request_bytes: int
+    process_multimodal: bool | None  # None: not passed
 
 
 def decode_render_request(request: pb.RenderRequest) -> RenderArgs:
@@ -641,6 +662,7 @@ def decode_render_request(request: pb.RenderRequest) -> RenderArgs:
         conversation=decode_conversation(request, request.messages, "messages"),
         add_generation_prompt=request.add_generation_prompt,
         ids_only=request.ids_only,
+        process_multimodal=request.process_multimodal if request.HasField("process_multimodal") else None,
     )
 
 
@@ -675,4 +697,5 @@ def decode_bridge_request(data: bytes) -> BridgeArgs:
         previous_completion_ids=as_list(request.previous_completion_ids),
         previous_multi_modal_data=previous,
         request_bytes=len(rest),
+        process_multimodal=request.process_multimodal if request.HasField("process_multimodal") else None,
     )

@@ -17,7 +17,7 @@ from typing import TypeVar, overload
 import grpc
 from google.protobuf.message import DecodeError
 
-from .errors import RenderError, error_from_status
+from .errors import RenderError, decode_error_detail, encode_error_detail, error_from_status
 from .jsonvalue import JSONValue, dump_json, load_json
 from .pb import render_pb2 as pb
 from .tensors import decode_multi_modal_data, encode_multi_modal_data
@@ -95,7 +95,12 @@ def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage
     `outcome` (RenderResult numbers its fields as RenderTrainingSampleResult does).
     """
     if isinstance(outcome, RenderError):
-        error = pb.Error(code=outcome.code.value[0], message=outcome.details, error_type=outcome.error_type or "")
+        error = pb.Error(
+            code=outcome.code.value[0],
+            message=outcome.details,
+            error_type=outcome.error_type or "",
+            error_detail_json=encode_error_detail(outcome.error_detail),
+        )
         result = WireMessage(pb.RenderTrainingSampleResult(index=index, error=error).SerializeToString())
     else:
         result = WireMessage(pb.RenderTrainingSampleResult(index=index).SerializeToString())
@@ -165,7 +170,9 @@ def _decode_result(
         return result.index, decode_payload(merged(samples))
     error = result.error
     status = _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
-    return result.index, error_from_status(status, error.message, error.error_type or None)
+    return result.index, error_from_status(
+        status, error.message, error.error_type or None, decode_error_detail(error.error_detail_json)
+    )
 
 
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

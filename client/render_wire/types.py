@@ -239,12 +239,22 @@ def result_types() -> ResultTypes:
 
 @dataclass(frozen=True)
 class RendererInfo:
-    """What a server-side renderer declares (DescribeRenderer; ListModels for the default one)."""
+    """What a server-side renderer declares (DescribeRenderer; ListModels for the default one):
+    what a RemoteRenderer needs to stand in for it, besides its methods."""
 
     stop_token_ids: tuple[int, ...]
     is_prefix_stable: bool
     multimodal: bool
     mm_token_type_id_map: dict[int, int]
+    # The renderer's class, e.g. "renderers.qwen3_vl.Qwen3VLRenderer"; empty from an older server.
+    renderer_class: str = ""
+    # renderer.config as model_dump(mode="json") gives it, and the fields set in it explicitly.
+    config: dict[str, JSONValue] = field(default_factory=dict)
+    config_fields_set: tuple[str, ...] = ()
+    # Its other public data attributes and properties with JSON values (supports_tools, ...).
+    attributes: dict[str, JSONValue] = field(default_factory=dict)
+    # Its public attributes whose values cannot travel (a tokenizer, ...).
+    unserved_attributes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -258,6 +268,10 @@ class ModelInfo:
     roles: tuple[str, ...]
     renderer_config: dict[str, JSONValue]
     renderer_info: RendererInfo | None = None  # None from a server without the Renderer protocol
+    # The Hugging Face model whose files these are (and their revision, None: the default
+    # branch); "" when the registry does not say.
+    hub_model: str = ""
+    hub_revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -305,3 +319,4 @@ class TokensRequest:
     add_generation_prompt: bool = False
     chat_template_kwargs: Mapping[str, object] | None = None
     ids_only: bool = False
+    process_multimodal: bool | None = None  # None: not passed (the renderer's default, True)

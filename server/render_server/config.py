@@ -10,7 +10,14 @@ A TOML file with one table per model id:
     enable_thinking = true
 
 VLMs add `image_processor = { path | hub | package = ..., options = {...} }`.
-Relative paths are relative to the file. `default_models.toml` beside this
+Relative paths are relative to the file.
+
+`hub_model = "Qwen/Qwen3-8B"` (and `hub_revision`) declares which Hugging Face
+model's files a path or package source holds; a hub source declares its own.
+ListModels reports it, and render_client.serve_renderers takes a trainer's
+`create_renderer(load_tokenizer("Qwen/Qwen3-8B"), ...)` for this model only
+when it names that model (and its config matches): declare it only for files
+that are that model's. `default_models.toml` beside this
 module is the registry the server loads when given none.
 """
 
@@ -60,6 +67,8 @@ class ModelConfig:
     image_processor: Source | None = None
     image_processor_options: dict[str, Any] = field(default_factory=dict)
     roles: tuple[str, ...] = DEFAULT_ROLES
+    hub_model: str | None = None  # the Hugging Face model whose files these are
+    hub_revision: str | None = None  # ...at this revision (None: its default branch)
 
 
 def load_config(path: Path = DEFAULT_CONFIG_PATH) -> list[ModelConfig]:
@@ -79,7 +88,7 @@ def load_config(path: Path = DEFAULT_CONFIG_PATH) -> list[ModelConfig]:
     return [_model(model_id, table, path.parent) for model_id, table in models.items()]
 
 
-_MODEL_KEYS = {"renderer", "tokenizer", "renderer_options", "image_processor", "roles"}
+_MODEL_KEYS = {"renderer", "tokenizer", "renderer_options", "image_processor", "roles", "hub_model", "hub_revision"}
 _SOURCE_KEYS = {"path", "hub", "revision", "package", "subdir", "options"}
 
 
@@ -105,6 +114,7 @@ def _model(model_id: str, table: Any, base: Path) -> ModelConfig:
     image_processor = processor_options = None
     if "image_processor" in table:
         image_processor, processor_options = _source(table["image_processor"], f"{where}.image_processor", base)
+    hub_model, hub_revision = _hub_model(table, where, tokenizer, image_processor)
     return ModelConfig(
         id=model_id,
         renderer=renderer,
@@ -113,7 +123,38 @@ def _model(model_id: str, table: Any, base: Path) -> ModelConfig:
         image_processor=image_processor,
         image_processor_options=processor_options or {},
         roles=tuple(roles),
+        hub_model=hub_model,
+        hub_revision=hub_revision,
     )
+
+
+def _hub_model(
+    table: dict[str, Any], where: str, tokenizer: Source, image_processor: Source | None
+) -> tuple[str | None, str | None]:
+    """The hub model (and revision) the model's files are: declared, or its hub sources' own."""
+    for key in ("hub_model", "hub_revision"):
+        if key in table and (not isinstance(table[key], str) or not table[key]):
+            raise ConfigError(f"{where}.{key}: must be a non-empty string")
+    if "hub_revision" in table and "hub_model" not in table:
+        raise ConfigError(f"{where}.hub_revision: only goes with hub_model")
+    hub_sources = {
+        name: (source.hub, source.revision)
+        for name, source in (("tokenizer", tokenizer), ("image_processor", image_processor))
+        if source is not None and source.hub is not None
+    }
+    if "hub_model" not in table:
+        # The hub sources' own, when they agree; files from two hub models are neither's.
+        distinct = set(hub_sources.values())
+        return distinct.pop() if len(distinct) == 1 else (None, None)
+    declared = (table["hub_model"], table.get("hub_revision"))
+    for name, own in hub_sources.items():
+        if own != declared:
+            revision = f"@{own[1]}" if own[1] else ""
+            raise ConfigError(
+                f"{where}.hub_model: the {name} comes from hub {own[0]}{revision}; "
+                "hub_model and hub_revision must name the same, or be left out"
+            )
+    return declared
 
 
 def _source(table: Any, where: str, base: Path) -> tuple[Source, dict[str, Any]]:

@@ -45,7 +45,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from render_wire.errors import RenderError, UnavailableError, error_from_status
+from render_wire.errors import (
+    RenderError,
+    UnavailableError,
+    decode_error_detail,
+    encode_error_detail,
+    error_from_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +93,23 @@ class Answer:
     """The render process's answer to a call, or one part of a batch's answer."""
 
     code: grpc.StatusCode
-    body: bytes  # response bytes; for a status, its error_type and details
+    body: bytes  # response bytes; for a status, its error_type, error_detail and details
     last: bool = True
     next_index: int = 0
 
     @classmethod
     def of_error(cls, error: RenderError, next_index: int = 0) -> Answer:
-        return cls(error.code, f"{error.error_type or ''}\n{error.details}".encode(), next_index=next_index)
+        # error_type and error_detail (one-line JSON) hold no newline; details come last.
+        detail = encode_error_detail(error.error_detail)
+        return cls(error.code, f"{error.error_type or ''}\n{detail}\n{error.details}".encode(), next_index=next_index)
 
     def error(self) -> RenderError:
-        error_type, _, details = self.body.decode().partition("\n")
-        return error_from_status(self.code, details, error_type or None)
+        error_type, _, rest = self.body.decode().partition("\n")
+        detail, _, details = rest.partition("\n")
+        return error_from_status(self.code, details, error_type or None, decode_error_detail(detail))
 
 
-_LEFT = Answer(grpc.StatusCode.CANCELLED, b"\nthe caller left")
+_LEFT = Answer(grpc.StatusCode.CANCELLED, b"\n\nthe caller left")
 
 
 def _lost() -> Answer:

@@ -177,10 +177,12 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
 
 
 async def _error(send: Send, error: RenderError) -> None:
-    """Answer `error` as {"code", "message"[, "error_type"]}, with its class's HTTP status."""
-    body = {"code": error.code.name, "message": error.details}
+    """Answer `error` as {"code", "message"[, "error_type"][, "error_detail"]}, with its class's HTTP status."""
+    body: dict[str, object] = {"code": error.code.name, "message": error.details}
     if error.error_type:
         body["error_type"] = error.error_type
+    if error.error_detail is not None:
+        body["error_detail"] = error.error_detail
     await _respond(send, error.http_status, json.dumps(body).encode(), "application/json")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import time
@@ -19,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import renderers
 import transformers
 
 from render_client.fingerprint import tokenizer_fingerprint
-from render_wire.errors import ModelNotFoundError
+from render_wire.errors import ModelNotFoundError, RenderError
+from render_wire.jsonvalue import dump_json
 from render_wire.types import ModelInfo, RendererInfo, ServerModels
 
 from .config import ConfigError, ModelConfig, Source
@@ -88,15 +91,59 @@ class LoadedModel:
         return renderer
 
 
+# What RendererInfo carries in fields of its own, or the protocol's methods: not attributes.
+_DECLARED_APART = frozenset(
+    {
+        "config",
+        "is_prefix_stable",
+        "mm_token_type_id_map",
+        "render",
+        "render_ids",
+        "parse_response",
+        "bridge_to_next_turn",
+        "get_stop_token_ids",
+    }
+)
+
+
 def renderer_info(renderer: Any) -> RendererInfo:
-    """What a renderer declares about itself (DescribeRenderer, ListModels)."""
+    """What a renderer declares about itself (DescribeRenderer, ListModels): what a client
+    needs to stand in for it (its class, config and public attributes), besides its methods."""
     multimodal = renderers.is_multimodal(renderer)
+    config = getattr(renderer, "config", None)
+    attributes, unserved = public_attributes(renderer)
+    renderer_class = type(renderer)
     return RendererInfo(
         stop_token_ids=tuple(renderer.get_stop_token_ids()),
         is_prefix_stable=bool(renderer.is_prefix_stable),
         multimodal=multimodal,
         mm_token_type_id_map=dict(renderer.mm_token_type_id_map) if multimodal else {},
+        renderer_class=f"{renderer_class.__module__}.{renderer_class.__qualname__}",
+        config=config.model_dump(mode="json") if isinstance(config, pydantic.BaseModel) else {},
+        config_fields_set=tuple(sorted(config.model_fields_set)) if isinstance(config, pydantic.BaseModel) else (),
+        attributes=attributes,
+        unserved_attributes=unserved,
     )
+
+
+def public_attributes(renderer: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The renderer's public data attributes and properties (not its methods): those with
+    JSON values by name, and the names of the others (a tokenizer, ...)."""
+    attributes: dict[str, Any] = {}
+    unserved: list[str] = []
+    for name in dir(renderer):
+        if name.startswith("_") or name in _DECLARED_APART:
+            continue
+        value = getattr(renderer, name)
+        if inspect.ismethod(value) or inspect.isfunction(value) or inspect.isbuiltin(value):
+            continue
+        try:
+            dump_json(value, name)
+        except RenderError:
+            unserved.append(name)
+        else:
+            attributes[name] = value
+    return attributes, tuple(unserved)
 
 
 def build_renderer(
@@ -243,6 +290,8 @@ def _load_model(
         roles=config.roles,
         renderer_config=renderer_config.model_dump(mode="json"),
         renderer_info=renderer_info(renderer),
+        hub_model=config.hub_model or "",
+        hub_revision=config.hub_revision,
     )
     return LoadedModel(
         config=config,

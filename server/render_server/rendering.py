@@ -23,7 +23,9 @@ from render_wire.errors import (
     RenderError,
     ResourceExhaustedError,
     UnimplementedError,
+    error_type_name,
     invalid,
+    validation_error_detail,
 )
 from render_wire.requests import BridgeArgs, Conversation, ParseArgs, RenderArgs, RenderArguments
 from render_wire.types import RendererInfo
@@ -67,15 +69,23 @@ def render_tokens(
 ) -> Any:
     """Renderer.render (or render_ids) for a decoded Render request: RenderedTokens either way."""
     conversation = arguments.conversation
-    with _renderer_for(model, conversation, limits, stop_if_cancelled) as renderer:
+    extra = _process_multimodal(arguments.process_multimodal)
+    images = arguments.process_multimodal is not False
+    with _renderer_for(model, conversation, limits, stop_if_cancelled, images=images) as renderer:
         if arguments.ids_only:
             ids = renderer.render_ids(
-                conversation.messages, tools=conversation.tools, add_generation_prompt=arguments.add_generation_prompt
+                conversation.messages,
+                tools=conversation.tools,
+                add_generation_prompt=arguments.add_generation_prompt,
+                **extra,
             )
             rendered = renderers.RenderedTokens(token_ids=ids)
         else:
             rendered = renderer.render(
-                conversation.messages, tools=conversation.tools, add_generation_prompt=arguments.add_generation_prompt
+                conversation.messages,
+                tools=conversation.tools,
+                add_generation_prompt=arguments.add_generation_prompt,
+                **extra,
             )
     check_tokens(len(rendered.token_ids), limits)
     return rendered
@@ -90,8 +100,11 @@ def bridge_to_next_turn(
     if previous is not None and not model.accepts_images:
         raise invalid("previous_multi_modal_data", f"model {model.info.id!r} does not take images")
     check_tokens(len(arguments.previous_prompt_ids) + len(arguments.previous_completion_ids), limits)
-    with _renderer_for(model, conversation, limits, stop_if_cancelled, field="new_messages") as renderer:
-        extra = {"previous_multi_modal_data": previous} if model.accepts_images else {}
+    process = _process_multimodal(arguments.process_multimodal)
+    images = arguments.process_multimodal is not False
+    with _renderer_for(model, conversation, limits, stop_if_cancelled, field="new_messages", images=images) as renderer:
+        extra: dict[str, Any] = {"previous_multi_modal_data": previous} if model.accepts_images else {}
+        extra.update(process)
         bridged = renderer.bridge_to_next_turn(
             arguments.previous_prompt_ids,
             arguments.previous_completion_ids,
@@ -128,11 +141,13 @@ def _renderer_for(
     limits: Limits,
     stop_if_cancelled: Callable[[], None],
     field: str = "messages",
+    images: bool = True,
 ) -> Iterator[Any]:
-    """The renderer for a conversation, ready to render it: roles checked, images decoded, lock held."""
+    """The renderer for a conversation, ready to render it: roles checked, images decoded
+    (unless not `images`: process_multimodal=False, where they carry no data), lock held."""
     _check_roles(model, conversation.messages, field)
     stop_if_cancelled()  # before the images are decoded, the other costly part
-    if model.accepts_images:
+    if model.accepts_images and images:
         # Text renderers ignore images in-process, undecoded; so do we.
         decode_images(conversation.media, limits)
     with _renderer_lock(model, conversation.chat_template_kwargs, stop_if_cancelled, field) as renderer:
@@ -175,7 +190,8 @@ def renderer_error(exc: Exception, field: str) -> RenderError:
     it is a ValueError), and the type in trailing metadata. NotImplementedError
     is UNIMPLEMENTED.
     """
-    error_type = type(exc).__name__
+    name = type(exc).__name__
+    error_type = error_type_name(type(exc))  # with its module unless a builtin: clients rebuild the class
     if isinstance(exc, MemoryError):
         return ResourceExhaustedError(f"{field}: out of memory rendering this sample", error_type=error_type)
     if isinstance(exc, pydantic.ValidationError):  # a renderer config refused a value: name its key
@@ -183,14 +199,20 @@ def renderer_error(exc: Exception, field: str) -> RenderError:
             f"{'.'.join((field, *map(str, error['loc'])))}: {error['msg']} (got {error.get('input')!r})"
             for error in exc.errors(include_url=False)
         )
-        return InvalidArgumentError(details, error_type=error_type)
+        return InvalidArgumentError(details, error_type=error_type, error_detail=validation_error_detail(exc))
     message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     if not isinstance(exc, (ValueError, NotImplementedError)):
-        message = f"{error_type}: {message}" if message else error_type
-    details = f"{field}: {message or error_type}"
+        message = f"{name}: {message}" if message else name
+    details = f"{field}: {message or name}"
     if isinstance(exc, NotImplementedError):
         return UnimplementedError(details, error_type=error_type)
     return InvalidArgumentError(details, error_type=error_type)
+
+
+def _process_multimodal(value: bool | None) -> dict[str, bool]:
+    """The process_multimodal keyword to pass: none unless the caller passed it. The renderer
+    decides what it means, and refuses it (TypeError) where it has no such argument, as in-process."""
+    return {} if value is None else {"process_multimodal": value}
 
 
 def _check_roles(model: LoadedModel, messages: list[dict[str, Any]], field: str) -> None:

@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from render_wire.errors import ERROR_TYPE_KEY, RenderError
+from render_wire.errors import ERROR_DETAIL_KEY, ERROR_TYPE_KEY, RenderError, encode_error_detail
 from render_wire.identity import encode_identity
 from render_wire.models import encode_models
 from render_wire.pb import render_pb2 as pb
@@ -145,8 +145,13 @@ def _cancel_when_gone(context: grpc.ServicerContext, cancel: Callable[[], None])
 
 def abort(context: grpc.ServicerContext, error: RenderError) -> NoReturn:
     """End the call with the error's status and one-line details."""
+    trailers: list[tuple[str, str | bytes]] = []
     if error.error_type:
-        context.set_trailing_metadata(((ERROR_TYPE_KEY, error.error_type),))
+        trailers.append((ERROR_TYPE_KEY, error.error_type))
+    if error.error_detail is not None:
+        trailers.append((ERROR_DETAIL_KEY, encode_error_detail(error.error_detail).encode()))
+    if trailers:
+        context.set_trailing_metadata(tuple(trailers))
     context.abort(error.code, error.details)
 
 

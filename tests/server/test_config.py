@@ -21,6 +21,13 @@ def test_the_default_registry_names_the_four_offline_models() -> None:
     assert models["qwen3-vl"].image_processor_options == {"backend": "pil"}
     assert models["qwen3"].roles == DEFAULT_ROLES
     assert "developer" in models["deepseek-v4"].roles
+    # The hub models the packaged files are, for render_client.serve_renderers.
+    assert {model.id: (model.hub_model, model.hub_revision) for model in models.values()} == {
+        "qwen3": ("Qwen/Qwen3-8B", None),
+        "qwen3-vl": ("Qwen/Qwen3-VL-8B-Instruct", None),
+        "deepseek-v4": ("deepseek-ai/DeepSeek-V4-Flash-0731", None),
+        "qwen3-template": ("Qwen/Qwen3-8B", None),
+    }
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -48,6 +55,34 @@ enable_thinking = false
     assert a.tokenizer == Source(hub="Qwen/Qwen3-8B", revision="main")
     assert b.tokenizer == Source(path=tmp_path / "tok")
     assert b.renderer_options == {"enable_thinking": False} and b.roles == ("user", "assistant")
+    # A hub source declares the hub model it is; a path declares none unless told.
+    assert (a.hub_model, a.hub_revision) == ("Qwen/Qwen3-8B", "main") and b.hub_model is None
+
+
+def test_hub_model_declares_what_local_files_are(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[models.local]
+renderer = "qwen3-vl"
+hub_model = "Qwen/Qwen3-VL-8B-Instruct"
+hub_revision = "abc123"
+tokenizer = { path = "tok" }
+image_processor = { path = "tok" }
+[models.same]
+renderer = "qwen3"
+hub_model = "Qwen/Qwen3-8B"
+tokenizer = { hub = "Qwen/Qwen3-8B" }
+[models.mixed]
+renderer = "qwen3-vl"
+tokenizer = { hub = "Qwen/Qwen3-8B" }
+image_processor = { hub = "Qwen/Qwen3-VL-8B-Instruct" }
+""",
+    )
+    local, same, mixed = load_config(path)
+    assert (local.hub_model, local.hub_revision) == ("Qwen/Qwen3-VL-8B-Instruct", "abc123")
+    assert (same.hub_model, same.hub_revision) == ("Qwen/Qwen3-8B", None)
+    assert mixed.hub_model is None  # files of two hub models are neither's
 
 
 @pytest.mark.parametrize(
@@ -64,6 +99,12 @@ enable_thinking = false
         ('[models.a]\nrenderer = "qwen3"\ntokenizer = { hub = "x" }\nroles = []', "models.a.roles"),
         ('[models.a]\nrenderer = "qwen3"\ntokenizer = { hub = "x" }\nspeed = 1', "models.a: unknown keys"),
         ('other = 1\n[models.a]\nrenderer = "qwen3"\ntokenizer = { hub = "x" }', "unknown top-level keys"),
+        ('[models.a]\nrenderer = "qwen3"\ntokenizer = { path = "y" }\nhub_model = ""', "models.a.hub_model: must be"),
+        ('[models.a]\nrenderer = "qwen3"\ntokenizer = { path = "y" }\nhub_revision = "r"', "hub_revision: only goes"),
+        (
+            '[models.a]\nrenderer = "qwen3"\ntokenizer = { hub = "x" }\nhub_model = "y"',
+            "models.a.hub_model: the tokenizer comes from hub x",
+        ),
     ],
 )
 def test_malformed_registries_name_the_key(tmp_path: Path, text: str, problem: str) -> None:

@@ -290,3 +290,22 @@ def test_calls_go_to_the_render_process_not_held_by_a_long_render() -> None:
         "second",
         "second",
     )
+
+
+def test_an_error_crosses_to_the_grpc_process_with_its_type_and_detail() -> None:
+    detail = {
+        "title": "Qwen3RendererConfig",
+        "errors": [{"type": "bool_parsing", "loc": ["enable_thinking"], "input": "x"}],
+    }
+    for error in (
+        InvalidArgumentError(
+            "chat_template_kwargs.enable_thinking: no",
+            error_type="pydantic_core._pydantic_core.ValidationError",
+            error_detail=detail,
+        ),
+        InvalidArgumentError("messages: UndefinedError: x", error_type="jinja2.exceptions.UndefinedError"),
+        UnavailableError("going away"),
+    ):
+        crossed = Answer.of_error(error).error()
+        assert isinstance(crossed, type(error)) and (crossed.code, crossed.details) == (error.code, error.details)
+        assert (crossed.error_type, crossed.error_detail) == (error.error_type, error.error_detail)

@@ -146,7 +146,8 @@ def test_renderer_errors_carry_the_exception_type(stub: RenderServiceStub) -> No
     bad, _, _ = CASES["renderer rejects"]
     with pytest.raises(grpc.RpcError) as caught:
         stub.RenderTrainingSample(bad, timeout=60)
-    assert ("render-error-type", "UndefinedError") in tuple(caught.value.trailing_metadata())
+    # jinja2's class with its module, for clients to rebuild it (render_wire.errors).
+    assert ("render-error-type", "jinja2.exceptions.UndefinedError") in tuple(caught.value.trailing_metadata())
 
 
 def test_text_models_ignore_images_as_renderers_does_without_decoding_them(stub: RenderServiceStub) -> None:

@@ -41,7 +41,11 @@ from render_server.rendering import renderer_error
 )
 def test_renderer_exceptions_map_to_statuses(exc: Exception, code: grpc.StatusCode, details: str) -> None:
     error = renderer_error(exc, "messages")
-    assert error.code == code and error.details == details and error.error_type == type(exc).__name__
+    assert error.code == code and error.details == details
+    # Builtins by name; other libraries' classes with their module, for the client to rebuild.
+    module = type(exc).__module__
+    assert error.error_type == (type(exc).__name__ if module == "builtins" else f"{module}.{type(exc).__qualname__}")
+    assert error.error_detail is None
 
 
 def test_a_renderer_config_refusing_chat_template_kwargs_names_each_key() -> None:
@@ -50,5 +54,13 @@ def test_a_renderer_config_refusing_chat_template_kwargs_names_each_key() -> Non
         renderers.merge_chat_template_kwargs(renderers.config_from_name("qwen3"), {"enable_thinking": [1]})
     assert "\n" in str(caught.value)
     error = renderer_error(caught.value, "chat_template_kwargs")
-    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.error_type == "ValidationError"
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.error_type == "pydantic_core._pydantic_core.ValidationError"
     assert error.details == "chat_template_kwargs.enable_thinking: Input should be a valid boolean (got [1])"
+    # What rebuilds the same ValidationError on the client: its title and errors.
+    assert error.error_detail == {
+        "title": caught.value.title,
+        "errors": [
+            {"type": "bool_type", "loc": ["enable_thinking"], "msg": "Input should be a valid boolean", "input": [1]}
+        ],
+    }

@@ -159,3 +159,64 @@ def test_a_failed_call_s_error_is_reachable_though_raised_from_none(server: Serv
         asyncio.run(render_async())
     rpc_error = raised.value.rpc_error
     assert isinstance(rpc_error, grpc.RpcError) and rpc_error.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- another library's exception classes ---------------------------------------------------
+
+
+def test_a_library_s_exception_comes_back_as_that_class_when_the_caller_has_it() -> None:
+    import jinja2  # imported: code that catches jinja2's errors has it
+
+    for cls in (
+        jinja2.exceptions.UndefinedError,
+        jinja2.exceptions.TemplateSyntaxError,
+        jinja2.exceptions.TemplateError,
+    ):
+        error_type = errors.error_type_name(cls)
+        assert error_type == f"jinja2.exceptions.{cls.__name__}"
+        error = error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "messages: boom", error_type)
+        assert (
+            isinstance(error, cls)
+            and isinstance(error, jinja2.TemplateError)
+            and isinstance(error, InvalidArgumentError)
+        )
+        assert str(error) == "messages: boom" and error.error_type == error_type
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and isinstance(copy, cls)
+    # Builtins keep their bare name (as servers before this one sent them).
+    assert errors.error_type_name(KeyError) == "KeyError"
+
+
+def test_a_class_whose_module_is_not_imported_is_not_imported_for_it() -> None:
+    import sys
+
+    for error_type in ("no_such_module.Error", "os.path", "builtins.print", "json.decoder.JSONDecodeError.nope"):
+        error = error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "messages: x", error_type)
+        assert type(error) is InvalidArgumentError, error_type
+    assert "no_such_module" not in sys.modules
+
+
+def test_pydantic_s_validation_error_is_rebuilt_with_its_errors() -> None:
+    import pydantic
+    import renderers
+
+    with pytest.raises(pydantic.ValidationError) as raised:
+        renderers.merge_chat_template_kwargs(renderers.Qwen3RendererConfig(), {"enable_thinking": "maybe"})
+    original = raised.value
+    detail = errors.validation_error_detail(original)
+    assert detail is not None and errors.validation_error_detail(ValueError("x")) is None
+    error_type = errors.error_type_name(type(original))
+    # As a unary call's trailers carry them (the detail as binary JSON), and as a stream's Error does.
+    trailers = (
+        (errors.ERROR_TYPE_KEY, error_type),
+        (errors.ERROR_DETAIL_KEY, errors.encode_error_detail(detail).encode()),
+    )
+    from_call = error_from_rpc(
+        FailedCall(grpc.StatusCode.INVALID_ARGUMENT, "chat_template_kwargs.enable_thinking: x", trailers)
+    )
+    for error in (from_call, pickle.loads(pickle.dumps(from_call))):
+        assert isinstance(error, pydantic.ValidationError) and isinstance(error, InvalidArgumentError)
+        assert error.errors() == original.errors() and error.title == original.title
+        assert str(error) == "chat_template_kwargs.enable_thinking: x" and error.details == str(error)
+    # Without the detail (an older server), a plain InvalidArgumentError: still a ValueError.
+    assert type(error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "x", error_type)) is InvalidArgumentError

@@ -222,3 +222,42 @@ def test_the_server_refuses_malformed_requests_naming_the_field(mutate: Any, fie
         decode_request(_request_with(mutate))
     assert str(caught.value).startswith(field)
     assert "\n" not in str(caught.value)
+
+
+def test_process_multimodal_travels_only_when_passed_and_false_sends_no_image() -> None:
+    from render_wire.requests import (
+        decode_bridge_request,
+        decode_render_request,
+        encode_bridge_request,
+        encode_render_request,
+    )
+
+    image = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]
+
+    def render(process: bool | None) -> Any:
+        request = encode_render_request(
+            "m", messages, tools=None, add_generation_prompt=True, chat_template_kwargs=None, ids_only=False,
+            process_multimodal=process,
+        )  # fmt: skip
+        return decode_render_request(pb.RenderRequest.FromString(request.SerializeToString()))
+
+    # False: the image part goes as an image part with no data (a URL is not refused: it is not sent).
+    placeholder = render(False)
+    assert placeholder.process_multimodal is False
+    assert placeholder.conversation.messages[0]["content"][1] == {"type": "image_url", "image": b""}
+    # True, or unset (the renderer's default): the image itself must go, and a URL is refused before
+    # anything is sent.
+    for process in (True, None):
+        with pytest.raises(InvalidArgumentError, match=r"messages\[0\]\.content\[1\]\.image_url: URLs"):
+            render(process)
+    image["image_url"] = {"url": "data:image/png;base64," + base64.b64encode(b"\x89PNG...").decode()}
+    assert render(None).process_multimodal is None and render(True).process_multimodal is True
+    assert render(None).conversation.messages[0]["content"][1] == {"type": "image_url", "image": b"\x89PNG..."}
+    bridged = decode_bridge_request(
+        encode_bridge_request(
+            "m", [1, 2], [3], messages, tools=None, previous_multi_modal_data=None, chat_template_kwargs=None,
+            process_multimodal=False,
+        )
+    )  # fmt: skip
+    assert bridged.process_multimodal is False and bridged.conversation.messages[0]["content"][1]["image"] == b""

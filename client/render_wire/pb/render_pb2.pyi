@@ -134,14 +134,16 @@ class RenderTrainingSampleResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., sample: _Optional[_Union[RenderedTrainingSample, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "error_type")
+    __slots__ = ("code", "message", "error_type", "error_detail_json")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     error_type: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., error_type: _Optional[str] = ...) -> None: ...
+    error_detail_json: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., error_type: _Optional[str] = ..., error_detail_json: _Optional[str] = ...) -> None: ...
 
 class RenderedTrainingSample(_message.Message):
     __slots__ = ("token_ids", "loss_mask", "multi_modal_data", "mm_token_type_ids")
@@ -256,7 +258,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., renderers_version: _Optional[str] = ..., transformers_version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "renderer", "accepts_images", "tokenizer_fingerprint", "roles", "renderer_config_json", "renderer_info")
+    __slots__ = ("id", "renderer", "accepts_images", "tokenizer_fingerprint", "roles", "renderer_config_json", "renderer_info", "hub_model", "hub_revision")
     ID_FIELD_NUMBER: _ClassVar[int]
     RENDERER_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +266,8 @@ class ModelInfo(_message.Message):
     ROLES_FIELD_NUMBER: _ClassVar[int]
     RENDERER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     RENDERER_INFO_FIELD_NUMBER: _ClassVar[int]
+    HUB_MODEL_FIELD_NUMBER: _ClassVar[int]
+    HUB_REVISION_FIELD_NUMBER: _ClassVar[int]
     id: str
     renderer: str
     accepts_images: bool
@@ -271,19 +275,31 @@ class ModelInfo(_message.Message):
     roles: _containers.RepeatedScalarFieldContainer[str]
     renderer_config_json: str
     renderer_info: RendererInfo
-    def __init__(self, id: _Optional[str] = ..., renderer: _Optional[str] = ..., accepts_images: _Optional[bool] = ..., tokenizer_fingerprint: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., renderer_config_json: _Optional[str] = ..., renderer_info: _Optional[_Union[RendererInfo, _Mapping]] = ...) -> None: ...
+    hub_model: str
+    hub_revision: str
+    def __init__(self, id: _Optional[str] = ..., renderer: _Optional[str] = ..., accepts_images: _Optional[bool] = ..., tokenizer_fingerprint: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., renderer_config_json: _Optional[str] = ..., renderer_info: _Optional[_Union[RendererInfo, _Mapping]] = ..., hub_model: _Optional[str] = ..., hub_revision: _Optional[str] = ...) -> None: ...
 
 class RendererInfo(_message.Message):
-    __slots__ = ("stop_token_ids", "is_prefix_stable", "multimodal", "mm_token_type_id_map")
+    __slots__ = ("stop_token_ids", "is_prefix_stable", "multimodal", "mm_token_type_id_map", "renderer_class", "config_json", "config_fields_set", "attributes_json", "unserved_attributes")
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     IS_PREFIX_STABLE_FIELD_NUMBER: _ClassVar[int]
     MULTIMODAL_FIELD_NUMBER: _ClassVar[int]
     MM_TOKEN_TYPE_ID_MAP_FIELD_NUMBER: _ClassVar[int]
+    RENDERER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELDS_SET_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_JSON_FIELD_NUMBER: _ClassVar[int]
+    UNSERVED_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     is_prefix_stable: bool
     multimodal: bool
     mm_token_type_id_map: _containers.RepeatedCompositeFieldContainer[TokenTypeEntry]
-    def __init__(self, stop_token_ids: _Optional[_Iterable[int]] = ..., is_prefix_stable: _Optional[bool] = ..., multimodal: _Optional[bool] = ..., mm_token_type_id_map: _Optional[_Iterable[_Union[TokenTypeEntry, _Mapping]]] = ...) -> None: ...
+    renderer_class: str
+    config_json: str
+    config_fields_set: _containers.RepeatedScalarFieldContainer[str]
+    attributes_json: str
+    unserved_attributes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stop_token_ids: _Optional[_Iterable[int]] = ..., is_prefix_stable: _Optional[bool] = ..., multimodal: _Optional[bool] = ..., mm_token_type_id_map: _Optional[_Iterable[_Union[TokenTypeEntry, _Mapping]]] = ..., renderer_class: _Optional[str] = ..., config_json: _Optional[str] = ..., config_fields_set: _Optional[_Iterable[str]] = ..., attributes_json: _Optional[str] = ..., unserved_attributes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenTypeEntry(_message.Message):
     __slots__ = ("token_id", "type_id")
@@ -302,20 +318,22 @@ class DescribeRendererRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
 
 class RenderRequest(_message.Message):
-    __slots__ = ("model", "messages", "tools_json", "add_generation_prompt", "chat_template_kwargs_json", "ids_only")
+    __slots__ = ("model", "messages", "tools_json", "add_generation_prompt", "chat_template_kwargs_json", "ids_only", "process_multimodal")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     IDS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_MULTIMODAL_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     tools_json: str
     add_generation_prompt: bool
     chat_template_kwargs_json: str
     ids_only: bool
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ..., ids_only: _Optional[bool] = ...) -> None: ...
+    process_multimodal: bool
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ..., ids_only: _Optional[bool] = ..., process_multimodal: _Optional[bool] = ...) -> None: ...
 
 class RenderResponse(_message.Message):
     __slots__ = ("tokens",)
@@ -434,7 +452,7 @@ class TokenSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class BridgeToNextTurnRequest(_message.Message):
-    __slots__ = ("model", "previous_prompt_ids", "previous_completion_ids", "new_messages", "tools_json", "previous_multi_modal_data", "chat_template_kwargs_json")
+    __slots__ = ("model", "previous_prompt_ids", "previous_completion_ids", "new_messages", "tools_json", "previous_multi_modal_data", "chat_template_kwargs_json", "process_multimodal")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_COMPLETION_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -442,6 +460,7 @@ class BridgeToNextTurnRequest(_message.Message):
     TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_MULTI_MODAL_DATA_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_MULTIMODAL_FIELD_NUMBER: _ClassVar[int]
     model: str
     previous_prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     previous_completion_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -449,7 +468,8 @@ class BridgeToNextTurnRequest(_message.Message):
     tools_json: str
     previous_multi_modal_data: MultiModalData
     chat_template_kwargs_json: str
-    def __init__(self, model: _Optional[str] = ..., previous_prompt_ids: _Optional[_Iterable[int]] = ..., previous_completion_ids: _Optional[_Iterable[int]] = ..., new_messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., previous_multi_modal_data: _Optional[_Union[MultiModalData, _Mapping]] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
+    process_multimodal: bool
+    def __init__(self, model: _Optional[str] = ..., previous_prompt_ids: _Optional[_Iterable[int]] = ..., previous_completion_ids: _Optional[_Iterable[int]] = ..., new_messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., previous_multi_modal_data: _Optional[_Union[MultiModalData, _Mapping]] = ..., chat_template_kwargs_json: _Optional[str] = ..., process_multimodal: _Optional[bool] = ...) -> None: ...
 
 class BridgeToNextTurnResponse(_message.Message):
     __slots__ = ("tokens",)

@@ -148,7 +148,8 @@ class RenderServiceServicer:
 
     def DescribeRenderer(self, request, context):
         """What the renderer for a model and chat-template kwargs declares:
-        get_stop_token_ids, is_prefix_stable, mm_token_type_id_map.
+        get_stop_token_ids, is_prefix_stable, mm_token_type_id_map, its class,
+        config and public attributes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
