@@ -1,6 +1,6 @@
 """The HTTP port, served by uvicorn in a process of its own beside the gRPC workers.
 
-    GET  /healthz                   200 while the process runs
+    GET  /healthz                   200 while the supervisor and every worker are alive (status.py), else 503
     GET  /readyz                    200 when every worker serves and the server is not draining, else 503
     GET  /metrics                   Prometheus text, all processes added up
     POST /v1/render_training_sample a RenderTrainingSampleRequest in the protobuf JSON mapping;
@@ -89,7 +89,8 @@ class HttpApp:
             return
         route = (scope["method"], scope["path"])
         if route == ("GET", "/healthz"):
-            await _respond(send, 200, b"ok\n")
+            alive, reason = self._status.liveness()
+            await _respond(send, 200 if alive else 503, (reason + "\n").encode())
         elif route == ("GET", "/readyz"):
             ready, reason = self._status.readiness()
             await _respond(send, 200 if ready else 503, (reason + "\n").encode())
@@ -135,30 +136,31 @@ class HttpApp:
                 ),
             )
             return
-        request = route.request_class()
-        try:
-            json_format.Parse(body, request)
-        except (json_format.ParseError, UnicodeDecodeError) as exc:
-            message = str(exc).splitlines()[0] if str(exc) else "not valid JSON"
-            await _error(send, InvalidArgumentError(f"request: {message}"))
-            return
         method = f"http:{route.method}"  # its label in the metrics
 
-        def render_to_json() -> str:
+        def render_to_json() -> bytes:
+            # Off the event loop, parsing and encoding included: a large body or answer takes a while,
+            # and /healthz and /readyz must not wait.
+            request = route.request_class()
+            try:
+                json_format.Parse(body, request)
+            except (json_format.ParseError, UnicodeDecodeError) as exc:
+                message = str(exc).splitlines()[0] if str(exc) else "not valid JSON"
+                raise InvalidArgumentError(f"request: {message}") from None
             with IN_FLIGHT.labels(method).track_inprogress():
                 if route.kind is None:
                     answer = encode_response(self._pipeline.render(request, method=method))
                 else:
                     answer = self._pipeline.call(route.kind, request.SerializeToString(), method=method)
             response = route.response_class.FromString(answer)
-            return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
+            return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None).encode()
 
         try:
-            text = await asyncio.get_running_loop().run_in_executor(self._renders, render_to_json)
+            answer = await asyncio.get_running_loop().run_in_executor(self._renders, render_to_json)
         except RenderError as exc:
             await _error(send, exc)
             return
-        await _respond(send, 200, text.encode(), "application/json")
+        await _respond(send, 200, answer, "application/json")
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -184,6 +186,9 @@ async def _error(send: Send, error: RenderError) -> None:
     await _respond(send, error.http_status, json.dumps(body).encode(), "application/json")
 
 
+_PIECE = 1 << 20  # bytes of an answer handed to the server at once
+
+
 async def _respond(
     send: Send,
     status: int,
@@ -195,10 +200,18 @@ async def _respond(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type.encode()), *(headers or [])],
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    # In pieces: a JSON answer with pixel tensors runs to hundreds of MiB, which TLS encrypts on the
+    # event loop; between pieces (and while the client catches up) the loop answers health probes.
+    for start in range(0, max(len(body), 1), _PIECE):
+        end = start + _PIECE
+        await send({"type": "http.response.body", "body": body[start:end], "more_body": end < len(body)})
 
 
 def serve_http(app: HttpApp, sock: socket.socket, tls: TlsFiles | None, grace: float) -> None:
