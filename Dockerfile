@@ -50,8 +50,9 @@ ENV PATH=/opt/render-service/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/render
 # 50051: gRPC (RenderService, grpc.health.v1.Health, reflection).
-# 8080: HTTP (/healthz, /readyz, /metrics).
-EXPOSE 50051 8080
+# 8080: HTTP (/healthz, /readyz, /metrics). 8081: /healthz and /readyz alone, with
+# --health-port 8081 (deploy/k8s passes it; its probes go there).
+EXPOSE 50051 8080 8081
 # The standard gRPC health service, as Kubernetes' grpc probes ask it. Loading the
 # models (hub downloads) can take minutes: hence the long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \

@@ -24,6 +24,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from render_wire.compact import materialize_all
 from render_wire.errors import CallCancelledError, ModelNotFoundError, RenderError, error_from_rpc
+from render_wire.identity import decode_identity
 from render_wire.jsonvalue import dump_json
 from render_wire.models import decode_models, decode_renderer_info
 from render_wire.pb import render_pb2 as pb
@@ -46,6 +47,7 @@ from render_wire.types import (
 
 from .async_streams import CALL_CANCELLED, cancelled_by_grpc, render_many
 from .channel import ChannelOptions, Connection, deadline_for, remaining
+from .consistency import Pins
 from .renderer import AsyncRemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 
@@ -75,6 +77,7 @@ class AsyncRenderClient:
         self._compact_tensors = compact_tensors
         self._models: ServerModels | None = None
         self._renderer_infos: dict[tuple[str, str], RendererInfo] = {}
+        self._pins = Pins()  # each model's fingerprint as the first replica to answer declared it
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> AsyncRemoteRenderer:
         """The server's renderer for `model`, with renderers' protocol methods awaitable (renderer.py);
@@ -89,7 +92,7 @@ class AsyncRenderClient:
             default = (await self._model_info(model)).renderer_info if not chat_template_kwargs else None
             if default is None:
                 request = encode_describe_request(model, chat_template_kwargs)
-                default = decode_renderer_info(await self._call("DescribeRenderer", request, None))
+                default = decode_renderer_info(await self._call("DescribeRenderer", request, None, model))
             info = self._renderer_infos[key] = default
         return info
 
@@ -104,7 +107,9 @@ class AsyncRenderClient:
 
     async def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
-        sample = decode_response(await self._call("RenderTrainingSample", encode_sample_request(request), timeout))
+        sample = decode_response(
+            await self._call("RenderTrainingSample", encode_sample_request(request), timeout, request.model)
+        )
         return sample if self._compact_tensors else materialize_all(sample)
 
     async def render_tokens(
@@ -129,7 +134,7 @@ class AsyncRenderClient:
             ids_only=ids_only,
             process_multimodal=process_multimodal,
         )
-        return self._tensors(decode_tokens_response(await self._call("Render", request, timeout)))
+        return self._tensors(decode_tokens_response(await self._call("Render", request, timeout, model)))
 
     async def parse_response(
         self,
@@ -145,7 +150,7 @@ class AsyncRenderClient:
         request = encode_parse_request(
             model, token_ids, tools=tools, prompt_ids=prompt_ids, chat_template_kwargs=chat_template_kwargs
         )
-        return decode_parsed_response(await self._call("ParseResponse", request, timeout))
+        return decode_parsed_response(await self._call("ParseResponse", request, timeout, model))
 
     async def bridge_to_next_turn(
         self,
@@ -171,19 +176,28 @@ class AsyncRenderClient:
             chat_template_kwargs=chat_template_kwargs,
             process_multimodal=process_multimodal,
         )
-        return self._tensors(decode_tokens_response(await self._call("BridgeToNextTurn", request, timeout)))
+        return self._tensors(decode_tokens_response(await self._call("BridgeToNextTurn", request, timeout, model)))
 
     def _tensors(self, result: Any) -> Any:
         return result if self._compact_tensors else materialize_all(result)
 
-    async def _call(self, method: str, request: ProtoMessage | bytes, timeout: float | None) -> Any:
-        """A unary call of `method`, resent while the server is restarting or going away (as RenderClient's)."""
+    async def _call(
+        self, method: str, request: ProtoMessage | bytes, timeout: float | None, model: str | None = None
+    ) -> Any:
+        """A unary call of `method`, resent while the server is restarting or going away (as RenderClient's);
+        the answer about `model` checked against the replicas that answered before (consistency.py)."""
         deadline = deadline_for(timeout or self._timeout)
         attempt = 0
         while True:
             try:
                 stub = getattr(self._connection.next_stub(), method)
-                return await stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
+                call = stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
+                response = await call
+                if model is not None:
+                    mismatch = self._pins.check(model, decode_identity(await call.trailing_metadata()))
+                    if mismatch is not None:
+                        raise mismatch
+                return response
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             except asyncio.CancelledError:
@@ -234,6 +248,7 @@ class AsyncRenderClient:
             timeout=timeout,
             metadata=self._connection.metadata,
             return_exceptions=return_exceptions,
+            check=self._pins.check,
         )
         return results if self._compact_tensors else _materialized(results)
 

@@ -24,6 +24,7 @@ import grpc
 
 from render_wire.compact import materialize_all
 from render_wire.errors import ModelNotFoundError, RenderError, error_from_rpc
+from render_wire.identity import decode_identity
 from render_wire.jsonvalue import dump_json
 from render_wire.models import decode_models, decode_renderer_info
 from render_wire.pb import render_pb2 as pb
@@ -45,6 +46,7 @@ from render_wire.types import (
 )
 
 from .channel import ChannelOptions, Connection, ConnectionSettings, deadline_for, remaining
+from .consistency import Pins
 from .renderer import RemoteRenderer, remote_renderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 from .sync_streams import render_many
@@ -98,6 +100,8 @@ class RenderClient:
         # What the server declares, kept across forks and pickling: it does not change.
         self._models: ServerModels | None = None
         self._renderer_infos: dict[tuple[str, str], RendererInfo] = {}
+        # Each model's fingerprint as the first replica to answer declared it: kept across forks and pickling.
+        self._pins = Pins()
 
     @property
     def _connection(self) -> Connection:
@@ -152,14 +156,14 @@ class RenderClient:
             default = self._model_info(model).renderer_info if not chat_template_kwargs else None
             if default is None:
                 request = encode_describe_request(model, chat_template_kwargs)
-                default = decode_renderer_info(self._call("DescribeRenderer", request, None))
+                default = decode_renderer_info(self._call("DescribeRenderer", request, None, model))
             info = self._renderer_infos[key] = default
         return info
 
     def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
         return self._tensors(
-            decode_response(self._call("RenderTrainingSample", encode_sample_request(request), timeout))
+            decode_response(self._call("RenderTrainingSample", encode_sample_request(request), timeout, request.model))
         )
 
     def render_tokens(
@@ -185,7 +189,7 @@ class RenderClient:
             ids_only=ids_only,
             process_multimodal=process_multimodal,
         )
-        return self._tensors(decode_tokens_response(self._call("Render", request, timeout)))
+        return self._tensors(decode_tokens_response(self._call("Render", request, timeout, model)))
 
     def parse_response(
         self,
@@ -201,7 +205,7 @@ class RenderClient:
         request = encode_parse_request(
             model, token_ids, tools=tools, prompt_ids=prompt_ids, chat_template_kwargs=chat_template_kwargs
         )
-        return decode_parsed_response(self._call("ParseResponse", request, timeout))
+        return decode_parsed_response(self._call("ParseResponse", request, timeout, model))
 
     def bridge_to_next_turn(
         self,
@@ -227,19 +231,28 @@ class RenderClient:
             chat_template_kwargs=chat_template_kwargs,
             process_multimodal=process_multimodal,
         )
-        return self._tensors(decode_tokens_response(self._call("BridgeToNextTurn", request, timeout)))
+        return self._tensors(decode_tokens_response(self._call("BridgeToNextTurn", request, timeout, model)))
 
-    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """A unary call of `method`, resent while the server is restarting or going away."""
+    def _call(self, method: str, request: Any, timeout: float | None, model: str | None = None) -> Any:
+        """A unary call of `method`, resent while the server is restarting or going away.
+
+        The answer about `model` is checked against the replicas that answered before (consistency.py).
+        """
         connection = self._connection
         deadline = deadline_for(timeout or self._timeout)
         attempt = 0
         while True:
             try:
                 stub = getattr(connection.next_stub(), method)
-                return stub(request, timeout=remaining(deadline), metadata=connection.metadata)
+                response, call = stub.with_call(request, timeout=remaining(deadline), metadata=connection.metadata)
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
+            else:
+                if model is not None:
+                    mismatch = self._pins.check(model, decode_identity(call.trailing_metadata()))
+                    if mismatch is not None:
+                        raise mismatch
+                return response
             delay = connection.resend_delay(error, attempt, deadline)
             if delay is None:
                 raise error
@@ -292,6 +305,7 @@ class RenderClient:
             timeout=timeout,
             metadata=connection.metadata,
             return_exceptions=return_exceptions,
+            check=self._pins.check,
         )
         return results if self._compact_tensors else _materialized(results)
 

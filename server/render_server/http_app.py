@@ -1,6 +1,6 @@
 """The HTTP port, served by uvicorn in a process of its own beside the gRPC workers.
 
-    GET  /healthz                   200 while the process runs
+    GET  /healthz                   200 while the supervisor and every worker are alive (status.py), else 503
     GET  /readyz                    200 when every worker serves and the server is not draining, else 503
     GET  /metrics                   Prometheus text, all processes added up
     POST /v1/render_training_sample a RenderTrainingSampleRequest in the protobuf JSON mapping;
@@ -73,7 +73,8 @@ class HttpApp:
             return
         route = (scope["method"], scope["path"])
         if route == ("GET", "/healthz"):
-            await _respond(send, 200, b"ok\n")
+            alive, reason = self._status.liveness()
+            await _respond(send, 200 if alive else 503, (reason + "\n").encode())
         elif route == ("GET", "/readyz"):
             ready, reason = self._status.readiness()
             await _respond(send, 200 if ready else 503, (reason + "\n").encode())
@@ -151,6 +152,9 @@ async def _error(send: Send, error: RenderError) -> None:
     await _respond(send, error.http_status, json.dumps(body).encode(), "application/json")
 
 
+_PIECE = 1 << 20  # bytes of an answer handed to the server at once
+
+
 async def _respond(
     send: Send,
     status: int,
@@ -162,10 +166,18 @@ async def _respond(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type.encode()), *(headers or [])],
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    # In pieces: a JSON answer with pixel tensors runs to hundreds of MiB, which TLS encrypts on the
+    # event loop; between pieces (and while the client catches up) the loop answers health probes.
+    for start in range(0, max(len(body), 1), _PIECE):
+        end = start + _PIECE
+        await send({"type": "http.response.body", "body": body[start:end], "more_body": end < len(body)})
 
 
 def serve_http(

@@ -9,6 +9,7 @@ swapped: a VLM renderer's image cache, for one bounded in bytes (image_cache.py)
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -61,6 +62,7 @@ class LoadedModel:
     processor: ImageProcessorOnly | None
     info: ModelInfo
     image_cache: ImageCache | None = None  # its renderers' processed images, bounded per process (image_cache.py)
+    fingerprint: str = ""  # model_fingerprint: declared with every answer (render_wire/identity.py)
     _variants: OrderedDict[str, Any] = field(default_factory=OrderedDict)
     _variant_bytes: int = 0  # the canonical JSON of the kept variants' kwargs
 
@@ -235,6 +237,10 @@ class ModelRegistry:
     def describe(self) -> ServerModels:
         return self._description
 
+    def fingerprints(self) -> dict[str, str]:
+        """model id -> its model_fingerprint."""
+        return {model_id: model.fingerprint for model_id, model in self._models.items()}
+
 
 def _loading(where: str, source: Source, load: Any) -> Any:
     """`load()`, whatever it raises turned into one ConfigError line naming the entry and the source."""
@@ -304,7 +310,22 @@ def _load_model(
         processor=processor,
         info=info,
         image_cache=image_cache,
+        fingerprint=model_fingerprint(info, processor),
     )
+
+
+def model_fingerprint(info: ModelInfo, processor: ImageProcessorOnly | None) -> str:
+    """16 hex digits that stand for everything a model's answers depend on: its tokenizer (whole
+    pipeline and chat template), renderer and renderer config, and image processor config. Two
+    replicas with equal fingerprints for a model id render every request for it alike (with the
+    same renderers version); clients refuse to mix replicas that differ (render_client/consistency.py)."""
+    document = {
+        "tokenizer": info.tokenizer_fingerprint,
+        "renderer": info.renderer,
+        "renderer_config": info.renderer_config,
+        "image_processor": None if processor is None else processor.image_processor.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def source_location(source: Source) -> str:

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import renderers
 from render_client import RenderClient, build_training_sample, tokenizer_fingerprint
 from render_server.config import load_config
 from tests.deploy import dockerfile
+from tests.deploy import manifests as k8s
 from tests.deploy.cache import Timings
 from tests.deploy.container import (
     Buildah,
@@ -36,10 +36,8 @@ from tests.deploy.container import (
     missing_tools,
     serving,
 )
-from tests.deploy.test_manifests import container as pod_container
-from tests.deploy.test_manifests import objects as manifest_objects
 from tests.reference import package_folder, qwen3_tokenizer, reference_renderer, sample_differences
-from tests.support import DEFAULT_MODELS, ROOT, corpus, tool
+from tests.support import DEFAULT_MODELS, ROOT, corpus, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +95,11 @@ def test_the_image_is_configured_as_the_dockerfile_says(built: Built) -> None:
     assert config.entrypoint == dockerfile.exec_form(dockerfile.last("ENTRYPOINT"))
     assert config.cmd == []
     assert config.user == dockerfile.last("USER")
-    assert config.exposed_ports == {"50051/tcp", "8080/tcp"}
+    assert (
+        config.exposed_ports
+        == {f"{port}/tcp" for port in dockerfile.last("EXPOSE").split()}
+        >= {"50051/tcp", "8080/tcp"}
+    )
     assert config.healthcheck[0] == "CMD"
     assert config.healthcheck[1:] == ["python", "-m", "render_server.probe", "--address", "127.0.0.1:50051"]
     assert config.env["HF_HOME"] == dockerfile.env("HF_HOME")
@@ -151,9 +153,10 @@ def test_the_kubernetes_pod_spec_serves_from_the_image(built: Built, tmp_path: P
     The ConfigMap's registry is mounted where the pod mounts it, plus one model
     read from the models volume (a directory holding the Qwen3 tokenizer files).
     """
-    everything = manifest_objects()
-    pod = everything["Deployment"]["spec"]["template"]["spec"]
-    spec = pod_container()
+    built_manifests = k8s.manifests(k8s.BASE)
+    everything = built_manifests.by_kind
+    pod = built_manifests.pod
+    spec = built_manifests.container
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     mounted: list[Volume] = []
     model_dir = ""
@@ -196,16 +199,19 @@ def test_the_kubernetes_pod_spec_serves_from_the_image(built: Built, tmp_path: P
     sandbox.uid, sandbox.gid = security["runAsUser"], security["runAsGroup"]
     sandbox.env.update({item["name"]: item["value"] for item in spec.get("env", [])})
     # Kubernetes' args replace the image's CMD and follow its ENTRYPOINT.
+    # The probes' health port too, on a free port (its manifest port, 8081, may be taken on the test's host).
+    health_port = free_port()
     argv = (spec.get("command") or config.entrypoint) + args + flags_for_the_test(config)
+    argv += ["--health-port", str(health_port)]
     with contextlib.ExitStack() as stack:
         with built.timings.step("pod spec: start"):
             server = stack.enter_context(serving(sandbox, argv))
         with built.timings.step("pod spec: calls"):
-            # What the kubelet's grpc probe asks: the overall health, from outside the container.
-            probed = subprocess.run(
-                [tool("grpc-health-probe"), f"-addr={server.target}"], capture_output=True, text=True, timeout=60
-            )
-            assert probed.returncode == 0, probed.stdout + probed.stderr
+            # The kubelet's probes, from outside the container, on the health port standing in for the pod's.
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert built_manifests.probe(kind)["port"] == built_manifests.port("health")
+                probed = k8s.run_probe(built_manifests.probe(kind), "127.0.0.1", health_port)
+                assert probed.success, (kind, probed)
             with RenderClient(server.target, timeout=120) as client:
                 listed = [model.id for model in client.list_models().models]
                 assert listed == [model.id for model in load_config(registry_file)], listed

@@ -43,7 +43,7 @@ def test_the_entrypoint_serves_every_address_on_the_exposed_ports() -> None:
     options = dict(zip(entrypoint[1::2], entrypoint[2::2], strict=True))
     assert options["--host"] == "0.0.0.0"
     assert options["--port"] == "50051"
-    assert dockerfile.last("EXPOSE").split() == ["50051", "8080"]
+    assert dockerfile.last("EXPOSE").split() == ["50051", "8080", "8081"]  # 8081: with --health-port
     # The HTTP port is passed exactly when render-server has the flag.
     if "--http-port" in server_help():
         assert options.get("--http-port") == "8080", "render-server has --http-port: switch the Dockerfile's ENTRYPOINT"
