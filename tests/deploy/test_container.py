@@ -101,7 +101,7 @@ def test_the_image_is_configured_as_the_dockerfile_says(built: Built) -> None:
         >= {"50051/tcp", "8080/tcp"}
     )
     assert config.healthcheck[0] == "CMD"
-    assert config.healthcheck[1:] == ["python", "-m", "render_server.probe", "--address", "127.0.0.1:50051"]
+    assert config.healthcheck[1:] == ["python", "-m", "render_server.probe", "--url", "http://127.0.0.1:8081/readyz"]
     assert config.env["HF_HOME"] == dockerfile.env("HF_HOME")
     assert config.env["PATH"].startswith(f"/{VENV}/bin:")
 
@@ -126,13 +126,15 @@ def test_the_server_is_installed_not_linked_to_sources(built: Built) -> None:
 def test_the_entrypoint_serves_the_default_registry(built: Built) -> None:
     config = built.config
     sandbox = Sandbox.of(built.rootfs, config)
+    health_port = free_port()
+    argv = config.entrypoint + config.cmd + flags_for_the_test(config, health_port)
     with contextlib.ExitStack() as stack:
         with built.timings.step("default registry: start"):
-            server = stack.enter_context(serving(sandbox, config.entrypoint + config.cmd + flags_for_the_test(config)))
+            server = stack.enter_context(serving(sandbox, argv))
         with built.timings.step("default registry: calls"):
             # The HEALTHCHECK, as the runtime would run it: inside the container, as its user.
-            healthy = sandbox.run(healthcheck(config, server.port))
-            assert healthy.returncode == 0 and healthy.stdout.strip() == "SERVING", healthy.stderr
+            healthy = sandbox.run(healthcheck(config, health_port))
+            assert healthy.returncode == 0 and healthy.stdout.startswith("ready: "), healthy.stderr
             with RenderClient(server.target, timeout=120) as client:
                 listed = client.list_models()
                 assert [model.id for model in listed.models] == list(DEFAULT_MODELS)
@@ -142,7 +144,7 @@ def test_the_entrypoint_serves_the_default_registry(built: Built) -> None:
                     check_parity(client, model, conversations_for(model))
             check_http(server.http_port)
         returncode = server.stop()
-    stopped = sandbox.run(healthcheck(config, server.port))
+    stopped = sandbox.run(healthcheck(config, health_port))
     assert stopped.returncode != 0, "the HEALTHCHECK passes with no server"
     assert returncode == 0, server.log()  # SIGTERM (docker stop) drains and exits 0
 
@@ -201,8 +203,7 @@ def test_the_kubernetes_pod_spec_serves_from_the_image(built: Built, tmp_path: P
     # Kubernetes' args replace the image's CMD and follow its ENTRYPOINT.
     # The probes' health port too, on a free port (its manifest port, 8081, may be taken on the test's host).
     health_port = free_port()
-    argv = (spec.get("command") or config.entrypoint) + args + flags_for_the_test(config)
-    argv += ["--health-port", str(health_port)]
+    argv = (spec.get("command") or config.entrypoint) + args + flags_for_the_test(config, health_port)
     with contextlib.ExitStack() as stack:
         with built.timings.step("pod spec: start"):
             server = stack.enter_context(serving(sandbox, argv))
@@ -230,19 +231,21 @@ def test_the_kubernetes_pod_spec_serves_from_the_image(built: Built, tmp_path: P
 # --- helpers ---
 
 
-def flags_for_the_test(config: ImageConfig) -> list[str]:
-    """Flags appended for the test: loopback only, free ports, one worker (a 2-core machine)."""
-    overrides = ["--host", "127.0.0.1", "--port", "0", "--workers", "1"]
+def flags_for_the_test(config: ImageConfig, health_port: int) -> list[str]:
+    """Flags appended for the test: loopback only, free ports (the health port: one the test
+    chose, as 8081 may be taken on the test's host), one worker (a 2-core machine)."""
+    overrides = ["--host", "127.0.0.1", "--port", "0", "--workers", "1", "--health-port", str(health_port)]
     if "--http-port" in config.entrypoint:
         overrides += ["--http-port", "0"]
     return overrides
 
 
-def healthcheck(config: ImageConfig, port: int) -> list[str]:
-    """The image's HEALTHCHECK command, on the port the test's server listens on."""
+def healthcheck(config: ImageConfig, health_port: int) -> list[str]:
+    """The image's HEALTHCHECK command, asking the health port the test's server listens on."""
     kind, *command = config.healthcheck
-    assert kind == "CMD" and "127.0.0.1:50051" in command
-    return [f"127.0.0.1:{port}" if word == "127.0.0.1:50051" else word for word in command]
+    url = "http://127.0.0.1:8081/readyz"
+    assert kind == "CMD" and url in command
+    return [url.replace(":8081/", f":{health_port}/") if word == url else word for word in command]
 
 
 def conversations_for(model: str, count: int = 3) -> list[dict[str, Any]]:
