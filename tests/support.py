@@ -99,6 +99,16 @@ class ServerProcess:
         started = {int(pid) for pid in re.findall(r"worker \d+ serving \(pid (\d+)\)", self.log())}
         return [int(pid) for pid in children.split() if int(pid) in started]
 
+    def http_processes(self) -> list[int]:
+        """The pids of the HTTP process and of its render process (the one that parses and renders JSON);
+        fewer while they start."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        workers = set(self.workers())
+        found = []
+        for http in (int(pid) for pid in children if int(pid) not in workers):  # none while it starts again
+            found += [http, *map(int, Path(f"/proc/{http}/task/{http}/children").read_text().split())]
+        return found
+
     def render_processes(self) -> list[int]:
         """The pids of the workers' render processes: each worker's children (--render-processes of them)."""
         return [

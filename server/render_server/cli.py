@@ -122,7 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Pillow formats decoded, comma-separated; others are refused (default: %(default)s)",
     )
     group.add_argument(
-        "--max-tokens", type=int, default=limits.max_tokens, help="rendered tokens per sample (default: %(default)s)"
+        "--max-tokens",
+        type=int,
+        default=limits.max_tokens,
+        help="rendered tokens per sample, and token ids per list a request carries (default: %(default)s)",
     )
     group.add_argument(
         "--max-text-bytes-per-token",
@@ -130,6 +133,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=limits.max_text_bytes_per_token,
         help="a request's text (all but its media) may be at most --max-tokens x this many bytes, "
         "refused before tokenizing (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-tensor-mb",
+        type=float,
+        default=limits.max_tensor_bytes / MiB,
+        help="what the tensors of one request (BridgeToNextTurn's previous_multi_modal_data) may decode to, MiB, "
+        "counted from their shapes before they are decoded (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-batch-requests",
+        type=positive_int,
+        default=limits.max_batch_requests,
+        help="requests per batch message of a stream (RenderTrainingSamples, Renders) (default: %(default)s)",
     )
     group.add_argument(
         "--max-concurrent-rpcs",
@@ -205,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=args.max_tokens,
         max_text_bytes_per_token=args.max_text_bytes_per_token,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_tensor_bytes=int(args.max_tensor_mb * MiB),
+        max_batch_requests=args.max_batch_requests,
     )
     with contextlib.ExitStack() as stack:
         http_host = args.http_host or args.host

@@ -30,7 +30,7 @@ from render_wire.errors import (
 from render_wire.requests import BridgeArgs, Conversation, ParseArgs, RenderArgs, RenderArguments
 from render_wire.types import RendererInfo
 
-from .limits import Limits, check_tokens
+from .limits import Limits, check_ids, check_tokens
 from .media import decode_images
 from .metrics import RENDER_CPU
 from .registry import LoadedModel, renderer_info
@@ -99,7 +99,12 @@ def bridge_to_next_turn(
     previous = arguments.previous_multi_modal_data
     if previous is not None and not model.accepts_images:
         raise invalid("previous_multi_modal_data", f"model {model.info.id!r} does not take images")
-    check_tokens(len(arguments.previous_prompt_ids) + len(arguments.previous_completion_ids), limits)
+    # The previous turn is one sample: at most --max-tokens.
+    check_ids(
+        "previous_prompt_ids + previous_completion_ids",
+        len(arguments.previous_prompt_ids) + len(arguments.previous_completion_ids),
+        limits,
+    )
     process = _process_multimodal(arguments.process_multimodal)
     images = arguments.process_multimodal is not False
     with _renderer_for(model, conversation, limits, stop_if_cancelled, field="new_messages", images=images) as renderer:
@@ -117,13 +122,8 @@ def bridge_to_next_turn(
     return bridged
 
 
-def parse_response(
-    model: LoadedModel, arguments: ParseArgs, limits: Limits, stop_if_cancelled: Callable[[], None]
-) -> Any:
-    """Renderer.parse_response for a decoded ParseResponse request."""
-    for field, ids in (("token_ids", arguments.token_ids), ("prompt_ids", arguments.prompt_ids or [])):
-        if len(ids) > limits.max_tokens:
-            raise invalid(field, f"{len(ids)} tokens exceed the limit of {limits.max_tokens} (--max-tokens)")
+def parse_response(model: LoadedModel, arguments: ParseArgs, stop_if_cancelled: Callable[[], None]) -> Any:
+    """Renderer.parse_response for a decoded ParseResponse request (its id lists checked already)."""
     with _renderer_lock(model, arguments.chat_template_kwargs, stop_if_cancelled, field="token_ids") as renderer:
         return renderer.parse_response(arguments.token_ids, tools=arguments.tools, prompt_ids=arguments.prompt_ids)
 

@@ -34,12 +34,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 from . import metrics
 from .auth import TokenCheck
 from .handoff import RenderProcessPool, RenderProcessProxy, serve_renders
 from .health import serve_health
 from .http_app import HttpApp, serve_http
+from .json_calls import JsonCalls
 from .pipeline import RenderPipeline, as_render_error
 from .registry import ModelRegistry
 from .server import ServerOptions, start_server
@@ -156,10 +158,30 @@ class Supervisor:
         return _serve_worker(self._registry, self._options, self._grace, ready_fd, lambda: self.status.beat(slot))
 
     def _serve_http(self, ready_fd: int) -> int:
+        """The HTTP process: its render process, forked first, then uvicorn (http_app.py)."""
         assert self._http_socket is not None  # SIGTERM: uvicorn installs its own handler
+        http = os.getpid()
+        http_end, render_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:  # the HTTP process's render process
+            code = 1
+            try:
+                http_end.close()
+                os.close(ready_fd)
+                self._http_socket.close()
+                # JSON carries tensors raw: a client in any language reads them without the compact form.
+                pipeline = RenderPipeline(self._registry, self._options.limits, compact_tensors=False)
+                _serve_render_process(JsonCalls(pipeline, self._options.limits).answer, render_end, http)
+                code = 0
+            except BaseException:
+                log.exception("the HTTP process's render process failed")
+            finally:
+                os._exit(code)
+        render_end.close()
+        lost = threading.Event()
+        renders = RenderProcessProxy(http_end, on_lost=lost.set)
         app = HttpApp(
-            # JSON carries tensors raw: a client in any language reads them without the compact form.
-            RenderPipeline(self._registry, self._options.limits, compact_tensors=False),
+            renders,
             self.status,
             TokenCheck(self._options.tokens),
             self._options.limits.max_request_bytes,
@@ -167,7 +189,12 @@ class Supervisor:
         )
         os.write(ready_fd, b"1")  # the socket already listens
         os.close(ready_fd)
-        serve_http(app, self._http_socket, self._options.tls, self._grace)
+        serve_http(app, self._http_socket, self._options.tls, self._grace, stop=lost)
+        renders.close()  # the render process reads end-of-file and exits once its render is done
+        status = _wait_or_kill(pid, time.monotonic() + _RENDER_EXIT_TIMEOUT)
+        if lost.is_set():
+            log.error("the HTTP process's render process (pid %d) died: %s", pid, _describe(status))
+            return 1  # the supervisor starts the HTTP process again, render process and all
         return 0
 
     def _watch(self) -> None:
@@ -253,7 +280,7 @@ def _serve_worker(
                     sock.close()
                 os.close(ready_fd)  # the supervisor's "started" pipe is the gRPC process's to write
                 pipeline = RenderPipeline(registry, options.limits, compact_tensors=options.compact_tensors)
-                _serve_render_process(pipeline, render_end, worker)
+                _serve_render_process(pipeline.answer, render_end, worker)
                 code = 0
             except BaseException:
                 log.exception("the render process failed")
@@ -300,13 +327,14 @@ def _beat_forever(beat: Callable[[], None]) -> None:
         time.sleep(BEAT_INTERVAL)
 
 
-def _serve_render_process(pipeline: RenderPipeline, sock: socket.socket, worker: int) -> None:
-    # Only the gRPC process decides when to stop: it closes the socket once its
+def _serve_render_process(answer: Callable[..., Any], sock: socket.socket, parent: int) -> None:
+    """A render process: `answer`s the requests `parent` (a gRPC or the HTTP process) hands over."""
+    # Only the parent decides when to stop: it closes the socket once its
     # calls are done, so signals to the group (^C) must not end renders early.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
-    _die_with(worker, signal.SIGKILL)
-    serve_renders(sock, pipeline.answer, as_render_error)
+    _die_with(parent, signal.SIGKILL)
+    serve_renders(sock, answer, as_render_error)
 
 
 def _wait_or_kill(pid: int, deadline: float) -> int:

@@ -31,6 +31,7 @@ FLAGS = [
     "--max-image-pixels", str(1024 * 1024),
     "--max-request-mb", "8",
     "--image-cache-mb", "32",
+    "--max-tensor-mb", "48",  # T = P: the requests' images, not bridged tensors, set the bounds
     "--raw-tensors",  # answers at their largest
 ]  # fmt: skip
 
@@ -44,12 +45,23 @@ def test_the_formula_adds_up_its_terms() -> None:
     sizing = Sizing.from_args(parse_args(FLAGS))
     assert sizing.request_pixels == 24 * 2 * 1024 * 1024  # float32 x 3 channels x 2 temporal copies per pixel
     counts = {kind: count for kind, (count, _) in sizing.processes().items()}
-    assert counts == {"supervisor": 1, "render process": 2, "gRPC process": 1, "HTTP process": 1}
+    assert counts == {
+        "supervisor": 1,
+        "render process": 2,
+        "gRPC process": 1,
+        "HTTP process": 1,
+        "HTTP render process": 1,
+    }
     # One more worker costs one more gRPC process and its render processes, nothing else.
     more = Sizing.from_args(parse_args([*FLAGS, "--workers", "2"]))
     each = {kind: size for kind, (_, size) in sizing.processes().items()}
     assert more.pod_bytes() - sizing.pod_bytes() == pytest.approx(each["gRPC process"] + 2 * each["render process"])
-    assert not Sizing.from_args(parse_args([*FLAGS, "--no-http"])).processes().get("HTTP process")
+    without_http = Sizing.from_args(parse_args([*FLAGS, "--no-http"])).processes()
+    assert not without_http.get("HTTP process") and not without_http.get("HTTP render process")
+    # Bridged tensors past the images' P set the render processes' share.
+    tensors = Sizing.from_args(parse_args([*FLAGS, "--max-tensor-mb", "512"]))
+    assert tensors.request_tensors == 512 * MiB
+    assert tensors.processes()["render process"][1] > each["render process"]
 
 
 def test_python_m_render_server_sizing_prints_the_memory_to_set() -> None:
@@ -89,14 +101,13 @@ def rss(pid: int, field: str = "VmHWM") -> int:
 
 
 def processes(server: ServerProcess) -> dict[str, list[int]]:
-    supervisor = server.process.pid
-    children = [int(pid) for pid in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()]
-    workers = server.workers()
+    http, http_render_process = server.http_processes()
     return {
-        "supervisor": [supervisor],
-        "gRPC process": workers,
+        "supervisor": [server.process.pid],
+        "gRPC process": server.workers(),
         "render process": server.render_processes(),
-        "HTTP process": [pid for pid in children if pid not in workers],
+        "HTTP process": [http],
+        "HTTP render process": [http_render_process],
     }
 
 
