@@ -44,6 +44,10 @@ class RenderError(Exception):
     `code` is its gRPC status and `http_status` the HTTP status the HTTP port
     answers with (500 for every status without a class of its own).
 
+    `str(error)` is `details` (one line, naming the field), except for an
+    exception a renderer raised (`error_type` set): then it is that exception's
+    own message, as in-process, and `details` adds the field.
+
     `rpc_error` is the `grpc.RpcError` of the failed call it was made from
     (by error_from_rpc), else None. The client raises these `from None`, so
     that tracebacks show one error, not gRPC's: this attribute, not
@@ -68,12 +72,16 @@ class RenderError(Exception):
         # library's class with its module ("jinja2.exceptions.UndefinedError"); None
         # when the error did not come from the renderer.
         self.error_type = error_type
-        # For a pydantic ValidationError: {"title": ..., "errors": [...]}; else None.
+        # What more the server said of a renderer's exception: {"message": its own str()}, or
+        # for a pydantic ValidationError {"title": ..., "errors": [...]}; else None.
         self.error_detail = bounded_detail(error_detail)
         self.rpc_error: grpc.RpcError | None = None
 
     def __str__(self) -> str:
-        return self.details  # not KeyError's quoted repr when it is one too
+        # A renderer's exception says what it says in-process (`details` adds the field and
+        # keeps it on one line); any other error, its details.
+        message = self.error_detail.get("message") if self.error_type and self.error_detail else None
+        return message if isinstance(message, str) else self.details
 
     def __reduce__(self) -> tuple[object, ...]:
         # Rebuilt through error_from_status, so that it keeps the family it was given.
@@ -264,8 +272,10 @@ def _combined(cls: type[RenderError], other: type[Exception]) -> type[RenderErro
     """`cls` that is also an `other` (cls itself where the two cannot be combined)."""
     namespace: dict[str, object] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
     if _is_validation_error(other):
-        # Built by pydantic (from_exception_data), which calls the class with its own arguments.
+        # Built by pydantic (from_exception_data), which calls the class with its own arguments;
+        # and it reads as pydantic writes it, as in-process.
         namespace["__init__"] = _no_init
+        namespace["__str__"] = other.__str__
         try:
             return type(cls.__name__, (cls, other), namespace)
         except TypeError:

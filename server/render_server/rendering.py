@@ -187,8 +187,8 @@ def renderer_error(exc: Exception, field: str) -> RenderError:
     The server's models are loaded and fixed, so whatever a renderer raises on
     a request is the request's doing: INVALID_ARGUMENT, with "field: " and the
     renderer's own message on one line (prefixed with the exception type unless
-    it is a ValueError), and the type in trailing metadata. NotImplementedError
-    is UNIMPLEMENTED.
+    it is a ValueError), and the type in trailing metadata; the message itself,
+    unchanged, in the error detail. NotImplementedError is UNIMPLEMENTED.
     """
     name = type(exc).__name__
     error_type = error_type_name(type(exc))  # with its module unless a builtin: clients rebuild the class
@@ -204,9 +204,11 @@ def renderer_error(exc: Exception, field: str) -> RenderError:
     if not isinstance(exc, (ValueError, NotImplementedError)):
         message = f"{name}: {message}" if message else name
     details = f"{field}: {message or name}"
+    # The renderer's own words, unchanged: the client's error says them, as in-process.
+    own = {"message": str(exc)}
     if isinstance(exc, NotImplementedError):
-        return UnimplementedError(details, error_type=error_type)
-    return InvalidArgumentError(details, error_type=error_type)
+        return UnimplementedError(details, error_type=error_type, error_detail=own)
+    return InvalidArgumentError(details, error_type=error_type, error_detail=own)
 
 
 def _process_multimodal(value: bool | None) -> dict[str, bool]:

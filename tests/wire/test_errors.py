@@ -243,7 +243,8 @@ def test_pydantic_s_validation_error_is_rebuilt_with_its_errors() -> None:
     for error in (from_call, pickle.loads(pickle.dumps(from_call))):
         assert isinstance(error, pydantic.ValidationError) and isinstance(error, InvalidArgumentError)
         assert error.errors() == original.errors() and error.title == original.title
-        assert str(error) == "chat_template_kwargs.enable_thinking: x" and error.details == str(error)
+        assert str(error) == str(original)  # pydantic's own words, as in-process
+        assert error.details == "chat_template_kwargs.enable_thinking: x"
     # Without the detail (an older server), a plain InvalidArgumentError: still a ValueError.
     assert type(error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "x", error_type)) is InvalidArgumentError
 
@@ -262,3 +263,22 @@ def test_an_error_detail_that_echoes_its_input_is_cut_to_fit_its_trailer() -> No
     assert InvalidArgumentError("x", error_detail=small).error_detail == small  # untouched
     many = {"title": "Config", "errors": [{"loc": [str(n)], "input": "z" * 300} for n in range(100)]}
     assert InvalidArgumentError("x", error_detail=many).error_detail is None  # no room even cut: left out
+
+
+def test_a_renderer_s_exception_says_its_own_message_and_details_name_the_field() -> None:
+    # What rendering.renderer_error answers for a renderer's AttributeError, over a call's trailers.
+    own = "'list' object has no attribute 'items'"
+    trailers = (
+        (errors.ERROR_TYPE_KEY, "AttributeError"),
+        (errors.ERROR_DETAIL_KEY, errors.encode_error_detail({"message": own}).encode()),
+    )
+    details = f"messages: AttributeError: {own}"
+    error = error_from_rpc(FailedCall(grpc.StatusCode.INVALID_ARGUMENT, details, trailers))
+    for each in (error, pickle.loads(pickle.dumps(error))):
+        assert isinstance(each, AttributeError) and isinstance(each, InvalidArgumentError)
+        assert str(each) == own and each.details == details
+    # A multi-line message comes back whole; the status details stay one line.
+    multi = error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "messages: a b", "ValueError", {"message": "a\nb"})
+    assert str(multi) == "a\nb" and multi.details == "messages: a b"
+    # An error of the service's own (no error_type) says its details.
+    assert str(error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "model: missing")) == "model: missing"
