@@ -50,13 +50,14 @@ ENV PATH=/opt/render-service/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/render
 # 50051: gRPC (RenderService, grpc.health.v1.Health, reflection).
-# 8080: HTTP (/healthz, /readyz, /metrics).
-EXPOSE 50051 8080
-# The standard gRPC health service, as Kubernetes' grpc probes ask it. Loading the
-# models (hub downloads) can take minutes: hence the long start period.
+# 8080: HTTP (/healthz, /readyz, /metrics, JSON renders). 8081: /healthz and /readyz
+# alone (--health-port), from a process that renders never slow; probes go there.
+EXPOSE 50051 8080 8081
+# Readiness from the health port: answered within milliseconds however busy the workers
+# are (the gRPC health service is answered by a worker, and refused once
+# --max-concurrent-rpcs calls run). Loading the models (hub downloads) can take
+# minutes: hence the long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
-  CMD ["python", "-m", "render_server.probe", "--address", "127.0.0.1:50051"]
+  CMD ["python", "-m", "render_server.probe", "--url", "http://127.0.0.1:8081/readyz"]
 # Workers default to the CPUs the container may use (its cgroup CPU quota).
-# HTTP-PORT SWITCH: "--http-port", "8080" is passed because `render-server --help` lists the
-# flag (tests/deploy/test_dockerfile.py checks that); without it, drop those two words.
-ENTRYPOINT ["render-server", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8080"]
+ENTRYPOINT ["render-server", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8080", "--health-port", "8081"]

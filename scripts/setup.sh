@@ -5,7 +5,8 @@
 #   scripts/setup.sh tools    ...plus the gRPC tools the docs' examples use (grpcurl, ghz,
 #                             grpc-health-probe) in .tools/bin; needs Go
 #   scripts/setup.sh test     ...plus test tools: pytest, ruff, mypy, grpcio-tools, and the Go
-#                             tools the tests drive the server with (the above and kubeconform)
+#                             tools the tests drive the server with (the above, and for
+#                             deploy/k8s kubeconform, kustomize and kube-score)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,11 +43,15 @@ if [ -n "$mode" ]; then
     github.com/bojand/ghz/cmd/ghz@v0.120.0
     github.com/grpc-ecosystem/grpc-health-probe@v0.4.62
   )
-  [ "$mode" = "test" ] && tools+=(github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0)
+  [ "$mode" = "test" ] && tools+=(
+    github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0
+    sigs.k8s.io/kustomize/kustomize/v5@v5.8.2
+    github.com/zegl/kube-score/cmd/kube-score@v1.20.0
+  )
   mkdir -p .tools/bin
   export GOBIN="$PWD/.tools/bin"
   for tool in "${tools[@]}"; do
-    name="${tool%@*}"; name="${name##*/}"
+    name="${tool%@*}"; name="${name%/v[0-9]*}"; name="${name##*/}"  # .../kustomize/v5@... builds `kustomize`
     [ -x ".tools/bin/$name" ] && continue
     if ! command -v go >/dev/null; then
       echo "scripts/setup.sh $mode: building $name into .tools/bin needs Go 1.26 or newer" \

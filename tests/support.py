@@ -99,6 +99,16 @@ class ServerProcess:
         started = {int(pid) for pid in re.findall(r"worker \d+ serving \(pid (\d+)\)", self.log())}
         return [int(pid) for pid in children.split() if int(pid) in started]
 
+    def http_processes(self) -> list[int]:
+        """The pids of the HTTP process and of its render process (the one that parses and renders JSON);
+        fewer while they start."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        workers = set(self.workers())
+        found = []
+        for http in (int(pid) for pid in children if int(pid) not in workers):  # none while it starts again
+            found += [http, *map(int, Path(f"/proc/{http}/task/{http}/children").read_text().split())]
+        return found
+
     def render_processes(self) -> list[int]:
         """The pids of the workers' render processes: each worker's children (--render-processes of them)."""
         return [
@@ -244,3 +254,62 @@ def counting_relay(target: str) -> Iterator[tuple[str, list[int]]]:
         yield f"127.0.0.1:{listener.getsockname()[1]}", counted
     finally:
         listener.close()
+
+
+class Relay:
+    """A loopback TCP front for replicas, standing in for a Service: each new connection goes to the next
+    of the current `endpoints` ("host:port", round robin); connections already open stay where they are.
+
+    A test changes `endpoints` as Kubernetes changes a Service's endpoints during a rollout (a pod added
+    once ready, removed once terminating); gRPC clients reach new replicas as they reconnect.
+    """
+
+    def __init__(self) -> None:
+        self.endpoints: list[str] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.connections: list[tuple[float, str]] = []  # (time.monotonic(), endpoint) of each connection
+        self._turn = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client_side, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            endpoints = list(self.endpoints)
+            if not endpoints:
+                client_side.close()  # no endpoint ready: the client retries
+                continue
+            endpoint = endpoints[self._turn % len(endpoints)]
+            self._turn += 1
+            host, port = endpoint.rsplit(":", 1)
+            try:
+                server_side = socket.create_connection((host, int(port)), timeout=5)
+                server_side.settimeout(None)
+            except OSError:
+                client_side.close()
+                continue
+            self.connections.append((time.monotonic(), endpoint))
+            for source, sink in ((client_side, server_side), (server_side, client_side)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(1 << 16):
+                sink.sendall(chunk)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+        source.close()  # each socket is one pipe's source: closed once, by it
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def free_port() -> int:
+    """A loopback port free now (for a server whose port a test must know before it listens)."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return int(probe.getsockname()[1])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy.manifests import BASE, manifests
 from tests.support import ROOT, ServerProcess
 
 GRPC_ADDRESS = "127.0.0.1:50051"
@@ -183,20 +184,41 @@ def test_the_command_line_examples_run_in_order(server: ServerProcess) -> None:
     assert run_shell(health, server, with_stderr=True).split() == ["status:", "SERVING", "SERVING", "200"]
 
 
+# --- docs/server.md's sizing: the memory the Kubernetes manifests set ------------------------------
+
+
+def test_the_sizing_example_prints_the_manifests_memory() -> None:
+    [sizing] = examples("docs/server.md", "## Sizing", "sh")
+    finished = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", sizing], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert finished.returncode == 0, finished.stderr
+    memory = manifests(BASE).container["resources"]["limits"]["memory"]
+    assert finished.stdout.splitlines()[-1].endswith(f"memory request = limit: {memory}"), finished.stdout
+    # The example's flags are the manifest's own (the page says so).
+    args = manifests(BASE).container["args"]
+    for flag in sizing.split()[3:]:
+        assert flag in args, flag
+
+
 # --- nothing left out ---------------------------------------------------------------------------
 
 
 def test_every_example_is_run_here_or_said_why_not() -> None:
-    run_here = {(page, heading, "python") for page, heading in RUN_PYTHON} | {
-        (PROTOCOL, heading, "sh")
-        for heading in (
-            "# Calling render-service from anything else",
-            "## grpcurl",
-            "## HTTP",
-            "## Load testing with ghz",
-            "## Health checks",
-        )
-    }
+    run_here = (
+        {(page, heading, "python") for page, heading in RUN_PYTHON}
+        | {
+            (PROTOCOL, heading, "sh")
+            for heading in (
+                "# Calling render-service from anything else",
+                "## grpcurl",
+                "## HTTP",
+                "## Load testing with ghz",
+                "## Health checks",
+            )
+        }
+        | {("docs/server.md", "## Sizing", "sh")}
+    )
     not_run = {(page, heading, language) for page, heading, language, _ in NOT_RUN}
     left_out = [
         (block.page, block.heading, block.language)

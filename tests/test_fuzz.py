@@ -10,15 +10,18 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from render_client import RenderClient, build_training_sample
-from render_wire.errors import InvalidArgumentError
+from render_server.json_calls import ROUTES
+from render_wire.errors import MAX_DETAILS_BYTES, InvalidArgumentError
 from render_wire.jsonvalue import dump_json, load_json
 from render_wire.pb import render_pb2 as pb
 from render_wire.requests import decode_request, encode_request
+from tests.methods import METHODS, SERVICE, Method, call, post
 from tests.support import ServerProcess
 
 # --- strategies -------------------------------------------------------------
@@ -138,24 +141,23 @@ ALLOWED = {
 
 
 @pytest.fixture(scope="module")
-def raw(server: ServerProcess) -> Iterator[Any]:
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", -1)]) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def raw(channel: grpc.Channel) -> Any:
     """RenderTrainingSample taking raw bytes, as a broken or hostile client would send them."""
-    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", -1)]) as channel:
-        yield channel.unary_unary(
-            "/render.v1.RenderService/RenderTrainingSample",
-            request_serializer=lambda data: data,
-            response_deserializer=lambda data: data,
-        )
+    return lambda data, timeout: call(channel, METHODS["RenderTrainingSample"], data, timeout)
 
 
 def status_of(raw: Any, data: bytes) -> grpc.StatusCode:
-    try:
-        raw(data, timeout=120)
-        return grpc.StatusCode.OK
-    except grpc.RpcError as exc:
-        details = exc.details() or ""
+    code, details = raw(data, timeout=120)
+    if code != grpc.StatusCode.OK:
         assert details and "\n" not in details and "Traceback" not in details, details
-        return exc.code()
+        assert len(details.encode()) <= MAX_DETAILS_BYTES, details
+    return code
 
 
 def user_with_image(data: bytes) -> bytes:
@@ -163,10 +165,79 @@ def user_with_image(data: bytes) -> bytes:
     return pb.RenderTrainingSampleRequest(model="qwen3-vl", messages=[message]).SerializeToString()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_method_and_route_is_attacked() -> None:
+    """The tables below attack every method: a method added to the proto needs its entry in tests/methods.py."""
+    assert set(METHODS) == {method.name for method in SERVICE.methods}
+    assert {method.route for method in METHODS.values() if method.route} == set(ROUTES)
+    for method in METHODS.values():
+        rpc = SERVICE.methods_by_name[method.name]
+        if method.member is not None:  # Calls: its example is one call's request
+            carried = rpc.input_type.fields[0].message_type.fields_by_name[method.member].message_type
+        else:
+            carried = rpc.input_type.fields[0].message_type if method.batch else rpc.input_type
+        assert method.request_class.DESCRIPTOR is carried
+
+
+@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS)
+def test_each_example_is_answered(server: ServerProcess, channel: grpc.Channel, method: Method) -> None:
+    """The requests the attacks start from are good ones, over gRPC and JSON alike."""
+    assert call(channel, method, method.example.SerializeToString()) == (grpc.StatusCode.OK, "")
+    if method.route:
+        body = json_format.MessageToJson(method.example).encode()
+        assert post(server.http, method.route, body)[0] == 200
+
+
+def method_status(channel: grpc.Channel, method: Method, data: bytes) -> grpc.StatusCode:
+    return status_of(lambda data, timeout: call(channel, method, data, timeout), data)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=2000))
-def test_random_request_bytes(raw: Any, data: bytes) -> None:
-    assert status_of(raw, data) in ALLOWED
+@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS)
+def test_random_request_bytes(channel: grpc.Channel, method: Method, data: bytes) -> None:
+    assert method_status(channel, method, data) in ALLOWED
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS)
+def test_mutated_requests(channel: grpc.Channel, method: Method, data: st.DataObject) -> None:
+    """The example with bytes flipped, cut out or put in: what a fuzzer finds near a valid request."""
+    body = bytearray(method.example.SerializeToString())
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(body)))
+        edit = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if edit == "flip" and position < len(body):
+            body[position] ^= data.draw(st.integers(1, 255))
+        elif edit == "cut":
+            del body[position : position + data.draw(st.integers(1, 8))]
+        else:
+            body[position:position] = data.draw(st.binary(min_size=1, max_size=8))
+    assert method_status(channel, method, bytes(body)) in ALLOWED
+
+
+# JSON bodies: the request's own keys (and others) with any JSON values, as a client in any language may send.
+json_bodies = st.dictionaries(
+    st.sampled_from(
+        sorted({field.name for method in METHODS.values() for field in method.request_class.DESCRIPTOR.fields})
+    )
+    | text,
+    json_values,
+    max_size=6,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(json_bodies | json_values, st.booleans())
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_random_json_bodies(server: ServerProcess, route: str, body: Any, with_model: bool) -> None:
+    if with_model and isinstance(body, dict):
+        body = {**body, "model": "qwen3"}
+    status, answer = post(server.http, route, json.dumps(body).encode())
+    assert status in (200, 400, 404, 501), (status, answer)
+    if status != 200:
+        assert set(answer) <= {"code", "message", "error_type"} and answer["message"], answer
+        assert len(answer["message"].encode()) <= MAX_DETAILS_BYTES and "\n" not in answer["message"]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

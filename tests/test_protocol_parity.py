@@ -28,6 +28,7 @@ import dataclasses
 import enum
 import functools
 import itertools
+import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,12 +36,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import renderers
+from google.protobuf import json_format
 
 import render_client
 from render_client import InvalidArgumentError, RenderClient, RenderError, UnimplementedError
+from render_wire.errors import error_from_status
+from render_wire.pb import render_pb2 as pb
+from render_wire.samples import decode_parsed_response
+from tests.methods import post
 from tests.reference import (
     RefusedRenderer,
     deepseek_tokenizer,
@@ -50,7 +57,7 @@ from tests.reference import (
     reference_renderer,
     sample_differences,
 )
-from tests.support import DEFAULT_MODELS, corpus
+from tests.support import DEFAULT_MODELS, ServerProcess, corpus
 from tests.test_parity import OPTIONS, Options
 
 KWARGS: dict[str, dict[str, Any] | None] = {"default": None, "enable_thinking=false": {"enable_thinking": False}}
@@ -482,19 +489,66 @@ def test_parse_response_of_unusual_completions_equals_in_process(client: RenderC
             assert tally.seen[f"arguments {kind}"] > 0, (kind, tally)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RenderError,
-    reason="ParsedToolCall.name is an optional proto string: a name that is not a str (the model wrote "
-    '"name": 5) or holds a lone surrogate cannot cross, and the server answers INTERNAL',
-)
-@pytest.mark.parametrize("name", ["5", '"\\ud800"'], ids=["number", "lone surrogate"])
-def test_parse_response_of_a_tool_call_name_that_is_no_string(client: RenderClient, name: str) -> None:
-    local, _, remote = renderers_for(client, "qwen3", None)
-    ids = completion_ids("qwen3", f'<tool_call>\n{{"name": {name}, "arguments": {{}}}}\n</tool_call>', local)
-    expected = local.parse_response(ids)
-    assert not isinstance(expected.tool_calls[0].name, str) or not expected.tool_calls[0].name.isprintable()
-    assert not differences(expected, remote.parse_response(ids))
+# What a model may write where a tool call's name goes: hermes-style parsers hand back what json.loads
+# made of it (a number, a list, an object, a bool, a lone surrogate...); DSML's are the attribute's text.
+SAMPLED_NAMES = [
+    "123", '["add"]', '{"f": [1, "\\ud800"]}', "true", "false", '"\\ud800"', '"\\udc00x"', "null", "0", '""',
+    "1.5", "-0.0", "1e400", "12345678901234567890123", '"\\ud83d\\ude00"', '"add"',
+]  # fmt: skip
+DSML_NAMES = ["123", '["add"]', "", " ", "\\ud800", "add"]
+
+
+def sampled_name_completions(model: str) -> list[str]:
+    if model == "deepseek-v4":
+        return [
+            f'<{DSML}tool_calls>\n<{DSML}invoke name="{name}">\n'
+            f'<{DSML}parameter name="a" string="true">1</{DSML}parameter>\n</{DSML}invoke>\n</{DSML}tool_calls>'
+            for name in DSML_NAMES
+        ]
+    return [f'<tool_call>\n{{"name": {name}, "arguments": {{"a": 1}}}}\n</tool_call>' for name in SAMPLED_NAMES]
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    return any("\ud800" <= char <= "\udfff" for char in json.dumps(value, ensure_ascii=False))
+
+
+def parse_over_json(server: ServerProcess, model: str) -> Callable[..., Any]:
+    """parse_response through the HTTP port's /v1/parse_response, decoded as the client decodes gRPC's."""
+
+    def parse(token_ids: list[int]) -> Any:
+        status, answer = post(
+            server.http, "/v1/parse_response", json.dumps({"model": model, "token_ids": token_ids}).encode()
+        )
+        if status != 200:
+            raise error_from_status(grpc.StatusCode[answer["code"]], answer["message"], answer.get("error_type"))
+        return decode_parsed_response(json_format.ParseDict(answer, pb.ParseResponseResponse()))
+
+    return parse
+
+
+@pytest.mark.parametrize("model", DEFAULT_MODELS)
+def test_parse_response_of_sampled_tool_call_names_equals_in_process(
+    server: ServerProcess, client: RenderClient, model: str
+) -> None:
+    """A completion whose tool call names no string comes back as in-process, over gRPC and JSON.
+
+    Before, ParsedToolCall.name was a proto string: the server answered INTERNAL (HTTP 500)."""
+    local, _, remote = renderers_for(client, model, None)
+    tally = Tally()
+    for text in sampled_name_completions(model):
+        ids = completion_ids(model, text, local)
+        for transport, parse in (("gRPC", remote.parse_response), ("JSON", parse_over_json(server, model))):
+            both = tally.compare(f"{transport} {text!r}", local.parse_response, parse, ids, field="token_ids")
+            if both is not None and transport == "gRPC":
+                for call in both[1].tool_calls:
+                    tally.seen[f"name {type(call.name).__name__}"] += 1
+                    tally.seen["name with a lone surrogate"] += has_lone_surrogate(call.name)
+    tally.check()
+    print(f"\n{model}: {tally.compared} parses compared, {dict(tally.seen)}")
+    assert tally.compared == 2 * len(sampled_name_completions(model))
+    if model in ("qwen3", "qwen3-vl"):
+        for kind in ("int", "list", "dict", "bool", "float", "NoneType", "str", "with a lone surrogate"):
+            assert tally.seen[f"name {kind}"] > 0, (kind, tally)
 
 
 # ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from render_wire.types import (
 
 from .channel import target_for, tls_credentials
 from .client import RenderClient, build_training_sample
+from .consistency import ReplicaMismatchError
 from .fingerprint import tokenizer_fingerprint
 from .renderer import AsyncRemoteRenderer, RemoteMultimodalRenderer, RemoteRenderer
 from .switch import RendererSwitch, ServedTokenizer, serve_renderers, stop_serving_renderers
@@ -51,6 +52,7 @@ __all__ = [
     "RenderError",
     "RenderedTrainingSample",
     "RendererSwitch",
+    "ReplicaMismatchError",
     "ResourceExhaustedError",
     "SampleRequest",
     "ServedTokenizer",

@@ -15,6 +15,7 @@ async with AsyncRenderClient("render-service:50051") as client:
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from render_wire.errors import (
     RenderError,
     error_from_rpc,
 )
+from render_wire.identity import ReplicaIdentity, decode_identity
 from render_wire.jsonvalue import dump_json
 from render_wire.models import decode_models, decode_renderer_info
 from render_wire.pb import render_pb2 as pb
@@ -62,6 +64,7 @@ from .coalescing import (
     answer_of,
     serialized,
 )
+from .consistency import Pins
 from .images import DEFAULT_IMAGE_MEMORY_MB, Claim, ImageStore, MiB, MissingHeldItem, StreamImages
 from .renderer import AsyncRemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
@@ -101,6 +104,7 @@ class AsyncRenderClient:
         self._images = ImageStore(int(image_memory_mb * MiB), asyncio.Event)
         self._models: ServerModels | None = None
         self._renderer_infos: dict[tuple[str, str], RendererInfo] = {}
+        self._pins = Pins()  # each model's fingerprint as the first replica to answer declared it
 
     def renderer(self, model: str, *, chat_template_kwargs: Mapping[str, Any] | None = None) -> AsyncRemoteRenderer:
         """The server's renderer for `model`, with renderers' protocol methods awaitable (renderer.py);
@@ -115,7 +119,7 @@ class AsyncRenderClient:
             default = (await self._model_info(model)).renderer_info if not chat_template_kwargs else None
             if default is None:
                 request = encode_describe_request(model, chat_template_kwargs)
-                default = decode_renderer_info(await self._call("DescribeRenderer", request, None))
+                default = decode_renderer_info(await self._call("DescribeRenderer", request, None, model))
             info = self._renderer_infos[key] = default
         return info
 
@@ -174,7 +178,7 @@ class AsyncRenderClient:
         request = encode_parse_request(
             model, token_ids, tools=tools, prompt_ids=prompt_ids, chat_template_kwargs=chat_template_kwargs
         )
-        return decode_parsed_response(await self._call("ParseResponse", request, timeout))
+        return decode_parsed_response(await self._call("ParseResponse", request, timeout, model))
 
     async def bridge_to_next_turn(
         self,
@@ -233,12 +237,12 @@ class AsyncRenderClient:
         claim = await self._claim(model, images, deadline)
         try:
             sent = with_held_mm_hashes(request, method, claim.held) if claim.held else request
-            result = decode(await self._call(method, sent, None, deadline))
+            result = decode(await self._call(method, sent, None, model, deadline))
             media = getattr(result, "multi_modal_data", None)
             try:
                 store.fill(claim, media, previous)
             except MissingHeldItem:  # the server left out what this call did not claim: ask without claims
-                result = decode(await self._call(method, request, None, deadline))
+                result = decode(await self._call(method, request, None, model, deadline))
                 media = getattr(result, "multi_modal_data", None)
                 store.fill(claim, media, previous)
             self._tensors(result)
@@ -265,27 +269,46 @@ class AsyncRenderClient:
         return self._models
 
     async def _call(
-        self, method: str, request: ProtoMessage | bytes, timeout: float | None, deadline: float | None = None
+        self,
+        method: str,
+        request: ProtoMessage | bytes,
+        timeout: float | None,
+        model: str | None = None,
+        deadline: float | None = None,
     ) -> Any:
         """A unary call of `method`, resent while the server is restarting or going away, coalesced with
-        other tasks' calls where it can be (as RenderClient's)."""
+        other tasks' calls where it can be (as RenderClient's); the answer about `model` checked against
+        the replicas that answered before (consistency.py)."""
         if deadline is None:
             deadline = deadline_for(timeout or self._timeout)
         if method in COALESCED:
             request = serialized(request)  # these methods' stubs take and answer bytes
             if self._coalescer is not None:
                 data = request
-                return await self._coalescer.call(method, data, deadline, lambda: self._unary(method, data, deadline))
-        return await self._unary(method, request, deadline)
+                check = None if model is None else functools.partial(self._check_replica, model)
+                return await self._coalescer.call(
+                    method, data, deadline, lambda: self._unary(method, data, deadline, model), check
+                )
+        return await self._unary(method, request, deadline, model)
 
-    async def _unary(self, method: str, request: ProtoMessage | bytes, deadline: float | None) -> Any:
+    def _check_replica(self, model: str, identity: ReplicaIdentity | None) -> None:
+        mismatch = self._pins.check(model, identity)
+        if mismatch is not None:
+            raise mismatch
+
+    async def _unary(
+        self, method: str, request: ProtoMessage | bytes, deadline: float | None, model: str | None
+    ) -> Any:
         """A unary call, resent while the server is restarting or going away."""
         attempt = 0
         while True:
             try:
                 stub = getattr(self._connection.next_stub(), method)
-                answer = await stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
-                return answer_of(method, answer) if method in COALESCED else answer
+                call = stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
+                response = await call
+                if model is not None:
+                    self._check_replica(model, decode_identity(await call.trailing_metadata()))
+                return answer_of(method, response) if method in COALESCED else response
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             except asyncio.CancelledError:
@@ -341,6 +364,7 @@ class AsyncRenderClient:
             timeout=timeout,
             metadata=self._connection.metadata,
             return_exceptions=return_exceptions,
+            check=self._pins.check,
         )
         return _settled(results, images, self._tensors, return_exceptions)
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Sequence
-from typing import Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
 from render_wire.errors import CallCancelledError, RenderError, UnavailableError, error_from_rpc
+from render_wire.identity import decode_identity
 
 from .channel import RenderStub
 from .streaming import (
@@ -28,6 +29,7 @@ from .streaming import (
     InOrder,
     ItemT,
     Metadata,
+    ModelCheck,
     Report,
     RequestT,
     ResultT,
@@ -51,6 +53,8 @@ class _Call(Protocol):
     async def done_writing(self) -> None: ...
 
     async def read(self) -> object: ...  # a response's bytes, or grpc.aio.EOF
+
+    async def initial_metadata(self) -> Any: ...
 
     def cancel(self) -> bool: ...
 
@@ -115,11 +119,12 @@ class _Stream(Generic[ItemT, RequestT, ResultT]):
         metadata: Metadata,
         results: asyncio.Queue[Report[ResultT]],
         method: StreamMethod[ItemT, RequestT, ResultT],
+        check: ModelCheck | None,
     ) -> None:
         self._open_call: _Open = getattr(stub, method.name)
         self._timeout, self._metadata = timeout, metadata
         self._results = results
-        self._state = StreamState(method)
+        self._state = StreamState(method, check)
         self._ready = asyncio.Event()  # set while self.call accepts writes
         self.call = self._open()
         self._ready.set()
@@ -157,7 +162,10 @@ class _Stream(Generic[ItemT, RequestT, ResultT]):
         state = self._state
         while True:
             try:
+                state.identity = None
                 while (response := await self.call.read()) is not grpc.aio.EOF:
+                    if state.identity is None:  # the replica's declaration came before its first answer
+                        state.identity = decode_identity(await self.call.initial_metadata())
                     for report in state.answered(state.method.decode(cast(bytes, response))):
                         self._results.put_nowait(report)
                 error = state.ended()
@@ -209,12 +217,16 @@ async def render_many(
     timeout: float | None,
     metadata: Metadata,
     return_exceptions: bool,
+    check: ModelCheck | None = None,
 ) -> AsyncIterator[ResultT | RenderError]:
-    """Each request's result (or error) in input order, over a stream per stub; see streaming.py."""
+    """Each request's result (or error) in input order, over a stream per stub; see streaming.py.
+
+    `check` refuses answers of a replica that disagrees with those met before (consistency.py).
+    """
     wanted = streams_wanted(len(stubs), concurrency)
     size = batch_size(concurrency, wanted)
     results: asyncio.Queue[Report[ResultT]] = asyncio.Queue()
-    streams = [_Stream(stub, timeout, metadata, results, method) for stub in stubs[:wanted]]
+    streams = [_Stream(stub, timeout, metadata, results, method, check) for stub in stubs[:wanted]]
     slots = asyncio.Semaphore(concurrency)
     items = aiter(requests) if isinstance(requests, AsyncIterable) else _as_async(requests)
 

@@ -14,6 +14,7 @@ for sample in client.render_many(requests, concurrency=32):
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ import grpc
 
 from render_wire.compact import materialize_all
 from render_wire.errors import DeadlineExceededError, ModelNotFoundError, RenderError, error_from_rpc
+from render_wire.identity import ReplicaIdentity, decode_identity
 from render_wire.jsonvalue import dump_json
 from render_wire.models import decode_models, decode_renderer_info
 from render_wire.pb import render_pb2 as pb
@@ -56,6 +58,7 @@ from .coalescing import (
     answer_of,
     serialized,
 )
+from .consistency import Pins
 from .images import DEFAULT_IMAGE_MEMORY_MB, Claim, ImageStore, MiB, MissingHeldItem, StreamImages
 from .renderer import RemoteRenderer, remote_renderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
@@ -127,6 +130,8 @@ class RenderClient:
         # What the server declares, kept across forks and pickling: it does not change.
         self._models: ServerModels | None = None
         self._renderer_infos: dict[tuple[str, str], RendererInfo] = {}
+        # Each model's fingerprint as the first replica to answer declared it: kept across forks and pickling.
+        self._pins = Pins()
 
     @property
     def _connection(self) -> Connection:
@@ -189,7 +194,7 @@ class RenderClient:
             default = self._model_info(model).renderer_info if not chat_template_kwargs else None
             if default is None:
                 request = encode_describe_request(model, chat_template_kwargs)
-                default = decode_renderer_info(self._call("DescribeRenderer", request, None))
+                default = decode_renderer_info(self._call("DescribeRenderer", request, None, model))
             info = self._renderer_infos[key] = default
         return info
 
@@ -240,7 +245,7 @@ class RenderClient:
         request = encode_parse_request(
             model, token_ids, tools=tools, prompt_ids=prompt_ids, chat_template_kwargs=chat_template_kwargs
         )
-        return decode_parsed_response(self._call("ParseResponse", request, timeout))
+        return decode_parsed_response(self._call("ParseResponse", request, timeout, model))
 
     def bridge_to_next_turn(
         self,
@@ -300,12 +305,12 @@ class RenderClient:
         claim = self._claim(store, model, images, deadline)
         try:
             sent = with_held_mm_hashes(request, method, claim.held) if claim.held else request
-            result = decode(self._call(method, sent, None, deadline))
+            result = decode(self._call(method, sent, None, model, deadline))
             media = getattr(result, "multi_modal_data", None)
             try:
                 store.fill(claim, media, previous)
             except MissingHeldItem:  # the server left out what this call did not claim: ask without claims
-                result = decode(self._call(method, request, None, deadline))
+                result = decode(self._call(method, request, None, model, deadline))
                 media = getattr(result, "multi_modal_data", None)
                 store.fill(claim, media, previous)
             self._tensors(result)
@@ -342,9 +347,19 @@ class RenderClient:
             self._models = self.list_models()
         return self._models
 
-    def _call(self, method: str, request: Any, timeout: float | None, deadline: float | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        request: Any,
+        timeout: float | None,
+        model: str | None = None,
+        deadline: float | None = None,
+    ) -> Any:
         """A unary call of `method` (until `deadline`, else for `timeout` or the client's), resent while
-        the server is restarting or going away; coalesced with other threads' calls where it can be."""
+        the server is restarting or going away; coalesced with other threads' calls where it can be.
+
+        The answer about `model` is checked against the replicas that answered before (consistency.py).
+        """
         current = self._in_this_process
         connection = current.connection
         if deadline is None:
@@ -352,22 +367,32 @@ class RenderClient:
         if method in COALESCED:
             request = serialized(request)  # these methods' stubs take and answer bytes
             if current.coalescer is not None:
+                check = None if model is None else functools.partial(self._check_replica, model)
                 return current.coalescer.call(
-                    method, request, deadline, lambda: self._unary(connection, method, request, deadline)
+                    method, request, deadline, lambda: self._unary(connection, method, request, deadline, model), check
                 )
-        return self._unary(connection, method, request, deadline)
+        return self._unary(connection, method, request, deadline, model)
 
-    @staticmethod
-    def _unary(connection: Connection, method: str, request: Any, deadline: float | None) -> Any:
+    def _check_replica(self, model: str, identity: ReplicaIdentity | None) -> None:
+        mismatch = self._pins.check(model, identity)
+        if mismatch is not None:
+            raise mismatch
+
+    def _unary(
+        self, connection: Connection, method: str, request: Any, deadline: float | None, model: str | None
+    ) -> Any:
         """A unary call, resent while the server is restarting or going away."""
         attempt = 0
         while True:
             try:
                 stub = getattr(connection.next_stub(), method)
-                answer = stub(request, timeout=remaining(deadline), metadata=connection.metadata)
-                return answer_of(method, answer) if method in COALESCED else answer
+                response, call = stub.with_call(request, timeout=remaining(deadline), metadata=connection.metadata)
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
+            else:
+                if model is not None:
+                    self._check_replica(model, decode_identity(call.trailing_metadata()))
+                return answer_of(method, response) if method in COALESCED else response
             delay = connection.resend_delay(error, attempt, deadline)
             if delay is None:
                 raise error
@@ -421,6 +446,7 @@ class RenderClient:
             timeout=timeout,
             metadata=current.connection.metadata,
             return_exceptions=return_exceptions,
+            check=self._pins.check,
         )
         return _settled(results, images, self._tensors, return_exceptions)
 

@@ -57,6 +57,7 @@ from render_wire.errors import (
     error_from_rpc,
     error_from_status,
 )
+from render_wire.identity import ReplicaIdentity, decode_identity
 from render_wire.pb import render_pb2 as pb
 
 from .channel import Connection
@@ -110,13 +111,14 @@ def _expired(deadline: float | None, now: float) -> bool:
 class _Call:
     """A call waiting in a batch, and how its outcome reaches it."""
 
-    __slots__ = ("_done", "abandoned", "deadline", "method", "outcome", "request")
+    __slots__ = ("_done", "abandoned", "deadline", "identity", "method", "outcome", "request")
 
     def __init__(self, method: str, request: bytes, deadline: float | None) -> None:
         self.method = method
         self.request = request
         self.deadline = deadline
         self.outcome: Outcome | None = None  # None until done
+        self.identity: ReplicaIdentity | None = None  # the replica that answered its batch
         self.abandoned = False  # its caller stopped waiting (its deadline passed)
         # A lock held until the outcome is in: cheaper to wait on than an Event.
         self._done = threading.Lock()
@@ -221,9 +223,18 @@ class Coalescer:
         self._held: _Batch | None = None  # the open batch, once its window has passed
         self.batches_sent = self.calls_sent = 0  # what it has coalesced: calls / batches is the mean batch
 
-    def call(self, method: str, request: bytes, deadline: float | None, alone: Callable[[], T]) -> T | Any:
+    def call(
+        self,
+        method: str,
+        request: bytes,
+        deadline: float | None,
+        alone: Callable[[], T],
+        check: Callable[[ReplicaIdentity | None], None] | None = None,
+    ) -> T | Any:
         """The answer to one call, as `answer_of` gives it; its error raised. `alone()` sends it on its own
-        (a unary call): when no other call is in flight or waiting, or when it cannot go in a batch."""
+        (a unary call): when no other call is in flight or waiting, or when it cannot go in a batch.
+        `check` is given the identity of the replica that answered a batch (consistency.py); it raises
+        to refuse the answer, as a unary call's check does."""
         if not self.supported or len(request) > MAX_CALL_BYTES:
             return alone()
         with self._lock:
@@ -235,15 +246,18 @@ class Coalescer:
                 return alone()
             finally:
                 self._slot_freed()
-        outcome = self._batched(method, request, deadline)
+        outcome, identity = self._batched(method, request, deadline)
         if isinstance(outcome, RenderError):
             raise outcome
         if isinstance(outcome, SendAlone):
             return alone()
+        if check is not None:
+            check(identity)
         return answer_of(method, outcome)
 
-    def _batched(self, method: str, request: bytes, deadline: float | None) -> Outcome:
-        """The outcome of a call sent in a batch: its own method's answer bytes, its error, or SEND_ALONE."""
+    def _batched(self, method: str, request: bytes, deadline: float | None) -> tuple[Outcome, ReplicaIdentity | None]:
+        """The outcome of a call sent in a batch (its own method's answer bytes, its error, or SEND_ALONE),
+        and the identity of the replica that answered the batch."""
         call = _Call(method, request, deadline)
         with self._lock:
             batch = self._open
@@ -276,9 +290,9 @@ class Coalescer:
             self._send(batch.calls, 0)
         if not call.wait(None if deadline is None else deadline - time.monotonic()):
             call.abandoned = True  # not sent again
-            return DeadlineExceededError(DEADLINE_DETAILS)
+            return DeadlineExceededError(DEADLINE_DETAILS), None
         assert call.outcome is not None
-        return call.outcome
+        return call.outcome, call.identity
 
     def _send(self, calls: list[_Call], attempt: int) -> None:
         """Send the calls still waiting, in one of the slots in flight (grpcio's future: this
@@ -319,7 +333,9 @@ class Coalescer:
         else:
             outcomes = _outcomes(data, calls)
             if not isinstance(outcomes, RenderError):
+                identity = decode_identity(future.trailing_metadata())  # type: ignore[attr-defined]  # a grpc.Call too
                 for call, outcome in zip(calls, outcomes, strict=True):
+                    call.identity = identity
                     call.finish(outcome)
                 self._slot_freed()
                 return
@@ -380,13 +396,14 @@ def _own_copy(error: RenderError) -> RenderError:
 class _AsyncCall:
     """A call waiting in an asyncio batch: its outcome is its future's."""
 
-    __slots__ = ("deadline", "future", "method", "request")
+    __slots__ = ("deadline", "future", "identity", "method", "request")
 
     def __init__(self, method: str, request: bytes, deadline: float | None, future: asyncio.Future[Outcome]) -> None:
         self.method = method
         self.request = request
         self.deadline = deadline
         self.future = future
+        self.identity: ReplicaIdentity | None = None
 
     @property
     def outcome(self) -> Outcome | None:
@@ -417,7 +434,12 @@ class AsyncCoalescer:
         return self._connection
 
     async def call(
-        self, method: str, request: bytes, deadline: float | None, alone: Callable[[], Awaitable[T]]
+        self,
+        method: str,
+        request: bytes,
+        deadline: float | None,
+        alone: Callable[[], Awaitable[T]],
+        check: Callable[[ReplicaIdentity | None], None] | None = None,
     ) -> T | Any:
         """As Coalescer.call, awaited; a cancelled call leaves its batch if that has not gone yet."""
         if not self.supported or len(request) > MAX_CALL_BYTES:
@@ -428,14 +450,18 @@ class AsyncCoalescer:
                 return await alone()
             finally:
                 self._slot_freed()
-        outcome = await self._batched(method, request, deadline)
+        outcome, identity = await self._batched(method, request, deadline)
         if isinstance(outcome, RenderError):
             raise outcome
         if isinstance(outcome, SendAlone):
             return await alone()
+        if check is not None:
+            check(identity)
         return answer_of(method, outcome)
 
-    async def _batched(self, method: str, request: bytes, deadline: float | None) -> Outcome:
+    async def _batched(
+        self, method: str, request: bytes, deadline: float | None
+    ) -> tuple[Outcome, ReplicaIdentity | None]:
         loop = asyncio.get_running_loop()
         call = _AsyncCall(method, request, deadline, loop.create_future())
         batch = self._open
@@ -448,9 +474,10 @@ class AsyncCoalescer:
                 self._held = None
             self._start(batch)  # a full batch goes at once, whatever is in flight
         try:
-            return await asyncio.wait_for(call.future, None if deadline is None else deadline - time.monotonic())
+            outcome = await asyncio.wait_for(call.future, None if deadline is None else deadline - time.monotonic())
         except TimeoutError:
-            return DeadlineExceededError(DEADLINE_DETAILS)
+            return DeadlineExceededError(DEADLINE_DETAILS), None
+        return outcome, call.identity
 
     def _close(self, batch: _Batch) -> None:
         """No more calls join `batch`."""
@@ -504,7 +531,9 @@ class AsyncCoalescer:
             self.calls_sent += len(live)
             try:
                 stub = self._connection.next_stub()
-                answer = await stub.Calls(data, timeout=timeout, metadata=self._connection.metadata)
+                batch_call = stub.Calls(data, timeout=timeout, metadata=self._connection.metadata)
+                answer = await batch_call
+                identity = decode_identity(await batch_call.trailing_metadata())
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             except grpc.aio.UsageError:  # the client, and so its channel, was closed
@@ -518,6 +547,7 @@ class AsyncCoalescer:
                 outcomes = _outcomes(answer, live)
                 if not isinstance(outcomes, RenderError):
                     for call, outcome in zip(live, outcomes, strict=True):
+                        call.identity = identity
                         call.finish(outcome)
                     return
                 error = outcomes

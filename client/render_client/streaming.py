@@ -34,6 +34,7 @@ from typing import Any, Final, Generic, Literal, Protocol, TypeAlias, TypeVar, c
 from google.protobuf.message import Message
 
 from render_wire.errors import RenderError
+from render_wire.identity import ReplicaIdentity
 from render_wire.pb import render_pb2 as pb
 from render_wire.requests import encode_sample_request, encode_tokens_request
 from render_wire.samples import decode_rendered_tokens, decode_results
@@ -46,6 +47,8 @@ RequestT = TypeVar("RequestT", bound=Message)  # its request message, which call
 ResultT = TypeVar("ResultT")  # what a request renders to: a sample, or RenderedTokens
 
 Metadata: TypeAlias = tuple[tuple[str, str], ...] | None
+# An answer's check: (its request's model, the answering replica) -> the error to report in its place, or None.
+ModelCheck: TypeAlias = Callable[[str, ReplicaIdentity | None], RenderError | None]
 
 
 @dataclass(frozen=True)
@@ -206,12 +209,12 @@ class _Pending(Generic[RequestT]):
     def sent(self, positions: list[int], requests: list[RequestT]) -> None:
         self._items.extend(zip(positions, requests, strict=True))
 
-    def answered(self, index: int) -> int:
-        """The input position of the request at `index` in the call; it is no longer pending."""
+    def answered(self, index: int) -> tuple[int, RequestT]:
+        """The input position and request of the one at `index` in the call; it is no longer pending."""
         # The server answers in request order, so the answer is to the oldest.
         assert index == self._first_index, (index, self._first_index)
         self._first_index += 1
-        return self._items.popleft()[0]
+        return self._items.popleft()
 
     def restart(self) -> list[RequestT]:
         """Everything unanswered, to send again on a new call (whose indices start at 0)."""
@@ -234,8 +237,12 @@ class StreamState(Generic[ItemT, RequestT, ResultT]):
     sent after (`refused`).
     """
 
-    def __init__(self, method: StreamMethod[ItemT, RequestT, ResultT]) -> None:
+    def __init__(self, method: StreamMethod[ItemT, RequestT, ResultT], check: ModelCheck | None = None) -> None:
         self.method = method
+        # An answer is checked against the replicas met before (consistency.py): the replica
+        # of the current call (`identity`, from its initial metadata) renders the request's model so.
+        self.check = check
+        self.identity: ReplicaIdentity | None = None
         self._pending: _Pending[RequestT] = _Pending()
         self.failure: RenderError | None = None
         self.finished = False  # no more requests will be sent: a new call's writes end after `resend`
@@ -260,7 +267,15 @@ class StreamState(Generic[ItemT, RequestT, ResultT]):
     def answered(self, answers: list[tuple[int, ResultT | RenderError]]) -> list[tuple[int, ResultT | RenderError]]:
         """A response's answers (`method.decode`: index in the call, result) as (input position, result)."""
         self._attempt = 0  # the call works: a break after this starts the backoff afresh
-        return [(self._pending.answered(index), result) for index, result in answers]
+        reports: list[tuple[int, ResultT | RenderError]] = []
+        for index, result in answers:
+            position, request = self._pending.answered(index)
+            if self.check is not None and not isinstance(result, RenderError):
+                mismatch = self.check(getattr(request, "model", ""), self.identity)
+                if mismatch is not None:
+                    result = mismatch
+            reports.append((position, result))
+        return reports
 
     def ended(self) -> RenderError | None:
         """The error of a call whose responses ran out: None if it owes nothing."""

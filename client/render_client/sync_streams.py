@@ -13,12 +13,13 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Generic, Protocol
+from typing import Any, Generic, Protocol
 
 import grpc
 from google.protobuf.message import Message
 
 from render_wire.errors import RenderError, error_from_rpc
+from render_wire.identity import decode_identity
 
 from .channel import RenderStub
 from .streaming import (
@@ -29,6 +30,7 @@ from .streaming import (
     InOrder,
     ItemT,
     Metadata,
+    ModelCheck,
     Report,
     RequestT,
     ResultT,
@@ -43,9 +45,11 @@ from .streaming import (
 
 
 class _Call(Protocol):
-    """A blocking stream call: its responses (serialised, see RenderStub), and its cancel."""
+    """A blocking stream call: its responses (serialised, see RenderStub), its metadata, and its cancel."""
 
     def __iter__(self) -> Iterator[bytes]: ...
+
+    def initial_metadata(self) -> Any: ...
 
     def cancel(self) -> bool: ...
 
@@ -66,12 +70,13 @@ class _Stream(Generic[ItemT, RequestT, ResultT]):
         metadata: Metadata,
         results: queue.SimpleQueue[Report[ResultT]],
         method: StreamMethod[ItemT, RequestT, ResultT],
+        check: ModelCheck | None,
     ) -> None:
         self._open: _Open = getattr(stub, method.name)
         self._timeout, self._metadata = timeout, metadata
         self._results = results
         self._lock = threading.Lock()  # the state is shared by the feeder and the reader
-        self._state = StreamState(method)
+        self._state = StreamState(method, check)
         self._call = self._new_call(None)
         threading.Thread(target=self._read, args=(self._call,), daemon=True, name="render-many-reader").start()
 
@@ -113,7 +118,10 @@ class _Stream(Generic[ItemT, RequestT, ResultT]):
         state = self._state
         while True:
             try:
+                state.identity = None
                 for response in call:
+                    if state.identity is None:  # the replica's declaration came before its first answer
+                        state.identity = decode_identity(call.initial_metadata())
                     answers = state.method.decode(response)
                     with self._lock:
                         reports = state.answered(answers)
@@ -154,12 +162,16 @@ def render_many(
     timeout: float | None,
     metadata: Metadata,
     return_exceptions: bool,
+    check: ModelCheck | None = None,
 ) -> Iterator[ResultT | RenderError]:
-    """Each request's result (or error) in input order, over a stream per stub; see streaming.py."""
+    """Each request's result (or error) in input order, over a stream per stub; see streaming.py.
+
+    `check` refuses answers of a replica that disagrees with those met before (consistency.py).
+    """
     wanted = streams_wanted(len(stubs), concurrency)
     size = batch_size(concurrency, wanted)
     results: queue.SimpleQueue[Report[ResultT]] = queue.SimpleQueue()
-    streams = [_Stream(stub, timeout, metadata, results, method) for stub in stubs[:wanted]]
+    streams = [_Stream(stub, timeout, metadata, results, method, check) for stub in stubs[:wanted]]
     slots = threading.Semaphore(concurrency)
     closed = threading.Event()
 

@@ -19,7 +19,7 @@ differently, a float resize) gets None and travels raw. Never an approximation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -31,6 +31,11 @@ T = TypeVar("T")
 # RGB without copies, and one table for everything.
 LAYOUTS: tuple[tuple[int, int], ...] = ((3, 2), (3, 1), (1, 1))
 MAX_TABLE = 256  # values an 8-bit code can stand for
+# Decoders refuse more of these: a form past them is no pixel tensor. Repeats are the temporal
+# copies (2 in every Qwen-VL processor); bounded, a form's codes decode to at most
+# itemsize x MAX_REPEATS times their bytes, so a small message cannot ask for gigabytes.
+MAX_GROUPS = 256
+MAX_REPEATS = 16
 _UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}  # bit patterns of float16/32/64
 
 
@@ -57,19 +62,21 @@ class CompactTensor:
         """Bytes of the compact form (codes and tables)."""
         return self.codes.nbytes + sum(table.nbytes for table in self.tables)
 
-    def materialize(self) -> np.ndarray:
-        """The tensor, as a new writable array."""
+    def materialize(self, check: Callable[[], None] | None = None) -> np.ndarray:
+        """The tensor, as a new writable array; `check` runs before each group (it raises to stop)."""
         rows, groups, span = self.codes.shape
         out = np.empty((rows, groups, self.repeats, span), dtype=self.dtype)
         # Gathering into a contiguous buffer without numpy's bounds check (done here once per
         # group instead) and copying it out costs ~30 % less than gathering into the strided copies.
         values = np.empty((rows, span), dtype=self.dtype)
         for group, table in enumerate(self.tables):
+            if check is not None:
+                check()
             if self.codes.size and int(self.codes[:, group].max()) >= len(table):
                 raise ValueError(f"a code of group {group} is past its table of {len(table)}")
             np.take(table, self.codes[:, group], out=values, mode="clip")
-            for repeat in range(self.repeats):
-                out[:, group, repeat] = values
+            # Every copy in one assignment: time in proportion to the bytes written, whatever `repeats`.
+            out[:, group] = values[:, np.newaxis]
         return out.reshape(self.shape)
 
 
@@ -80,7 +87,7 @@ def compact(array: np.ndarray, layouts: Iterable[tuple[int, int]] = LAYOUTS) -> 
     rows, width = array.shape
     bits = np.ascontiguousarray(array).view(_UNSIGNED[array.dtype.itemsize])
     for groups, repeats in layouts:
-        if width % (groups * repeats):
+        if width % (groups * repeats) or groups > MAX_GROUPS or repeats > MAX_REPEATS:
             continue
         span = width // (groups * repeats)
         blocks = bits.reshape(rows, groups, repeats, span)
@@ -148,15 +155,17 @@ def _float_of(bits: np.ndarray) -> type[np.floating]:
     return floats[bits.dtype.type]
 
 
-def materialize_all(data: T) -> T:
+def materialize_all(data: T, check: Callable[[], None] | None = None) -> T:
     """`data` (a sample, RenderedTokens, MultiModalData or None) with every CompactTensor of its
-    mm_items replaced, in place, by its tensor: read-only, like the arrays decoded raw."""
+    mm_items replaced, in place, by its tensor: read-only, like the arrays decoded raw.
+
+    `check` runs as the work goes (it raises to stop it: a deadline passed)."""
     media = getattr(data, "multi_modal_data", data)
     for items in getattr(media, "mm_items", {}).values():
         for item in items:
             for name, value in item.items():
                 if isinstance(value, CompactTensor):
-                    array = value.materialize()
+                    array = value.materialize(check)
                     array.flags.writeable = False
                     item[name] = array
     return data

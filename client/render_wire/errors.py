@@ -30,12 +30,23 @@ ERROR_DETAIL_KEY = "render-error-detail-bin"
 # pydantic's ValidationError, which takes its title and errors to be built.
 _VALIDATION_ERROR = ("pydantic_core._pydantic_core", "ValidationError")
 
+# The most UTF-8 bytes of details an error carries. gRPC sends them percent-encoded in a
+# header and refuses headers past 8-16 KiB, answering RESOURCE_EXHAUSTED in their place; a
+# message that echoes its input (a 100 KiB model id) would be replaced by that.
+MAX_DETAILS_BYTES = 1024
+# The most bytes of an error_detail's JSON: it travels base64-encoded in a trailer beside them.
+MAX_ERROR_DETAIL_BYTES = 3 * 1024
+
 
 class RenderError(Exception):
     """An error render-service answered with (or the client caught first).
 
     `code` is its gRPC status and `http_status` the HTTP status the HTTP port
     answers with (500 for every status without a class of its own).
+
+    `str(error)` is `details` (one line, naming the field), except for an
+    exception a renderer raised (`error_type` set): then it is that exception's
+    own message, as in-process, and `details` adds the field.
 
     `rpc_error` is the `grpc.RpcError` of the failed call it was made from
     (by error_from_rpc), else None. The client raises these `from None`, so
@@ -50,21 +61,27 @@ class RenderError(Exception):
     def __init__(
         self, details: str, *, error_type: str | None = None, error_detail: dict[str, Any] | None = None
     ) -> None:
+        details = bounded(details)
         super().__init__(details)
         self._set(details, error_type, error_detail)
 
     def _set(self, details: str, error_type: str | None, error_detail: dict[str, Any] | None) -> None:
-        self.details = details
+        # Bounded here, the one place every error passes: they travel in gRPC's headers.
+        self.details = bounded(details)
         # The exception type the renderer raised: a builtin's name ("ValueError") or a
         # library's class with its module ("jinja2.exceptions.UndefinedError"); None
         # when the error did not come from the renderer.
         self.error_type = error_type
-        # For a pydantic ValidationError: {"title": ..., "errors": [...]}; else None.
-        self.error_detail = error_detail
+        # What more the server said of a renderer's exception: {"message": its own str()}, or
+        # for a pydantic ValidationError {"title": ..., "errors": [...]}; else None.
+        self.error_detail = bounded_detail(error_detail)
         self.rpc_error: grpc.RpcError | None = None
 
     def __str__(self) -> str:
-        return self.details  # not KeyError's quoted repr when it is one too
+        # A renderer's exception says what it says in-process (`details` adds the field and
+        # keeps it on one line); any other error, its details.
+        message = self.error_detail.get("message") if self.error_type and self.error_detail else None
+        return message if isinstance(message, str) else self.details
 
     def __reduce__(self) -> tuple[object, ...]:
         # Rebuilt through error_from_status, so that it keeps the family it was given.
@@ -142,6 +159,49 @@ _BY_CODE: dict[grpc.StatusCode, type[RenderError]] = {
 }
 
 
+def bounded(details: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """`details` if it fits in `limit` UTF-8 bytes, else its start and its end around a marker
+    saying how much was cut: the field a message names comes first and the limit or the
+    choices it states come last, so an echoed value in between is what gets cut."""
+    if len(details) <= limit // 4:  # fits whatever its characters
+        return details
+    size = len(details.encode("utf-8", "surrogatepass"))
+    if size <= limit:
+        return details
+    head = _prefix(details, limit * 5 // 8)
+    tail = _prefix(details[::-1], limit * 2 // 8)[::-1]
+    return f"{head}[...{len(details) - len(head) - len(tail)} characters cut...]{tail}"
+
+
+def bounded_detail(detail: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`detail` if its JSON fits in MAX_ERROR_DETAIL_BYTES; else with every string in it cut as
+    `bounded` cuts (the input a pydantic error echoes); None if even that is too long."""
+    if detail is None or len(encode_error_detail(detail).encode("utf-8", "surrogatepass")) <= MAX_ERROR_DETAIL_BYTES:
+        return detail
+    cut = _cut_strings(detail)
+    if len(encode_error_detail(cut).encode("utf-8", "surrogatepass")) <= MAX_ERROR_DETAIL_BYTES:
+        return cast("dict[str, Any]", cut)
+    return None
+
+
+def _cut_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return bounded(value, 256)
+    if isinstance(value, dict):
+        return {key: _cut_strings(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_cut_strings(item) for item in value]
+    return value
+
+
+def _prefix(text: str, size: int) -> str:
+    """The longest start of `text` of at most `size` UTF-8 bytes."""
+    prefix = text[:size]
+    while len(prefix.encode("utf-8", "surrogatepass")) > size:
+        prefix = prefix[: -max(1, (len(prefix.encode("utf-8", "surrogatepass")) - size) // 4)]
+    return prefix
+
+
 def invalid(field: str, problem: str) -> InvalidArgumentError:
     """The one-line error for a malformed request field: 'field: problem'."""
     return InvalidArgumentError(f"{field}: {problem}")
@@ -212,8 +272,10 @@ def _combined(cls: type[RenderError], other: type[Exception]) -> type[RenderErro
     """`cls` that is also an `other` (cls itself where the two cannot be combined)."""
     namespace: dict[str, object] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
     if _is_validation_error(other):
-        # Built by pydantic (from_exception_data), which calls the class with its own arguments.
+        # Built by pydantic (from_exception_data), which calls the class with its own arguments;
+        # and it reads as pydantic writes it, as in-process.
         namespace["__init__"] = _no_init
+        namespace["__str__"] = other.__str__
         try:
             return type(cls.__name__, (cls, other), namespace)
         except TypeError:

@@ -19,11 +19,11 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
 from .compact import materialize_all
-from .errors import RenderError, invalid
+from .errors import InvalidArgumentError, RenderError, invalid
 from .jsonvalue import JSONValue, dump_json, load_json
 from .media import check_not_a_reference, media_bytes
 from .pb import render_pb2 as pb
-from .tensors import decode_multi_modal_data, encode_multi_modal_data
+from .tensors import TensorBudget, decode_multi_modal_data, encode_multi_modal_data
 from .types import (
     Message,
     MultiModalDataLike,
@@ -657,8 +657,9 @@ class BridgeArgs:
     previous_prompt_ids: list[int]
     previous_completion_ids: list[int]
     previous_multi_modal_data: MultiModalDataLike | None  # renderers.MultiModalData (types' without renderers)
-    # The request's size without previous_multi_modal_data: its pixel tensors are no text to limit.
-    request_bytes: int
+    # The bytes of its new_messages, tools and kwargs: all but the ids and previous_multi_modal_data,
+    # which are no text to limit.
+    text_bytes: int
     process_multimodal: bool | None  # None: not passed
     held_mm_hashes: frozenset[str]  # images whose tensors the client holds
 
@@ -684,25 +685,51 @@ def decode_parse_request(request: pb.ParseResponseRequest) -> ParseArgs:
     )
 
 
-def decode_bridge_request(data: bytes | memoryview) -> BridgeArgs:
-    """A serialised BridgeToNextTurnRequest's arguments; its tensors are views of `data`."""
+def split_bridge_request(data: bytes | memoryview) -> tuple[pb.BridgeToNextTurnRequest, memoryview | None, int]:
+    """A serialised BridgeToNextTurnRequest parsed but for its previous_multi_modal_data, whose
+    wire bytes come apart (its tensors stay views of `data`); and the size of the rest."""
     field = pb.BridgeToNextTurnRequest.PREVIOUS_MULTI_MODAL_DATA_FIELD_NUMBER
     try:
         rest, media = split_field(memoryview(data), field)
         request = pb.BridgeToNextTurnRequest.FromString(rest)
-        types = result_types()
-        previous = (
-            decode_multi_modal_data(merged(media), types.MultiModalData, types.PlaceholderRange) if media else None
-        )
-        materialize_all(previous)  # the renderer takes arrays
-    except (WireFormatError, DecodeError, RenderError) as exc:
+    except (WireFormatError, DecodeError) as exc:
         raise invalid("request", f"not a valid render.v1.BridgeToNextTurnRequest ({exc})") from None
+    return request, merged(media) if media else None, len(rest)
+
+
+def decode_bridge_request(
+    data: bytes | memoryview,
+    *,
+    budget: TensorBudget | None = None,
+    check: Callable[[], None] | None = None,
+    parsed: tuple[pb.BridgeToNextTurnRequest, memoryview | None, int] | None = None,
+) -> BridgeArgs:
+    """A serialised BridgeToNextTurnRequest's arguments (`parsed`: split_bridge_request's of it).
+
+    With `budget`, the tensors of previous_multi_modal_data are refused past it before they
+    are allocated; `check` runs as they are (it raises to stop: a deadline passed).
+    """
+    request, media, request_bytes = parsed or split_bridge_request(data)
+    types = result_types()
+    previous = None
+    if media is not None:
+        try:
+            previous = decode_multi_modal_data(media, types.MultiModalData, types.PlaceholderRange, budget=budget)
+        except InvalidArgumentError:  # past the budget
+            raise
+        except (WireFormatError, DecodeError, RenderError) as exc:  # RenderError: a malformed tensor
+            raise invalid("previous_multi_modal_data", f"not a valid render.v1.MultiModalData ({exc})") from None
+        materialize_all(previous, check)  # the renderer takes arrays; codes were checked against tables
+    prompt_ids, completion_ids = as_list(request.previous_prompt_ids), as_list(request.previous_completion_ids)
+    ids = pb.BridgeToNextTurnRequest(
+        previous_prompt_ids=request.previous_prompt_ids, previous_completion_ids=request.previous_completion_ids
+    ).ByteSize()
     return BridgeArgs(
         conversation=decode_conversation(request, request.new_messages, "new_messages"),
-        previous_prompt_ids=as_list(request.previous_prompt_ids),
-        previous_completion_ids=as_list(request.previous_completion_ids),
+        previous_prompt_ids=prompt_ids,
+        previous_completion_ids=completion_ids,
         previous_multi_modal_data=previous,
-        request_bytes=len(rest),
+        text_bytes=request_bytes - ids,
         process_multimodal=request.process_multimodal if request.HasField("process_multimodal") else None,
         held_mm_hashes=frozenset(request.held_mm_hashes),
     )

@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Sequence
-from typing import TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
 
-from .errors import RenderError, decode_error_detail, encode_error_detail, error_from_status
+from .errors import (
+    InvalidArgumentError,
+    RenderError,
+    UnimplementedError,
+    decode_error_detail,
+    encode_error_detail,
+    error_from_status,
+)
 from .jsonvalue import JSONValue, dump_json, load_json
 from .pb import render_pb2 as pb
 from .tensors import decode_multi_modal_data, encode_multi_modal_data
@@ -265,30 +273,68 @@ assert _TOKENS_FIELD == pb.BridgeToNextTurnResponse.TOKENS_FIELD_NUMBER
 
 
 def encode_parsed_response(parsed: ParsedResponseLike) -> pb.ParseResponseResponse:
-    """A renderers.ParsedResponse as the ParseResponse answer."""
-    message = pb.ParsedResponse(content=parsed.content)
+    """A renderers.ParsedResponse as the ParseResponse answer.
+
+    Every value goes as parse_response returned it: a text field holding anything but a
+    UTF-8 str (a tool-call name the model wrote as 5) in its *_json twin; a value JSON
+    cannot hold either is UnimplementedError, never a changed value.
+    """
+    message = pb.ParsedResponse()
+    _set_value(message, "content", parsed.content, "content")
     if parsed.reasoning_content is not None:
-        message.reasoning_content = parsed.reasoning_content
+        _set_value(message, "reasoning_content", parsed.reasoning_content, "reasoning_content")
     if parsed.reasoning_complete is not None:
+        if type(parsed.reasoning_complete) is not bool:
+            raise _cannot_carry("reasoning_complete", parsed.reasoning_complete)
         message.reasoning_complete = parsed.reasoning_complete
     for index, call in enumerate(parsed.tool_calls):
-        out = message.tool_calls.add(raw=call.raw, status=str(call.status))
+        where = f"tool_calls[{index}]"
+        out = message.tool_calls.add(status=str(call.status))
+        _set_value(out, "raw", call.raw, f"{where}.raw")
         if call.name is not None:
-            out.name = call.name
-        try:
-            if isinstance(call.arguments, str):
-                out.arguments_text = call.arguments
-            elif call.arguments is not None:
-                out.arguments_json = dump_json(call.arguments, f"tool_calls[{index}].arguments")
-        except UnicodeEncodeError:
-            # A lone surrogate (the model wrote a JSON "\ud800" escape) is no UTF-8 protobuf string;
-            # as an ASCII JSON escape it comes back exactly (a str argument as a JSON string).
-            out.arguments_json = json.dumps(call.arguments, separators=(",", ":"))
+            _set_value(out, "name", call.name, f"{where}.name")
+        if isinstance(call.arguments, str):
+            _set_value(out, "arguments_text", call.arguments, f"{where}.arguments", twin="arguments_json")
+        elif call.arguments is not None:
+            _set_json(out, "arguments_json", call.arguments, f"{where}.arguments")
         if call.token_span is not None:
-            out.token_span.start, out.token_span.end = call.token_span
+            try:
+                out.token_span.start, out.token_span.end = call.token_span
+            except (TypeError, ValueError):
+                raise _cannot_carry(f"{where}.token_span", call.token_span) from None
         if call.id is not None:
-            out.id = call.id
+            _set_value(out, "id", call.id, f"{where}.id")
     return pb.ParseResponseResponse(parsed=message)
+
+
+def _set_value(message: ProtoMessage, name: str, value: object, where: str, twin: str | None = None) -> None:
+    """Set string field `name` to `value`, or its JSON twin (`name`_json) to any other value's JSON text."""
+    if type(value) is str:
+        try:
+            setattr(message, name, value)
+            return
+        except UnicodeEncodeError:  # a lone surrogate: no UTF-8 string holds it
+            pass
+    _set_json(message, twin or f"{name}_json", value, where)
+
+
+def _set_json(message: ProtoMessage, name: str, value: object, where: str) -> None:
+    """Set string field `name` to `value`'s JSON text, which load_json gives back exactly."""
+    try:
+        text = dump_json(value, where)
+    except InvalidArgumentError:
+        raise _cannot_carry(where, value) from None
+    try:
+        setattr(message, name, text)
+    except UnicodeEncodeError:
+        # Lone surrogates: as ASCII escapes ("\\ud800") they come back exactly.
+        setattr(message, name, json.dumps(value, separators=(",", ":")))
+
+
+def _cannot_carry(where: str, value: object) -> UnimplementedError:
+    return UnimplementedError(
+        f"{where}: the renderer returned a {type(value).__name__}, which is no JSON value: the service cannot carry it"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -345,30 +391,38 @@ def decode_parsed_response(response: pb.ParseResponseResponse) -> ParsedResponse
     types = result_types()
     parsed = response.parsed
     calls: list[ParsedToolCallLike] = []
-    for index, call in enumerate(parsed.tool_calls):
-        kind = call.WhichOneof("arguments")
-        arguments: JSONValue = None
-        if kind == "arguments_json":
-            arguments = load_json(call.arguments_json, f"tool_calls[{index}].arguments")
-        elif kind == "arguments_text":
-            arguments = call.arguments_text
-        try:
-            status = types.ToolCallParseStatus(call.status)
-        except ValueError:
-            raise RenderError(f"malformed response: unknown tool-call status {call.status!r}") from None
-        calls.append(
-            types.ParsedToolCall(
-                raw=call.raw,
-                name=call.name if call.HasField("name") else None,
-                arguments=arguments,
-                token_span=(call.token_span.start, call.token_span.end) if call.HasField("token_span") else None,
-                status=status,
-                id=call.id if call.HasField("id") else None,
+    try:
+        for index, call in enumerate(parsed.tool_calls):
+            where = f"tool_calls[{index}]"
+            try:
+                status = types.ToolCallParseStatus(call.status)
+            except ValueError:
+                raise RenderError(f"malformed response: unknown tool-call status {call.status!r}") from None
+            calls.append(
+                types.ParsedToolCall(
+                    raw=_value(call, "raw_value", f"{where}.raw", ""),
+                    name=_value(call, "name_value", f"{where}.name"),
+                    arguments=_value(call, "arguments", f"{where}.arguments"),
+                    token_span=(call.token_span.start, call.token_span.end) if call.HasField("token_span") else None,
+                    status=status,
+                    id=_value(call, "id_value", f"{where}.id"),
+                )
             )
+        return types.ParsedResponse(
+            content=_value(parsed, "content_value", "content", ""),
+            reasoning_content=_value(parsed, "reasoning_content_value", "reasoning_content"),
+            tool_calls=calls,
+            reasoning_complete=parsed.reasoning_complete if parsed.HasField("reasoning_complete") else None,
         )
-    return types.ParsedResponse(
-        content=parsed.content,
-        reasoning_content=parsed.reasoning_content if parsed.HasField("reasoning_content") else None,
-        tool_calls=calls,
-        reasoning_complete=parsed.reasoning_complete if parsed.HasField("reasoning_complete") else None,
-    )
+    except InvalidArgumentError as exc:  # JSON text that does not parse
+        raise RenderError(f"malformed response: {exc}") from None
+
+
+def _value(message: ProtoMessage, oneof: str, where: str, unset: JSONValue = None) -> Any:
+    """The value a string field or its JSON twin holds (oneof `oneof`); `unset` when neither is set."""
+    field = message.WhichOneof(oneof)
+    if field is None:
+        return unset
+    if field.endswith("_json"):
+        return load_json(getattr(message, field), where)
+    return getattr(message, field)

@@ -8,13 +8,14 @@ views of the response's bytes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from typing import TypeVar, overload
 
 import numpy as np
 
-from .compact import CompactTensor, compact
-from .errors import RenderError
+from .compact import MAX_GROUPS, MAX_REPEATS, CompactTensor, compact
+from .errors import RenderError, invalid
 from .pb import render_pb2 as pb
 from .types import (
     HeldItem,
@@ -100,13 +101,38 @@ def _encode_compact(value: CompactTensor) -> WireMessage:
 DataT = TypeVar("DataT")
 
 
+class TensorBudget:
+    """The bytes a request's tensors may decode to, spent as each is decoded, before it is allocated.
+
+    A tensor's size is read off its dtype and shape (times `repeats` for a compact one): a
+    few bytes of message can ask for terabytes. Past the budget: InvalidArgumentError naming
+    the tensor, the limit and `flag`, the setting that gives it.
+    """
+
+    def __init__(self, most: int, flag: str, field: str) -> None:
+        self.most, self.flag, self.field = most, flag, field
+        self.spent = 0
+
+    def spend(self, nbytes: int, where: str) -> None:
+        self.spent += nbytes
+        if self.spent > self.most:
+            raise invalid(
+                f"{self.field}.{where}",
+                f"tensors of {self.spent} bytes exceed the limit of {self.most} bytes ({self.flag})",
+            )
+
+
 @overload
-def decode_multi_modal_data(data: memoryview) -> MultiModalData: ...
+def decode_multi_modal_data(data: memoryview, *, budget: TensorBudget | None = None) -> MultiModalData: ...
 
 
 @overload
 def decode_multi_modal_data(
-    data: memoryview, data_class: Callable[..., DataT], range_class: Callable[..., object]
+    data: memoryview,
+    data_class: Callable[..., DataT],
+    range_class: Callable[..., object],
+    *,
+    budget: TensorBudget | None = None,
 ) -> DataT: ...
 
 
@@ -114,15 +140,20 @@ def decode_multi_modal_data(
     data: memoryview,
     data_class: Callable[..., object] = MultiModalData,
     range_class: Callable[..., object] = PlaceholderRange,
+    *,
+    budget: TensorBudget | None = None,
 ) -> object:
     """A MultiModalData message as `data_class` (this package's, or renderers' own) of `range_class`es,
-    called with the fields as keyword arguments."""
+    called with the fields as keyword arguments; with `budget`, its tensors' sizes are spent from it."""
     rest, entries = split_field(data, pb.MultiModalData.MM_ITEMS_FIELD_NUMBER)
     message = pb.MultiModalData.FromString(rest)
     mm_items: dict[str, list[dict[str, Tensor]]] = {}
     for entry in entries:
         entry_rest, items = split_field(entry, pb.ModalityItems.ITEMS_FIELD_NUMBER)
-        mm_items[pb.ModalityItems.FromString(entry_rest).modality] = [_decode_item(item) for item in items]
+        modality = pb.ModalityItems.FromString(entry_rest).modality
+        mm_items[modality] = [
+            _decode_item(item, budget, f"mm_items[{modality!r}][{index}]") for index, item in enumerate(items)
+        ]
     return data_class(
         mm_hashes={entry.modality: list(entry.hashes) for entry in message.mm_hashes},
         mm_placeholders={
@@ -133,7 +164,7 @@ def decode_multi_modal_data(
     )
 
 
-def _decode_item(data: memoryview) -> dict[str, Tensor]:
+def _decode_item(data: memoryview, budget: TensorBudget | None, where: str) -> dict[str, Tensor]:
     rest, fields = split_field(data, pb.MultiModalItem.FIELDS_FIELD_NUMBER)
     if rest and pb.MultiModalItem.FromString(rest).held:
         if fields:
@@ -142,11 +173,12 @@ def _decode_item(data: memoryview) -> dict[str, Tensor]:
     item: dict[str, Tensor] = {}
     for field in fields:
         rest, tensors = split_field(field, pb.NamedTensor.TENSOR_FIELD_NUMBER)
-        item[pb.NamedTensor.FromString(rest).name] = _decode_tensor(merged(tensors) if tensors else memoryview(b""))
+        name = pb.NamedTensor.FromString(rest).name
+        item[name] = _decode_tensor(merged(tensors) if tensors else memoryview(b""), budget, f"{where}[{name!r}]")
     return item
 
 
-def _decode_tensor(data: memoryview) -> Tensor:
+def _decode_tensor(data: memoryview, budget: TensorBudget | None = None, where: str = "tensor") -> Tensor:
     """A Tensor message as an array, or as a CompactTensor when it came in that form
     (compact.materialize_all turns those into arrays, unless the caller keeps them)."""
     rest, payloads = split_field(data, pb.Tensor.DATA_FIELD_NUMBER)
@@ -156,12 +188,19 @@ def _decode_tensor(data: memoryview) -> Tensor:
         dtype = np.dtype(tensor.dtype)
         if dtype.hasobject:
             raise TypeError("object arrays are not accepted")
+        shape = tuple(tensor.shape)
+        if any(size < 0 for size in shape):
+            raise ValueError(f"negative dimension in shape {shape}")
+        if budget is not None:
+            budget.spend(math.prod(shape) * dtype.itemsize, where)
         if forms:
-            return _decode_compact(merged(forms), dtype, tuple(tensor.shape))
+            return _decode_compact(merged(forms), dtype, shape)
         # A view of the response's bytes (the last occurrence wins): no copy, read-only.
-        array = np.frombuffer(payloads[-1] if payloads else b"", dtype=dtype).reshape(tuple(tensor.shape))
-    except (TypeError, ValueError) as exc:
-        raise RenderError(f"malformed tensor in response (dtype {tensor.dtype!r}): {exc}") from None
+        array = np.frombuffer(payloads[-1] if payloads else b"", dtype=dtype).reshape(shape)
+    except RenderError:  # past the budget
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise RenderError(f"malformed tensor (dtype {tensor.dtype!r}): {exc}") from None
     if array.nbytes < _SHARE_FROM_BYTES or not array.flags.aligned:
         # A small view would keep a whole response alive; an unaligned one slows
         # numpy and is refused by some consumers. Those are copied, read-only alike.
@@ -178,6 +217,10 @@ def _decode_compact(data: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -
     form = pb.CompactTensor.FromString(rest)
     sizes = list(form.table_sizes)
     groups = len(sizes)
+    if groups > MAX_GROUPS or form.repeats > MAX_REPEATS:
+        raise ValueError(
+            f"{groups} groups of {form.repeats} copies: the compact form has at most {MAX_GROUPS} of {MAX_REPEATS}"
+        )
     if len(shape) != 2 or not groups or form.repeats < 1 or shape[1] % (groups * form.repeats):
         raise ValueError(f"shape {shape} does not split into {groups} groups of {form.repeats} copies")
     span = shape[1] // (groups * form.repeats)

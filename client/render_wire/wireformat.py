@@ -12,10 +12,14 @@ The bytes are exactly what upb writes for the same message
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+import functools
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import TypeVar
 
 import numpy as np
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 IntT = TypeVar("IntT", bound=int)  # int or bool
 
@@ -131,6 +135,150 @@ def split_fields(message: memoryview, numbers: Container[int]) -> tuple[bytes, l
         if not wanted:
             rest.append(message[start:position])
     return b"".join(rest), found
+
+
+class TooManyValues(ValueError):
+    """A message holds more values than a limit allows.
+
+    `field` is the dotted path of the field where it went past (from the message walked),
+    `limit` the full name of the field whose own limit it is (None: the values in all),
+    `values` how many were counted: all of the field's when `exact`, else up to the first past.
+    """
+
+    def __init__(self, field: str, values: int, *, limit: str | None, exact: bool) -> None:
+        super().__init__(f"{field}: {values} values")
+        self.field, self.values, self.limit, self.exact = field, values, limit, exact
+
+
+@dataclass
+class Census:
+    """What `count_values` allows: `most` values in all (sub-messages, strings, numbers), and, by
+    full field name, how many a field may hold in one message (counted apart from the rest)."""
+
+    most: int
+    limits: Mapping[str, int] = dataclass_field(default_factory=dict)
+    opaque: Collection[str] = ()  # message fields counted but not walked into (full names)
+    check: Callable[[], None] | None = None  # runs every few thousand values; raises to stop
+    counted: int = 0
+    # Values of the limited fields, in the whole message: a field that occurs again (a message
+    # field is merged by upb) adds to its count.
+    per_field: dict[str, int] = dataclass_field(default_factory=dict)
+
+
+def count_values(message: memoryview, descriptor: Descriptor, census: Census) -> None:
+    """Count what `message`, a `descriptor` message, holds, down to its scalars, without parsing it.
+
+    upb spends ~150 bytes on an empty sub-message that takes 2 on the wire, and 4 on an
+    id that takes 1: counting first lets a limit refuse a request before that memory is
+    spent. A packed field's values are its varints (counted in C, no copy); everything
+    else is one value an occurrence. Raises TooManyValues past a limit, WireFormatError
+    for malformed bytes. Costs ~0.5 us a field walked: legit requests have few.
+    """
+    position, end = 0, len(message)
+    fields = _fields_of(descriptor)
+    per_field = census.per_field
+    while position < end:
+        tag = message[position]
+        if tag < 0x80:  # one byte: fields 1-15, the common case, without the call
+            position += 1
+        else:
+            tag, position = _read_varint(message, position)
+        number, wire_type = tag >> 3, tag & 7
+        if number == 0:
+            raise WireFormatError("field number 0")
+        field = fields.get(number)
+        limit = None if field is None else census.limits.get(field.full_name)
+        values = 1
+        if wire_type == _LENGTH_DELIMITED:
+            length, position = _read_varint(message, position)
+            if position + length > end:
+                raise WireFormatError("a field runs past the end of its message")
+            if field is not None:
+                payload = message[position : position + length]
+                if field.message_type is not None and field.full_name not in census.opaque:
+                    try:
+                        count_values(payload, field.message_type, census)
+                    except TooManyValues as exc:
+                        exc.field = f"{field.name}.{exc.field}"
+                        raise
+                elif field.packed:
+                    values = count_varints(payload) if field.varints else length // field.packed
+            position += length
+        elif wire_type == 0:
+            if position < end and message[position] < 0x80:
+                position += 1
+            else:
+                _, position = _read_varint(message, position)
+        elif wire_type in _FIXED_SIZES:
+            position += _FIXED_SIZES[wire_type]
+        else:
+            raise WireFormatError(f"unsupported wire type {wire_type}")
+        if position > end:
+            raise WireFormatError("a field runs past the end of its message")
+        if limit is not None:  # its own limit; the sub-messages' contents count in all
+            assert field is not None
+            count = per_field[field.full_name] = per_field.get(field.full_name, 0) + values
+            if count > limit:
+                exact = wire_type == _LENGTH_DELIMITED and bool(field.packed)  # a packed payload, counted whole
+                raise TooManyValues(field.name, count, limit=field.full_name, exact=exact)
+            continue
+        census.counted += values
+        if census.counted > census.most:
+            raise TooManyValues(field.name if field else f"field {number}", census.counted, limit=None, exact=False)
+        if census.check is not None and census.counted % 4096 < values:
+            census.check()
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    full_name: str
+    message_type: Descriptor | None  # a message field's: its payload is walked too
+    packed: int  # a repeated scalar field: its packed payload holds values of this many bytes (0: varints)
+    varints: bool
+
+
+_FIXED_TYPES = {
+    FieldDescriptor.TYPE_DOUBLE: 8,
+    FieldDescriptor.TYPE_FIXED64: 8,
+    FieldDescriptor.TYPE_SFIXED64: 8,
+    FieldDescriptor.TYPE_FLOAT: 4,
+    FieldDescriptor.TYPE_FIXED32: 4,
+    FieldDescriptor.TYPE_SFIXED32: 4,
+}
+_NOT_PACKED = {FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_MESSAGE}
+
+
+@functools.cache
+def _fields_of(descriptor: Descriptor) -> dict[int, _Field]:
+    fields = {}
+    for field in descriptor.fields:
+        message = field.type == FieldDescriptor.TYPE_MESSAGE
+        repeated_scalar = field.is_repeated and field.type not in _NOT_PACKED
+        fields[field.number] = _Field(
+            name=field.name,
+            full_name=field.full_name,
+            message_type=field.message_type if message else None,
+            packed=(_FIXED_TYPES.get(field.type, 1) if repeated_scalar else 0),
+            varints=repeated_scalar and field.type not in _FIXED_TYPES,
+        )
+    return fields
+
+
+# Packed varints are counted this many bytes at a time: the count needs no copy of the payload.
+_COUNT_CHUNK = 1 << 20
+
+
+def count_varints(payload: memoryview) -> int:
+    """How many varints a packed field's payload holds: its bytes without the continuation bit.
+
+    Counted a chunk at a time, so that the comparison's temporary stays small (~1 ms per MiB).
+    """
+    data = np.frombuffer(payload, dtype=np.uint8)
+    count = 0
+    for start in range(0, len(data), _COUNT_CHUNK):
+        count += int(np.count_nonzero(data[start : start + _COUNT_CHUNK] < 0x80))
+    return count
 
 
 def merged(payloads: list[memoryview]) -> memoryview:

@@ -8,13 +8,14 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config, unpinned_sources
 from .image_cache import DEFAULT_IMAGE_CACHE_MB, return_large_frees_to_the_os
 from .limits import Limits, MiB
 
@@ -36,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--http-host", help="HTTP address (health, metrics, JSON render); default: --host")
     add("--http-port", type=int, default=8080, help="HTTP port; 0 picks a free one (default: %(default)s)")
     add("--no-http", action="store_true", help="serve no HTTP port")
+    add(
+        "--health-port",
+        type=int,
+        help="serve /healthz and /readyz alone on this port (on --http-host), plaintext, from a process of their "
+        "own that renders never slow: for probes (default: none; the HTTP port answers them too)",
+    )
     add("--workers", type=int, default=available_cpus(), help="worker processes, one per core (default: %(default)s)")
     add("--threads", type=int, default=32, help="handler threads per worker; a stream holds one (default: %(default)s)")
     add(
@@ -68,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="gRPC message compression of answers; gzip shrinks compact pixel tensors to ~0.3-0.8x of their "
         "size at ~100-200 ms of server time per 1024x1024 image (default: %(default)s)",
+    )
+    add(
+        "--allow-unpinned-revisions",
+        action="store_true",
+        help="load hub models whose revision is a branch or tag (or none: 'main'), with a warning; by default "
+        "only commit ids, so that replicas started at different times load the same files",
     )
     add("--log-level", default="INFO", help="logging level (default: %(default)s)")
     add(
@@ -109,7 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Pillow formats decoded, comma-separated; others are refused (default: %(default)s)",
     )
     group.add_argument(
-        "--max-tokens", type=int, default=limits.max_tokens, help="rendered tokens per sample (default: %(default)s)"
+        "--max-tokens",
+        type=int,
+        default=limits.max_tokens,
+        help="rendered tokens per sample, and token ids per list a request carries (default: %(default)s)",
     )
     group.add_argument(
         "--max-text-bytes-per-token",
@@ -117,6 +133,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=limits.max_text_bytes_per_token,
         help="a request's text (all but its media) may be at most --max-tokens x this many bytes, "
         "refused before tokenizing (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-tensor-mb",
+        type=float,
+        default=limits.max_tensor_bytes / MiB,
+        help="what the tensors of one request (BridgeToNextTurn's previous_multi_modal_data) may decode to, MiB, "
+        "counted from their shapes before they are decoded (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-batch-requests",
+        type=positive_int,
+        default=limits.max_batch_requests,
+        help="requests per batch message of a stream (RenderTrainingSamples, Renders) (default: %(default)s)",
     )
     group.add_argument(
         "--max-concurrent-rpcs",
@@ -152,6 +181,12 @@ class _WithoutTorchNotice(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First of all: loading the models takes seconds to minutes, and a stop meanwhile must not wait
+    # it out (in a container the server is PID 1, which the kernel sends no signal it has no handler
+    # for: a pod deleted while loading would sit out its whole grace period). The supervisor
+    # installs its own handlers once every model is loaded.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_while_starting)
     # Before anything imports transformers (the registry does, below); forked processes inherit it.
     logging.getLogger("transformers").addFilter(_WithoutTorchNotice())
     args = parse_args(argv)
@@ -186,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=args.max_tokens,
         max_text_bytes_per_token=args.max_text_bytes_per_token,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_tensor_bytes=int(args.max_tensor_mb * MiB),
+        max_batch_requests=args.max_batch_requests,
     )
     with contextlib.ExitStack() as stack:
         http_host = args.http_host or args.host
@@ -193,12 +230,21 @@ def main(argv: list[str] | None = None) -> int:
             # Hold the ports first: a clash fails at once, not after loading the models.
             port = stack.enter_context(reserved_port(args.host, args.port))
             http_socket = None if args.no_http else stack.enter_context(listening_socket(http_host, args.http_port))
+            health_socket = (
+                None if args.health_port is None else stack.enter_context(listening_socket(http_host, args.health_port))
+            )
         except OSError as exc:
             log.error("cannot listen: %s", exc.strerror or exc)
             return 2
         return_large_frees_to_the_os()  # so that evicted images leave RSS (image_cache.py)
         try:
-            registry = ModelRegistry.load(load_config(args.config), image_cache_bytes=int(args.image_cache_mb * MiB))
+            configs = load_config(args.config)
+            unpinned = unpinned_sources(configs)
+            if unpinned and not args.allow_unpinned_revisions:
+                raise ConfigError(f"{unpinned[0]} (pin a commit, or pass --allow-unpinned-revisions)")
+            for source in unpinned:
+                log.warning("%s: replicas started at other times may load other files under this id", source)
+            registry = ModelRegistry.load(configs, image_cache_bytes=int(args.image_cache_mb * MiB))
         except ConfigError as exc:
             # One line; the traceback of what failed underneath only at --log-level DEBUG.
             log.error("bad model registry: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -217,14 +263,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         models = ", ".join(model.id for model in registry.describe().models)
         http = "" if http_socket is None else f" http {http_host}:{http_socket.getsockname()[1]}"
+        if health_socket is not None:
+            http += f" health {http_host}:{health_socket.getsockname()[1]}"
 
         def on_ready() -> None:
             # Tests and scripts wait for this line: every process is loaded and listening.
             print(f"render-server listening on {args.host}:{port}{http} with models {models}", flush=True)
             log.info("ready in %.1fs with %d workers", time.perf_counter() - started, args.workers)
 
-        supervisor = Supervisor(registry, options, workers=args.workers, grace=args.grace, http_socket=http_socket)
+        supervisor = Supervisor(
+            registry,
+            options,
+            workers=args.workers,
+            grace=args.grace,
+            http_socket=http_socket,
+            health_socket=health_socket,
+        )
         return supervisor.run(on_ready)
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:
+    """Stop at once: nothing is served yet, so there is nothing to drain."""
+    log.info("%s while starting: stopping", signal.Signals(signum).name)
+    raise SystemExit(128 + signum)  # as if the signal had ended the process, after the cleanups ran
 
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:

@@ -23,7 +23,9 @@ module is the registry the server loads when given none.
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,3 +187,22 @@ def _source(table: Any, where: str, base: Path) -> tuple[Source, dict[str, Any]]
         ),
         options,
     )
+
+
+# A Hugging Face commit id: the only revision that names the same files forever.
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def unpinned_sources(models: Iterable[ModelConfig]) -> list[str]:
+    """Each hub source whose revision is not a commit id (a branch or tag moves; none means "main").
+
+    Replicas started at different times would load different files under one
+    model id; render-server refuses them unless --allow-unpinned-revisions.
+    """
+    found = []
+    for model in models:
+        for kind, source in (("tokenizer", model.tokenizer), ("image_processor", model.image_processor)):
+            if source is not None and source.hub is not None and not _COMMIT.fullmatch(source.revision or ""):
+                revision = f"revision {source.revision!r}" if source.revision else "no revision (the hub's 'main')"
+                found.append(f"models.{model.id}.{kind}: {source.hub} with {revision}, not a 40-hex commit id")
+    return found

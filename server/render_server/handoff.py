@@ -211,6 +211,8 @@ class RenderProcessProxy:
                         self._head_started = time.monotonic()  # the next call's render starts now
                 if answers is not None:  # else: the caller left
                     answers.put(Answer(_CODES[code], body, last, next_index))
+                # Not held while waiting for the next answer: an answer can be hundreds of MiB of pixels.
+                del body
         except (OSError, EOFError):
             pass  # the render process is gone, or we are closing
         except Exception:
@@ -334,6 +336,7 @@ class Inbox:
                     else:
                         self._waiting.append(Request(call_id, Kind(kind), received, deadline, first_index, body))
                     self._changed.notify()
+                del body  # not held while waiting for the next frame: a request can be 64 MiB
         except (OSError, EOFError):
             pass
         except Exception:
@@ -381,8 +384,9 @@ def serve_renders(
             if part.last:
                 break
         inbox.done(request)
-        # Not kept until the next request comes: an answer can hold hundreds of MiB of pixels.
-        del parts
+        # Not kept until the next request comes: an answer can hold hundreds of MiB of pixels,
+        # a request 64 MiB.
+        del parts, request
         part = None
 
 

@@ -1,6 +1,6 @@
 """The HTTP port, served by uvicorn in a process of its own beside the gRPC workers.
 
-    GET  /healthz                   200 while the process runs
+    GET  /healthz                   200 while the supervisor and every worker are alive (status.py), else 503
     GET  /readyz                    200 when every worker serves and the server is not draining, else 503
     GET  /metrics                   Prometheus text, all processes added up
     POST /v1/render_training_sample a RenderTrainingSampleRequest in the protobuf JSON mapping;
@@ -9,8 +9,11 @@
                                     the Renderer protocol's methods, likewise (Render,
                                     ParseResponse, BridgeToNextTurn, DescribeRenderer)
 
-Renders take the same path as gRPC calls (RenderPipeline.render), with the
-same limits, metrics and bearer-token check; health and metrics stay open.
+This process's event loop only moves bytes: a POST's body goes as it came to
+the HTTP process's render process (json_calls.py, through handoff.py), which
+parses the JSON and renders with the same limits, metrics and errors as a gRPC
+call; so health and metrics answer at once while it parses tens of MiB of
+JSON or renders. The bearer-token check is here; health and metrics stay open.
 Like a worker past --max-concurrent-rpcs, the port answers 429
 (RESOURCE_EXHAUSTED) while that many renders are waiting or running.
 """
@@ -19,24 +22,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import uvicorn
-from google.protobuf import json_format
 
-from render_wire.errors import InvalidArgumentError, RenderError, ResourceExhaustedError, UnauthenticatedError
-from render_wire.pb import render_pb2 as pb
-from render_wire.samples import encode_response
+from render_wire.errors import RenderError, ResourceExhaustedError, UnauthenticatedError
 
 from .auth import REFUSAL, TokenCheck
-from .handoff import Kind
-from .metrics import IN_FLIGHT, exposition
-from .pipeline import RenderPipeline
+from .handoff import RenderProcessProxy
+from .json_calls import ROUTES, Route
+from .metrics import exposition
 from .server import TlsFiles
 from .status import SharedStatus
 
@@ -45,58 +47,41 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class _Route:
-    """A POST route: a gRPC method's request and response in the protobuf JSON mapping."""
-
-    method: str
-    request_class: Any
-    response_class: Any
-    kind: Kind | None  # how RenderPipeline.call takes it; None: RenderPipeline.render (samples)
-
-
-_ROUTES = {
-    "/v1/render_training_sample": _Route(
-        "RenderTrainingSample", pb.RenderTrainingSampleRequest, pb.RenderTrainingSampleResponse, None
-    ),
-    "/v1/render": _Route("Render", pb.RenderRequest, pb.RenderResponse, Kind.RENDER),
-    "/v1/parse_response": _Route("ParseResponse", pb.ParseResponseRequest, pb.ParseResponseResponse, Kind.PARSE),
-    "/v1/bridge_to_next_turn": _Route(
-        "BridgeToNextTurn", pb.BridgeToNextTurnRequest, pb.BridgeToNextTurnResponse, Kind.BRIDGE
-    ),
-    "/v1/describe_renderer": _Route("DescribeRenderer", pb.DescribeRendererRequest, pb.RendererInfo, Kind.DESCRIBE),
-}
-
-
 class HttpApp:
-    """A small ASGI application; no framework, four routes."""
+    """A small ASGI application; no framework, a few routes."""
 
     def __init__(
-        self, pipeline: RenderPipeline, status: SharedStatus, check: TokenCheck, max_body_bytes: int, max_renders: int
+        self,
+        renders: RenderProcessProxy,
+        status: SharedStatus,
+        check: TokenCheck,
+        max_body_bytes: int,
+        max_renders: int,
     ) -> None:
-        self._pipeline = pipeline
+        self._renders = renders  # the HTTP process's render process (json_calls.JsonCalls answers there)
         self._status = status
         self._check = check
         self._max_body_bytes = max_body_bytes
         # Renders waiting or running at once; more are refused, as gRPC refuses past --max-concurrent-rpcs.
         self._max_renders = max_renders
         self._renders_in_flight = 0
-        # Renders take turns within a process anyway (rendering.py); one thread keeps the loop free.
-        self._renders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-render")
+        # Each call waits for its answer on a thread of its own, so the loop never blocks.
+        self._waiting = ThreadPoolExecutor(max_workers=max_renders, thread_name_prefix="http-answer")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         route = (scope["method"], scope["path"])
         if route == ("GET", "/healthz"):
-            await _respond(send, 200, b"ok\n")
+            alive, reason = self._status.liveness()
+            await _respond(send, 200 if alive else 503, (reason + "\n").encode())
         elif route == ("GET", "/readyz"):
             ready, reason = self._status.readiness()
             await _respond(send, 200 if ready else 503, (reason + "\n").encode())
         elif route == ("GET", "/metrics"):
             body, content_type = exposition()
             await _respond(send, 200, body, content_type)
-        elif scope["path"] in _ROUTES:
+        elif scope["path"] in ROUTES:
             if scope["method"] != "POST":
                 await _respond(send, 405, b"use POST\n", headers=[(b"allow", b"POST")])
             else:
@@ -121,11 +106,11 @@ class HttpApp:
             return
         self._renders_in_flight += 1  # the event loop's thread is the only one to count
         try:
-            await self._render_counted(_ROUTES[scope["path"]], receive, send)
+            await self._render_counted(ROUTES[scope["path"]], receive, send)
         finally:
             self._renders_in_flight -= 1
 
-    async def _render_counted(self, route: _Route, receive: Receive, send: Send) -> None:
+    async def _render_counted(self, route: Route, receive: Receive, send: Send) -> None:
         body = await _read_body(receive, self._max_body_bytes)
         if body is None:
             await _error(
@@ -135,30 +120,13 @@ class HttpApp:
                 ),
             )
             return
-        request = route.request_class()
-        try:
-            json_format.Parse(body, request)
-        except (json_format.ParseError, UnicodeDecodeError) as exc:
-            message = str(exc).splitlines()[0] if str(exc) else "not valid JSON"
-            await _error(send, InvalidArgumentError(f"request: {message}"))
+        call = self._renders.start(route.kind, body, deadline=math.inf)
+        del body  # the render process has it
+        answer = await asyncio.get_running_loop().run_in_executor(self._waiting, call.answers.get)
+        if answer.code is not grpc.StatusCode.OK:
+            await _error(send, answer.error())
             return
-        method = f"http:{route.method}"  # its label in the metrics
-
-        def render_to_json() -> str:
-            with IN_FLIGHT.labels(method).track_inprogress():
-                if route.kind is None:
-                    answer = encode_response(self._pipeline.render(request, method=method))
-                else:
-                    answer = self._pipeline.call(route.kind, request.SerializeToString(), method=method)
-            response = route.response_class.FromString(answer)
-            return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
-
-        try:
-            text = await asyncio.get_running_loop().run_in_executor(self._renders, render_to_json)
-        except RenderError as exc:
-            await _error(send, exc)
-            return
-        await _respond(send, 200, text.encode(), "application/json")
+        await _respond(send, 200, answer.body, "application/json")
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -184,6 +152,9 @@ async def _error(send: Send, error: RenderError) -> None:
     await _respond(send, error.http_status, json.dumps(body).encode(), "application/json")
 
 
+_PIECE = 1 << 20  # bytes of an answer handed to the server at once
+
+
 async def _respond(
     send: Send,
     status: int,
@@ -195,14 +166,24 @@ async def _respond(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type.encode()), *(headers or [])],
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    # In pieces: a JSON answer with pixel tensors runs to hundreds of MiB, which TLS encrypts on the
+    # event loop; between pieces (and while the client catches up) the loop answers health probes.
+    for start in range(0, max(len(body), 1), _PIECE):
+        end = start + _PIECE
+        await send({"type": "http.response.body", "body": body[start:end], "more_body": end < len(body)})
 
 
-def serve_http(app: HttpApp, sock: socket.socket, tls: TlsFiles | None, grace: float) -> None:
-    """Run uvicorn on the already-bound `sock` until SIGTERM; blocks."""
+def serve_http(
+    app: HttpApp, sock: socket.socket, tls: TlsFiles | None, grace: float, stop: threading.Event | None = None
+) -> None:
+    """Run uvicorn on the already-bound `sock` until SIGTERM, or until `stop` is set; blocks."""
     tls_options: dict[str, Any] = {}
     if tls is not None:
         tls_options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
@@ -216,4 +197,12 @@ def serve_http(app: HttpApp, sock: socket.socket, tls: TlsFiles | None, grace: f
         timeout_graceful_shutdown=max(1, int(grace)),
         **tls_options,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    if stop is not None:
+
+        def exit_when_stopped() -> None:
+            stop.wait()
+            server.should_exit = True  # uvicorn's loop looks every 0.1 s
+
+        threading.Thread(target=exit_when_stopped, name="http-stop", daemon=True).start()
+    server.run(sockets=[sock])

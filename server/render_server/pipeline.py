@@ -24,6 +24,7 @@ from render_wire.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     RenderError,
+    ResourceExhaustedError,
     invalid,
 )
 from render_wire.models import encode_renderer_info
@@ -34,6 +35,7 @@ from render_wire.requests import (
     decode_parse_request,
     decode_render_request,
     decode_request,
+    split_bridge_request,
 )
 from render_wire.samples import (
     encode_parsed_response,
@@ -43,10 +45,18 @@ from render_wire.samples import (
     sample_response,
     tokens_response,
 )
-from render_wire.wireformat import WireMessage
+from render_wire.tensors import TensorBudget
+from render_wire.wireformat import WireFormatError, WireMessage, split_field
 
 from .handoff import Answer, Kind, Request
-from .limits import Limits, check_request
+from .limits import (
+    Limits,
+    check_batch,
+    check_counts,
+    check_ids,
+    check_request,
+    check_text_before_decode,
+)
 from .metrics import IMAGES, LATENCY, REQUESTS, TOKENS, UNKNOWN_MODEL
 from .registry import LoadedModel, ModelRegistry
 from .rendering import bridge_to_next_turn, describe_renderer, parse_response, render_sample, render_tokens
@@ -91,9 +101,11 @@ class RenderPipeline:
         """
 
         def work(labels: _Labels) -> WireMessage:
+            request_bytes = request.ByteSize()
+            check_text_before_decode(request, request_bytes, self._limits)
             arguments = decode_request(request)
             model = self._model(arguments.model, labels)
-            check_request(arguments, request.ByteSize(), self._limits)
+            check_request(arguments, request_bytes, self._limits)
             sample = render_sample(model, arguments, self._limits, stop_if_cancelled)
             encoded = encode_sample(
                 sample, compact_tensors=self._compact_tensors, held=frozenset(request.held_mm_hashes)
@@ -132,7 +144,7 @@ class RenderPipeline:
     ) -> WireMessage:
         """The answer to a unary call's request (a sample's too), its tensors not yet joined in."""
         if kind == Kind.SAMPLE:
-            message = _parse(pb.RenderTrainingSampleRequest, body, "request")
+            message = self._request(pb.RenderTrainingSampleRequest, body, stop_if_cancelled)
             sample = self.render(
                 message,
                 method=method or "RenderTrainingSample",
@@ -143,17 +155,24 @@ class RenderPipeline:
         name, handle = self._calls[kind]
         return _measured(method or name, received, lambda labels: handle(body, stop_if_cancelled, labels))
 
+    def _request(self, message_class: Any, body: Body, stop_if_cancelled: Callable[[], None]) -> Any:
+        """`body` parsed as a `message_class`, once the lists it holds are known to be within the limits."""
+        check_counts(message_class, memoryview(body), self._limits, stop_if_cancelled)
+        return _parse(message_class, body, "request")
+
     def _render_tokens(self, body: Body, stop_if_cancelled: Callable[[], None], labels: _Labels) -> WireMessage:
-        request = _parse(pb.RenderRequest, body, "request")
+        request = self._request(pb.RenderRequest, body, stop_if_cancelled)
         return tokens_response(self._rendered_tokens(request, stop_if_cancelled, labels))
 
     def _rendered_tokens(
         self, request: pb.RenderRequest, stop_if_cancelled: Callable[[], None], labels: _Labels
     ) -> WireMessage:
         """A Render request's answer: its RenderedTokens message (for Render and each item of Renders)."""
+        request_bytes = request.ByteSize()
+        check_text_before_decode(request, request_bytes, self._limits)
         arguments = decode_render_request(request)
         model = self._model(arguments.conversation.model, labels)
-        check_request(arguments.conversation, request.ByteSize(), self._limits)
+        check_request(arguments.conversation, request_bytes, self._limits)
         rendered = render_tokens(model, arguments, self._limits, stop_if_cancelled)
         TOKENS.labels(labels.model).inc(len(rendered.token_ids))
         return encode_rendered_tokens(
@@ -161,9 +180,15 @@ class RenderPipeline:
         )
 
     def _bridge_to_next_turn(self, body: Body, stop_if_cancelled: Callable[[], None], labels: _Labels) -> WireMessage:
-        arguments = decode_bridge_request(body)
+        check_counts(pb.BridgeToNextTurnRequest, memoryview(body), self._limits, stop_if_cancelled)
+        parsed = split_bridge_request(body)
+        check_text_before_decode(parsed[0], parsed[2], self._limits)
+        budget = TensorBudget(self._limits.max_tensor_bytes, "--max-tensor-mb", "previous_multi_modal_data")
+        arguments = decode_bridge_request(body, budget=budget, check=stop_if_cancelled, parsed=parsed)
         model = self._model(arguments.conversation.model, labels)
-        check_request(arguments.conversation, arguments.request_bytes, self._limits)
+        check_ids("previous_prompt_ids", len(arguments.previous_prompt_ids), self._limits)
+        check_ids("previous_completion_ids", len(arguments.previous_completion_ids), self._limits)
+        check_request(arguments.conversation, arguments.text_bytes, self._limits, field="new_messages")
         bridged = bridge_to_next_turn(model, arguments, self._limits, stop_if_cancelled)
         return tokens_response(
             None
@@ -172,13 +197,18 @@ class RenderPipeline:
         )
 
     def _parse_response(self, body: Body, stop_if_cancelled: Callable[[], None], labels: _Labels) -> WireMessage:
-        arguments = decode_parse_request(_parse(pb.ParseResponseRequest, body, "request"))
+        request = self._request(pb.ParseResponseRequest, body, stop_if_cancelled)
+        check_text_before_decode(request, len(body), self._limits)
+        check_ids("token_ids", len(request.token_ids), self._limits)
+        check_ids("prompt_ids", len(request.prompt_ids.ids), self._limits)
+        arguments = decode_parse_request(request)
         model = self._model(arguments.model, labels)
-        parsed = parse_response(model, arguments, self._limits, stop_if_cancelled)
+        parsed = parse_response(model, arguments, stop_if_cancelled)
         return WireMessage(encode_parsed_response(parsed).SerializeToString())
 
     def _describe_renderer(self, body: Body, stop_if_cancelled: Callable[[], None], labels: _Labels) -> WireMessage:
-        request = _parse(pb.DescribeRendererRequest, body, "request")
+        request = self._request(pb.DescribeRendererRequest, body, stop_if_cancelled)
+        check_text_before_decode(request, len(body), self._limits)
         model = self._model(request.model, labels)
         info = describe_renderer(model, decode_chat_template_kwargs(request))
         return WireMessage(encode_renderer_info(info).SerializeToString())
@@ -215,8 +245,11 @@ class RenderPipeline:
     def _answer_calls(self, request: Request, stop_if_cancelled: Callable[[], None]) -> WireMessage:
         """A Calls batch's answer: each call answered in turn as its own method would answer it
         (its metrics under that method's name), each within its own deadline."""
+        check_counts(pb.CallsRequest, memoryview(request.body), self._limits, stop_if_cancelled)
+        calls = decode_calls(request.body)
+        check_batch(len(calls), "calls", self._limits)  # a small batch is not counted before (check_counts)
         response = WireMessage()
-        for call in decode_calls(request.body):
+        for call in calls:
             deadline = (
                 request.deadline if call.timeout is None else min(request.deadline, request.received + call.timeout)
             )
@@ -243,15 +276,16 @@ class RenderPipeline:
         index = request.first_index
         render_item: Callable[[Any], WireMessage]
         batch_class: type[pb.RenderTrainingSamplesRequest] | type[pb.RendersRequest]
+        item_class: type[pb.RenderTrainingSampleRequest] | type[pb.RenderRequest]
         if request.kind == Kind.BATCH:
-            batch_class = pb.RenderTrainingSamplesRequest
+            batch_class, item_class = pb.RenderTrainingSamplesRequest, pb.RenderTrainingSampleRequest
 
             def render_item(item: Any) -> WireMessage:
                 return self.render(
                     item, method="RenderTrainingSamples", received=request.received, stop_if_cancelled=stop_if_cancelled
                 )
         else:
-            batch_class = pb.RendersRequest
+            batch_class, item_class = pb.RendersRequest, pb.RenderRequest
 
             def render_item(item: Any) -> WireMessage:
                 return _measured(
@@ -260,12 +294,12 @@ class RenderPipeline:
 
         try:
             # Its requests cannot be counted, so no later index would be right: the stream ends.
-            batch = _parse(batch_class, request.body, f"request batch after index {index}")
+            items = self._batch_items(batch_class, request.body, index, stop_if_cancelled)
         except RenderError as error:
             yield Answer.of_error(error, index)
             return
         response = WireMessage()  # a RenderTrainingSamplesResponse, or a RendersResponse
-        for item in batch.requests:
+        for payload in items:
             try:
                 stop_if_cancelled()
             except RenderError as error:  # the stream ends
@@ -273,7 +307,8 @@ class RenderPipeline:
                 return
             outcome: WireMessage | RenderError
             try:
-                outcome = render_item(item)
+                # Each request parsed on its own, once its lists are counted: a bad one is its own result.
+                outcome = render_item(self._request(item_class, payload, stop_if_cancelled))
             except RenderError as error:
                 outcome = error
             response.extend(encode_result(index, outcome))
@@ -283,6 +318,25 @@ class RenderPipeline:
                 yield Answer(grpc.StatusCode.OK, response.join(), last=False)
                 response = WireMessage()
         yield Answer(grpc.StatusCode.OK, response.join() if response.pieces else b"", next_index=index)
+
+    def _batch_items(
+        self, batch_class: Any, body: bytes, index: int, stop_if_cancelled: Callable[[], None]
+    ) -> list[memoryview]:
+        """A batch message's requests, as wire bytes; at most --max-batch-requests of them."""
+        where = f"request batch after index {index}"
+        try:
+            check_counts(batch_class, memoryview(body), self._limits, stop_if_cancelled)
+        except InvalidArgumentError as error:  # "requests: 2000 requests exceed ..." or "request: not a valid ..."
+            raise InvalidArgumentError(f"{where}: {error.details.partition(': ')[2]}") from None
+        try:
+            rest, items = split_field(memoryview(body), batch_class.REQUESTS_FIELD_NUMBER)
+            batch_class.FromString(rest)  # fields a newer client may add; or junk
+        except (WireFormatError, DecodeError):
+            raise InvalidArgumentError(
+                f"{where}: not a valid {batch_class.DESCRIPTOR.full_name} protobuf message"
+            ) from None
+        check_batch(len(items), where, self._limits)  # a small batch is not counted before (check_counts)
+        return items
 
 
 # The kind each method of a Calls batch is answered as.
@@ -309,7 +363,12 @@ def _measured(method: str, received: float | None, work: Callable[[_Labels], T])
     except Exception as exc:
         error = as_render_error(exc)
         code = error.code
-        raise error from None
+        try:
+            raise error from None
+        finally:
+            # Else this frame, in the error's traceback, would hold the error: a cycle that keeps
+            # every frame of the traceback (a 64 MiB request's bytes) until the garbage collector runs.
+            del error
     finally:
         REQUESTS.labels(method, labels.model, code.name).inc()
         LATENCY.labels(method, labels.model).observe(time.monotonic() - started)
@@ -332,8 +391,15 @@ def cancellation(deadline: float) -> RenderError:
 
 
 def as_render_error(exc: Exception) -> RenderError:
-    """The status to answer `exc` with; unexpected exceptions are logged and INTERNAL."""
+    """The status to answer `exc` with; unexpected exceptions are logged and INTERNAL.
+
+    Running out of memory is RESOURCE_EXHAUSTED (retry later, elsewhere): the limits keep
+    any one request well below a process's memory, but not a pod's share of several.
+    """
     if isinstance(exc, RenderError):
         return exc
+    if isinstance(exc, MemoryError):
+        log.warning("out of memory answering a request")
+        return ResourceExhaustedError("the server ran out of memory answering this request; retry later")
     log.exception("unexpected error rendering a request")
     return RenderError("internal error; the server log has the details")

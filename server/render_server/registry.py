@@ -9,6 +9,7 @@ swapped: a VLM renderer's image cache, for one bounded in bytes (image_cache.py)
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -34,8 +35,13 @@ from .image_cache import DEFAULT_IMAGE_CACHE_MB, ImageCache, ImageCacheBudget, M
 
 log = logging.getLogger(__name__)
 
-# Renderers built for distinct chat_template_kwargs, kept per model.
+# Renderers built for distinct chat_template_kwargs, kept per model: at most this many, and
+# kwargs of at most this many bytes of JSON in all. A renderer keeps its kwargs, which take
+# ~10 x their JSON as Python objects (a 4 MiB object of small keys: ~38 MiB); the renderer
+# itself adds little (the tokenizer and processor are the model's). Kwargs past the bytes
+# alone are built for their request and not kept.
 _VARIANTS_PER_MODEL = 32
+VARIANT_KWARGS_BYTES = 1024 * 1024
 
 
 class ImageProcessorOnly:
@@ -56,7 +62,9 @@ class LoadedModel:
     processor: ImageProcessorOnly | None
     info: ModelInfo
     image_cache: ImageCache | None = None  # its renderers' processed images, bounded per process (image_cache.py)
+    fingerprint: str = ""  # model_fingerprint: declared with every answer (render_wire/identity.py)
     _variants: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+    _variant_bytes: int = 0  # the canonical JSON of the kept variants' kwargs
 
     @property
     def accepts_images(self) -> bool:
@@ -73,13 +81,16 @@ class LoadedModel:
         # Canonical key: key order does not change the renderer; 1, 1.0 and true stay distinct.
         key = json.dumps(chat_template_kwargs, sort_keys=True)
         renderer = self._variants.get(key)
-        if renderer is None:
-            renderer = self._build_renderer(chat_template_kwargs)
-            self._variants[key] = renderer
-            if len(self._variants) > _VARIANTS_PER_MODEL:
-                self._variants.popitem(last=False)
-        else:
+        if renderer is not None:
             self._variants.move_to_end(key)
+            return renderer
+        renderer = self._build_renderer(chat_template_kwargs)
+        if len(key) <= VARIANT_KWARGS_BYTES:  # ASCII (json.dumps escapes the rest): characters are bytes
+            self._variants[key] = renderer
+            self._variant_bytes += len(key)
+            while len(self._variants) > _VARIANTS_PER_MODEL or self._variant_bytes > VARIANT_KWARGS_BYTES:
+                evicted, _ = self._variants.popitem(last=False)
+                self._variant_bytes -= len(evicted)
         return renderer
 
     def _build_renderer(self, chat_template_kwargs: dict[str, Any] | None) -> Any:
@@ -227,6 +238,10 @@ class ModelRegistry:
     def describe(self) -> ServerModels:
         return self._description
 
+    def fingerprints(self) -> dict[str, str]:
+        """model id -> its model_fingerprint."""
+        return {model_id: model.fingerprint for model_id, model in self._models.items()}
+
 
 def _loading(where: str, source: Source, load: Any) -> Any:
     """`load()`, whatever it raises turned into one ConfigError line naming the entry and the source."""
@@ -296,7 +311,22 @@ def _load_model(
         processor=processor,
         info=info,
         image_cache=image_cache,
+        fingerprint=model_fingerprint(info, processor),
     )
+
+
+def model_fingerprint(info: ModelInfo, processor: ImageProcessorOnly | None) -> str:
+    """16 hex digits that stand for everything a model's answers depend on: its tokenizer (whole
+    pipeline and chat template), renderer and renderer config, and image processor config. Two
+    replicas with equal fingerprints for a model id render every request for it alike (with the
+    same renderers version); clients refuse to mix replicas that differ (render_client/consistency.py)."""
+    document = {
+        "tokenizer": info.tokenizer_fingerprint,
+        "renderer": info.renderer,
+        "renderer_config": info.renderer_config,
+        "image_processor": None if processor is None else processor.image_processor.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def source_location(source: Source) -> str:

@@ -30,7 +30,7 @@ from render_wire.errors import (
 from render_wire.requests import BridgeArgs, Conversation, ParseArgs, RenderArgs, RenderArguments
 from render_wire.types import RendererInfo
 
-from .limits import Limits, check_tokens
+from .limits import Limits, check_ids, check_tokens
 from .media import decode_images
 from .metrics import RENDER_CPU
 from .registry import LoadedModel, renderer_info
@@ -99,7 +99,12 @@ def bridge_to_next_turn(
     previous = arguments.previous_multi_modal_data
     if previous is not None and not model.accepts_images:
         raise invalid("previous_multi_modal_data", f"model {model.info.id!r} does not take images")
-    check_tokens(len(arguments.previous_prompt_ids) + len(arguments.previous_completion_ids), limits)
+    # The previous turn is one sample: at most --max-tokens.
+    check_ids(
+        "previous_prompt_ids + previous_completion_ids",
+        len(arguments.previous_prompt_ids) + len(arguments.previous_completion_ids),
+        limits,
+    )
     process = _process_multimodal(arguments.process_multimodal)
     images = arguments.process_multimodal is not False
     with _renderer_for(model, conversation, limits, stop_if_cancelled, field="new_messages", images=images) as renderer:
@@ -117,13 +122,8 @@ def bridge_to_next_turn(
     return bridged
 
 
-def parse_response(
-    model: LoadedModel, arguments: ParseArgs, limits: Limits, stop_if_cancelled: Callable[[], None]
-) -> Any:
-    """Renderer.parse_response for a decoded ParseResponse request."""
-    for field, ids in (("token_ids", arguments.token_ids), ("prompt_ids", arguments.prompt_ids or [])):
-        if len(ids) > limits.max_tokens:
-            raise invalid(field, f"{len(ids)} tokens exceed the limit of {limits.max_tokens} (--max-tokens)")
+def parse_response(model: LoadedModel, arguments: ParseArgs, stop_if_cancelled: Callable[[], None]) -> Any:
+    """Renderer.parse_response for a decoded ParseResponse request (its id lists checked already)."""
     with _renderer_lock(model, arguments.chat_template_kwargs, stop_if_cancelled, field="token_ids") as renderer:
         return renderer.parse_response(arguments.token_ids, tools=arguments.tools, prompt_ids=arguments.prompt_ids)
 
@@ -187,8 +187,8 @@ def renderer_error(exc: Exception, field: str) -> RenderError:
     The server's models are loaded and fixed, so whatever a renderer raises on
     a request is the request's doing: INVALID_ARGUMENT, with "field: " and the
     renderer's own message on one line (prefixed with the exception type unless
-    it is a ValueError), and the type in trailing metadata. NotImplementedError
-    is UNIMPLEMENTED.
+    it is a ValueError), and the type in trailing metadata; the message itself,
+    unchanged, in the error detail. NotImplementedError is UNIMPLEMENTED.
     """
     name = type(exc).__name__
     error_type = error_type_name(type(exc))  # with its module unless a builtin: clients rebuild the class
@@ -204,9 +204,11 @@ def renderer_error(exc: Exception, field: str) -> RenderError:
     if not isinstance(exc, (ValueError, NotImplementedError)):
         message = f"{name}: {message}" if message else name
     details = f"{field}: {message or name}"
+    # The renderer's own words, unchanged: the client's error says them, as in-process.
+    own = {"message": str(exc)}
     if isinstance(exc, NotImplementedError):
-        return UnimplementedError(details, error_type=error_type)
-    return InvalidArgumentError(details, error_type=error_type)
+        return UnimplementedError(details, error_type=error_type, error_detail=own)
+    return InvalidArgumentError(details, error_type=error_type, error_detail=own)
 
 
 def _process_multimodal(value: bool | None) -> dict[str, bool]:

@@ -11,6 +11,7 @@ bearer-token authentication.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from render_wire.errors import ERROR_DETAIL_KEY, ERROR_TYPE_KEY, RenderError, encode_error_detail
+from render_wire.identity import encode_identity
 from render_wire.models import encode_models
 from render_wire.pb import render_pb2 as pb
 
@@ -37,9 +39,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RenderService"].full_name
 
 
 class RenderServicer:
-    def __init__(self, registry: ModelRegistry, renders: RenderProcessPool) -> None:
+    def __init__(self, registry: ModelRegistry, renders: RenderProcessPool, replica: str = "") -> None:
         self._registry = registry
         self._renders = renders
+        # Every answer says which replica made it and what each model renders with (render_wire/identity.py):
+        # in the trailing metadata of unary calls (no extra write), the initial metadata of streams.
+        self._identity = encode_identity(replica, registry.fingerprints())
 
     def _unary(self, kind: Kind, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         """The handler of a unary method whose request the render process answers."""
@@ -52,6 +57,7 @@ class RenderServicer:
                 answer = call.answers.get()
                 if answer.code is not grpc.StatusCode.OK:
                     abort(context, answer.error())
+                context.set_trailing_metadata(self._identity)
                 return answer.body
 
         return handle
@@ -61,6 +67,7 @@ class RenderServicer:
         in_flight = IN_FLIGHT.labels(method)
 
         def handle(batches: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            context.send_initial_metadata(self._identity)
             with in_flight.track_inprogress():
                 current: Call | None = None  # the batch being rendered
 
@@ -88,6 +95,7 @@ class RenderServicer:
         return handle
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        context.set_trailing_metadata(self._identity)
         return encode_models(self._registry.describe())
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
@@ -245,7 +253,8 @@ def start_server(registry: ModelRegistry, renders: RenderProcessPool, options: S
             *_connection_age(options),
         ],
     )
-    servicer = RenderServicer(registry, renders)
+    # In a pod, the host name is the pod's name; the port tells servers on one host apart.
+    servicer = RenderServicer(registry, renders, replica=f"{socket.gethostname()}:{options.port}")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, servicer.handlers()),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

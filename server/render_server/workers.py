@@ -7,7 +7,7 @@ This is gRPC Python's own multiprocessing pattern. Each worker is a gRPC
 process, which moves bytes, and the render processes it forks first, which
 render (handoff.py says why; two by default, so that one long render does not
 hold up the calls behind it). One more child serves the HTTP port
-(http_app.py). The supervisor loads the models before forking, so children
+(http_app.py), and with --health-port another answers probes (health.py). The supervisor loads the models before forking, so children
 start (and restart) without loading anything and share the loaded pages
 copy-on-write. It never touches gRPC itself: gRPC must not be initialised
 before a fork.
@@ -34,15 +34,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 from . import metrics
 from .auth import TokenCheck
 from .handoff import RenderProcessPool, RenderProcessProxy, serve_renders
+from .health import serve_health
 from .http_app import HttpApp, serve_http
+from .json_calls import JsonCalls
 from .pipeline import RenderPipeline, as_render_error
 from .registry import ModelRegistry
 from .server import ServerOptions, start_server
-from .status import SharedStatus
+from .status import BEAT_INTERVAL, SharedStatus
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +57,12 @@ _LOST_GRACE = 1.0
 _RENDER_EXIT_TIMEOUT = 2.0
 _READY_TIMEOUT = 60.0
 HTTP = "http"  # the HTTP child's slot
+HEALTH = "health"  # the health port's child's slot (health.py)
 
 
 @dataclass
 class _Child:
-    slot: int | str  # a worker's index, or HTTP
+    slot: int | str  # a worker's index, HTTP or HEALTH
     pid: int
     started: float
 
@@ -73,12 +77,18 @@ class Supervisor:
         workers: int,
         grace: float,
         http_socket: socket.socket | None = None,
+        health_socket: socket.socket | None = None,
     ) -> None:
         self._registry = registry
         self._options = options
         self._grace = grace
         self._http_socket = http_socket
-        self._slots: list[int | str] = [*range(workers), *([HTTP] if http_socket else [])]
+        self._health_socket = health_socket
+        self._slots: list[int | str] = [
+            *range(workers),
+            *([HTTP] if http_socket else []),
+            *([HEALTH] if health_socket else []),
+        ]
         self._children: dict[int, _Child] = {}
         self._missing: dict[int | str, float] = {}  # slot -> when its child last started
         self._stopping = threading.Event()
@@ -91,6 +101,7 @@ class Supervisor:
         """
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
+        self.status.beat_supervisor()
         # The loaded models live as long as the process: keep them out of the
         # garbage collector's passes, which would otherwise walk them again and
         # again while renders allocate, and would dirty the pages children share.
@@ -129,19 +140,48 @@ class Supervisor:
             if not _wait_readable(ready.fileno(), _READY_TIMEOUT) or ready.read(1) != b"1":
                 raise RuntimeError(f"{_name(slot)} did not start (pid {pid})")
         self._children[pid] = _Child(slot=slot, pid=pid, started=time.monotonic())
+        if isinstance(slot, int):  # a worker
+            self.status.beat(slot)  # it beats on its own from now on
         self._update_status()
         log.info("%s serving (pid %d)", _name(slot), pid)
 
     def _serve_child(self, slot: int | str, ready_fd: int) -> int:
         if slot == HTTP:
             return self._serve_http(ready_fd)
-        return _serve_worker(self._registry, self._options, self._grace, ready_fd)
+        if slot == HEALTH:
+            assert self._health_socket is not None
+            os.write(ready_fd, b"1")  # the socket already listens
+            os.close(ready_fd)
+            serve_health(self.status, self._health_socket)  # until SIGTERM ends the process
+            return 0
+        assert isinstance(slot, int)
+        return _serve_worker(self._registry, self._options, self._grace, ready_fd, lambda: self.status.beat(slot))
 
     def _serve_http(self, ready_fd: int) -> int:
+        """The HTTP process: its render process, forked first, then uvicorn (http_app.py)."""
         assert self._http_socket is not None  # SIGTERM: uvicorn installs its own handler
+        http = os.getpid()
+        http_end, render_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:  # the HTTP process's render process
+            code = 1
+            try:
+                http_end.close()
+                os.close(ready_fd)
+                self._http_socket.close()
+                # JSON carries tensors raw: a client in any language reads them without the compact form.
+                pipeline = RenderPipeline(self._registry, self._options.limits, compact_tensors=False)
+                _serve_render_process(JsonCalls(pipeline, self._options.limits).answer, render_end, http)
+                code = 0
+            except BaseException:
+                log.exception("the HTTP process's render process failed")
+            finally:
+                os._exit(code)
+        render_end.close()
+        lost = threading.Event()
+        renders = RenderProcessProxy(http_end, on_lost=lost.set)
         app = HttpApp(
-            # JSON carries tensors raw: a client in any language reads them without the compact form.
-            RenderPipeline(self._registry, self._options.limits, compact_tensors=False),
+            renders,
             self.status,
             TokenCheck(self._options.tokens),
             self._options.limits.max_request_bytes,
@@ -149,11 +189,17 @@ class Supervisor:
         )
         os.write(ready_fd, b"1")  # the socket already listens
         os.close(ready_fd)
-        serve_http(app, self._http_socket, self._options.tls, self._grace)
+        serve_http(app, self._http_socket, self._options.tls, self._grace, stop=lost)
+        renders.close()  # the render process reads end-of-file and exits once its render is done
+        status = _wait_or_kill(pid, time.monotonic() + _RENDER_EXIT_TIMEOUT)
+        if lost.is_set():
+            log.error("the HTTP process's render process (pid %d) died: %s", pid, _describe(status))
+            return 1  # the supervisor starts the HTTP process again, render process and all
         return 0
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):
+            self.status.beat_supervisor()
             for pid, status in _reaped():
                 child = self._children.pop(pid, None)
                 if child is not None:
@@ -173,14 +219,14 @@ class Supervisor:
                     self._missing[slot] = time.monotonic()
 
     def _update_status(self) -> None:
-        self.status.set_serving(sum(child.slot != HTTP for child in self._children.values()))
+        self.status.set_serving(sum(isinstance(child.slot, int) for child in self._children.values()))
 
     def _stop(self) -> int:
         self.status.start_draining()
-        workers = [child for child in self._children.values() if child.slot != HTTP]
+        workers = [child for child in self._children.values() if isinstance(child.slot, int)]
         log.info("draining %d workers (grace %.0fs)", len(workers), self._grace)
         failed = self._terminate(workers)
-        # The HTTP process goes last, so that /readyz says "draining" meanwhile.
+        # The HTTP and health processes go last, so that /readyz says "draining" meanwhile.
         failed |= self._terminate(list(self._children.values()))
         return 1 if failed else 0
 
@@ -193,6 +239,7 @@ class Supervisor:
         deadline = time.monotonic() + self._grace + 10
         failed = False
         while waiting and time.monotonic() < deadline:
+            self.status.beat_supervisor()
             for pid, status in _reaped():
                 child = self._children.pop(pid, None)
                 if child is not None:
@@ -213,8 +260,13 @@ class Supervisor:
         return failed
 
 
-def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float, ready_fd: int) -> int:
-    """A worker: its render processes, forked first (gRPC must not start before a fork), then its gRPC server."""
+def _serve_worker(
+    registry: ModelRegistry, options: ServerOptions, grace: float, ready_fd: int, beat: Callable[[], None]
+) -> int:
+    """A worker: its render processes, forked first (gRPC must not start before a fork), then its gRPC server.
+
+    `beat` says the worker is alive (status.py); a thread of its own calls it, never a handler thread.
+    """
     worker = os.getpid()
     pids: list[int] = []
     grpc_ends: list[socket.socket] = []
@@ -228,7 +280,7 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
                     sock.close()
                 os.close(ready_fd)  # the supervisor's "started" pipe is the gRPC process's to write
                 pipeline = RenderPipeline(registry, options.limits, compact_tensors=options.compact_tensors)
-                _serve_render_process(pipeline, render_end, worker)
+                _serve_render_process(pipeline.answer, render_end, worker)
                 code = 0
             except BaseException:
                 log.exception("the render process failed")
@@ -249,6 +301,7 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
     running = start_server(registry, renders, replace(options, reuse_port=True))
     os.write(ready_fd, b"1")
     os.close(ready_fd)
+    threading.Thread(target=_beat_forever, args=(beat,), name="heartbeat", daemon=True).start()
     stop.wait()
     # Health goes NOT_SERVING first so balancers stop sending, then new calls are
     # refused and in-flight ones get `grace` seconds to finish.
@@ -267,13 +320,21 @@ def _serve_worker(registry: ModelRegistry, options: ServerOptions, grace: float,
     return 0
 
 
-def _serve_render_process(pipeline: RenderPipeline, sock: socket.socket, worker: int) -> None:
-    # Only the gRPC process decides when to stop: it closes the socket once its
+def _beat_forever(beat: Callable[[], None]) -> None:
+    # Until the process exits, draining included: silence means stuck, not busy.
+    while True:
+        beat()
+        time.sleep(BEAT_INTERVAL)
+
+
+def _serve_render_process(answer: Callable[..., Any], sock: socket.socket, parent: int) -> None:
+    """A render process: `answer`s the requests `parent` (a gRPC or the HTTP process) hands over."""
+    # Only the parent decides when to stop: it closes the socket once its
     # calls are done, so signals to the group (^C) must not end renders early.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
-    _die_with(worker, signal.SIGKILL)
-    serve_renders(sock, pipeline.answer, as_render_error)
+    _die_with(parent, signal.SIGKILL)
+    serve_renders(sock, answer, as_render_error)
 
 
 def _wait_or_kill(pid: int, deadline: float) -> int:
@@ -363,7 +424,9 @@ def _wait_readable(fd: int, timeout: float) -> bool:
 
 
 def _name(slot: int | str) -> str:
-    return "the HTTP process" if slot == HTTP else f"worker {slot}"
+    if slot == HTTP:
+        return "the HTTP process"
+    return "the health process" if slot == HEALTH else f"worker {slot}"
 
 
 def _describe(status: int) -> str:

@@ -12,11 +12,22 @@ need out in kubeconform's layout, in the cache (never in the repository):
 Its schemas share one `_definitions.json`, which they name by an absolute URL
 (`/api/_definitions.json`, under `$id` https://kubernetes.io/api/...); the
 copies refer to the sibling file instead, so that nothing is fetched.
+
+Custom resources (the PodMonitor of deploy/k8s/components/prometheus) are checked
+against their CustomResourceDefinition, kept in tests/deploy/crds/ as published,
+turned into JSON schemas by kubeconform's own converter
+(scripts/openapi2jsonschema.py in the kubeconform Go module that
+scripts/setup.sh builds the tool from), strict like the others:
+
+    <cache>/crd-schemas/<hash of the CRDs>/podmonitor-monitoring-v1.json
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +36,7 @@ import zipfile
 from pathlib import Path
 
 from tests.deploy.cache import cache_dir, locked
+from tests.support import ROOT
 
 WHEEL = "kubernetes-validate==1.37.0"
 WHEEL_SHA256 = "85136d018a27b50ec7fc049d902bfa5193f5976807e6c0f408e3ab6fe078cad9"
@@ -102,3 +114,49 @@ def _extract(wheel: Path, root: Path, versions: list[str]) -> None:
                 schema.pop("$id", None)
                 (target / name[len(prefix) :]).write_text(json.dumps(schema), encoding="utf-8")
             (target / ".complete").write_text(f"{len(members)} schemas from {wheel.name}\n")
+
+
+CRDS = Path(__file__).resolve().parent / "crds"
+
+
+def crd_schema_location() -> str:
+    """kubeconform's -schema-location for the custom resources of tests/deploy/crds, made if missing."""
+    crds = sorted(CRDS.glob("*.yaml"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in crds)).hexdigest()[:16]
+    target = cache_dir() / "crd-schemas" / digest
+    with locked("crd-schemas"):
+        if not (target / ".complete").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            subprocess.run(
+                [sys.executable, str(_openapi2jsonschema()), *map(str, crds)],
+                cwd=target,
+                # <kind>-<first part of the group>-<version>.json: kubeconform's {{ .ResourceKind }}{{ .KindSuffix }}.
+                # Strict at the root too, like the -strict Kubernetes schemas.
+                env={
+                    **os.environ,
+                    "FILENAME_FORMAT": "{kind}-{group}-{version}",
+                    "DENY_ROOT_ADDITIONAL_PROPERTIES": "1",
+                },
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            (target / ".complete").write_text(f"{len(crds)} CRDs\n")
+    return str(target) + "/{{ .ResourceKind }}{{ .KindSuffix }}.json"
+
+
+def _openapi2jsonschema() -> Path:
+    """kubeconform's CRD converter, from the module of the version scripts/setup.sh builds (Go's module cache)."""
+    setup = (ROOT / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    (version,) = re.findall(r"github\.com/yannh/kubeconform/cmd/kubeconform@(v[0-9.]+)", setup)
+    answered = subprocess.run(
+        ["go", "mod", "download", "-json", f"github.com/yannh/kubeconform@{version}"],
+        cwd=cache_dir(),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return Path(json.loads(answered.stdout)["Dir"]) / "scripts" / "openapi2jsonschema.py"

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import renderers
 from render_client import RenderClient, build_training_sample, tokenizer_fingerprint
 from render_server.config import load_config
 from tests.deploy import dockerfile
+from tests.deploy import manifests as k8s
 from tests.deploy.cache import Timings
 from tests.deploy.container import (
     Buildah,
@@ -36,10 +36,8 @@ from tests.deploy.container import (
     missing_tools,
     serving,
 )
-from tests.deploy.test_manifests import container as pod_container
-from tests.deploy.test_manifests import objects as manifest_objects
 from tests.reference import package_folder, qwen3_tokenizer, reference_renderer, sample_differences
-from tests.support import DEFAULT_MODELS, ROOT, corpus, tool
+from tests.support import DEFAULT_MODELS, ROOT, corpus, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -97,9 +95,13 @@ def test_the_image_is_configured_as_the_dockerfile_says(built: Built) -> None:
     assert config.entrypoint == dockerfile.exec_form(dockerfile.last("ENTRYPOINT"))
     assert config.cmd == []
     assert config.user == dockerfile.last("USER")
-    assert config.exposed_ports == {"50051/tcp", "8080/tcp"}
+    assert (
+        config.exposed_ports
+        == {f"{port}/tcp" for port in dockerfile.last("EXPOSE").split()}
+        >= {"50051/tcp", "8080/tcp"}
+    )
     assert config.healthcheck[0] == "CMD"
-    assert config.healthcheck[1:] == ["python", "-m", "render_server.probe", "--address", "127.0.0.1:50051"]
+    assert config.healthcheck[1:] == ["python", "-m", "render_server.probe", "--url", "http://127.0.0.1:8081/readyz"]
     assert config.env["HF_HOME"] == dockerfile.env("HF_HOME")
     assert config.env["PATH"].startswith(f"/{VENV}/bin:")
 
@@ -124,13 +126,15 @@ def test_the_server_is_installed_not_linked_to_sources(built: Built) -> None:
 def test_the_entrypoint_serves_the_default_registry(built: Built) -> None:
     config = built.config
     sandbox = Sandbox.of(built.rootfs, config)
+    health_port = free_port()
+    argv = config.entrypoint + config.cmd + flags_for_the_test(config, health_port)
     with contextlib.ExitStack() as stack:
         with built.timings.step("default registry: start"):
-            server = stack.enter_context(serving(sandbox, config.entrypoint + config.cmd + flags_for_the_test(config)))
+            server = stack.enter_context(serving(sandbox, argv))
         with built.timings.step("default registry: calls"):
             # The HEALTHCHECK, as the runtime would run it: inside the container, as its user.
-            healthy = sandbox.run(healthcheck(config, server.port))
-            assert healthy.returncode == 0 and healthy.stdout.strip() == "SERVING", healthy.stderr
+            healthy = sandbox.run(healthcheck(config, health_port))
+            assert healthy.returncode == 0 and healthy.stdout.startswith("ready: "), healthy.stderr
             with RenderClient(server.target, timeout=120) as client:
                 listed = client.list_models()
                 assert [model.id for model in listed.models] == list(DEFAULT_MODELS)
@@ -140,7 +144,7 @@ def test_the_entrypoint_serves_the_default_registry(built: Built) -> None:
                     check_parity(client, model, conversations_for(model))
             check_http(server.http_port)
         returncode = server.stop()
-    stopped = sandbox.run(healthcheck(config, server.port))
+    stopped = sandbox.run(healthcheck(config, health_port))
     assert stopped.returncode != 0, "the HEALTHCHECK passes with no server"
     assert returncode == 0, server.log()  # SIGTERM (docker stop) drains and exits 0
 
@@ -151,9 +155,10 @@ def test_the_kubernetes_pod_spec_serves_from_the_image(built: Built, tmp_path: P
     The ConfigMap's registry is mounted where the pod mounts it, plus one model
     read from the models volume (a directory holding the Qwen3 tokenizer files).
     """
-    everything = manifest_objects()
-    pod = everything["Deployment"]["spec"]["template"]["spec"]
-    spec = pod_container()
+    built_manifests = k8s.manifests(k8s.BASE)
+    everything = built_manifests.by_kind
+    pod = built_manifests.pod
+    spec = built_manifests.container
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     mounted: list[Volume] = []
     model_dir = ""
@@ -196,16 +201,18 @@ def test_the_kubernetes_pod_spec_serves_from_the_image(built: Built, tmp_path: P
     sandbox.uid, sandbox.gid = security["runAsUser"], security["runAsGroup"]
     sandbox.env.update({item["name"]: item["value"] for item in spec.get("env", [])})
     # Kubernetes' args replace the image's CMD and follow its ENTRYPOINT.
-    argv = (spec.get("command") or config.entrypoint) + args + flags_for_the_test(config)
+    # The probes' health port too, on a free port (its manifest port, 8081, may be taken on the test's host).
+    health_port = free_port()
+    argv = (spec.get("command") or config.entrypoint) + args + flags_for_the_test(config, health_port)
     with contextlib.ExitStack() as stack:
         with built.timings.step("pod spec: start"):
             server = stack.enter_context(serving(sandbox, argv))
         with built.timings.step("pod spec: calls"):
-            # What the kubelet's grpc probe asks: the overall health, from outside the container.
-            probed = subprocess.run(
-                [tool("grpc-health-probe"), f"-addr={server.target}"], capture_output=True, text=True, timeout=60
-            )
-            assert probed.returncode == 0, probed.stdout + probed.stderr
+            # The kubelet's probes, from outside the container, on the health port standing in for the pod's.
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert built_manifests.probe(kind)["port"] == built_manifests.port("health")
+                probed = k8s.run_probe(built_manifests.probe(kind), "127.0.0.1", health_port)
+                assert probed.success, (kind, probed)
             with RenderClient(server.target, timeout=120) as client:
                 listed = [model.id for model in client.list_models().models]
                 assert listed == [model.id for model in load_config(registry_file)], listed
@@ -224,19 +231,21 @@ def test_the_kubernetes_pod_spec_serves_from_the_image(built: Built, tmp_path: P
 # --- helpers ---
 
 
-def flags_for_the_test(config: ImageConfig) -> list[str]:
-    """Flags appended for the test: loopback only, free ports, one worker (a 2-core machine)."""
-    overrides = ["--host", "127.0.0.1", "--port", "0", "--workers", "1"]
+def flags_for_the_test(config: ImageConfig, health_port: int) -> list[str]:
+    """Flags appended for the test: loopback only, free ports (the health port: one the test
+    chose, as 8081 may be taken on the test's host), one worker (a 2-core machine)."""
+    overrides = ["--host", "127.0.0.1", "--port", "0", "--workers", "1", "--health-port", str(health_port)]
     if "--http-port" in config.entrypoint:
         overrides += ["--http-port", "0"]
     return overrides
 
 
-def healthcheck(config: ImageConfig, port: int) -> list[str]:
-    """The image's HEALTHCHECK command, on the port the test's server listens on."""
+def healthcheck(config: ImageConfig, health_port: int) -> list[str]:
+    """The image's HEALTHCHECK command, asking the health port the test's server listens on."""
     kind, *command = config.healthcheck
-    assert kind == "CMD" and "127.0.0.1:50051" in command
-    return [f"127.0.0.1:{port}" if word == "127.0.0.1:50051" else word for word in command]
+    url = "http://127.0.0.1:8081/readyz"
+    assert kind == "CMD" and url in command
+    return [url.replace(":8081/", f":{health_port}/") if word == url else word for word in command]
 
 
 def conversations_for(model: str, count: int = 3) -> list[dict[str, Any]]:

@@ -43,7 +43,8 @@ def test_the_entrypoint_serves_every_address_on_the_exposed_ports() -> None:
     options = dict(zip(entrypoint[1::2], entrypoint[2::2], strict=True))
     assert options["--host"] == "0.0.0.0"
     assert options["--port"] == "50051"
-    assert dockerfile.last("EXPOSE").split() == ["50051", "8080"]
+    assert dockerfile.last("EXPOSE").split() == ["50051", "8080", "8081"]
+    assert options["--health-port"] == "8081"
     # The HTTP port is passed exactly when render-server has the flag.
     if "--http-port" in server_help():
         assert options.get("--http-port") == "8080", "render-server has --http-port: switch the Dockerfile's ENTRYPOINT"
@@ -51,10 +52,10 @@ def test_the_entrypoint_serves_every_address_on_the_exposed_ports() -> None:
         assert "--http-port" not in options
 
 
-def test_the_healthcheck_asks_the_grpc_health_service() -> None:
+def test_the_healthcheck_asks_the_health_port_for_readiness() -> None:
     healthcheck = dockerfile.last("HEALTHCHECK")
     command = dockerfile.exec_form(healthcheck[healthcheck.index("CMD ") + 4 :])
-    assert command == ["python", "-m", "render_server.probe", "--address", "127.0.0.1:50051"]
+    assert command == ["python", "-m", "render_server.probe", "--url", "http://127.0.0.1:8081/readyz"]
 
 
 def test_no_test_machine_certificates_or_indexes_are_baked_in() -> None:

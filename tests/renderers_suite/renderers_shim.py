@@ -69,13 +69,7 @@ OFFLINE_TOKENIZERS = (
 
 # Tests on served configs that check what only renderers' in-process objects
 # have: no remote renderer can pass them, by design. Counted apart, with why.
-IN_PROCESS_ONLY = {
-    "test_deepseek_v4.py::test_json_nonobject_tool_arguments_raise_like_reference_encoder": (
-        "asserts str(error) is the renderer's bare message; the service's one-line message names the"
-        " field ('messages: AttributeError: ...'). The error is an AttributeError remotely too"
-        " (an InvalidArgumentError that is also the builtin the renderer raised)"
-    ),
-}
+IN_PROCESS_ONLY: dict[str, str] = {}
 
 PROTOCOL_METHODS = ("render", "render_ids", "parse_response", "bridge_to_next_turn", "get_stop_token_ids")
 
@@ -238,7 +232,7 @@ def _client() -> Any:
     client = RenderClient(os.environ["RENDERERS_SUITE_TARGET"], timeout=120)
     call = client._call
 
-    def counted(method: str, request: Any, timeout: float | None) -> Any:
+    def counted(method: str, request: Any, timeout: float | None, *args: Any, **kwargs: Any) -> Any:
         # Each call notes the served model it is for: a renderer made in a fixture
         # counts for every test that calls it.
         _use.calls += 1
@@ -246,7 +240,7 @@ def _client() -> Any:
         message = pb.BridgeToNextTurnRequest.FromString(request) if isinstance(request, bytes) else request
         if getattr(message, "model", ""):
             _use.served.add(message.model)
-        return call(method, request, timeout)
+        return call(method, request, timeout, *args, **kwargs)
 
     client._call = counted  # type: ignore[method-assign]
     return client

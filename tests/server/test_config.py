@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from render_server.config import DEFAULT_CONFIG_PATH, DEFAULT_ROLES, ConfigError, Source, load_config
+from render_server.config import DEFAULT_CONFIG_PATH, DEFAULT_ROLES, ConfigError, Source, load_config, unpinned_sources
 
 
 def test_the_default_registry_names_the_four_offline_models() -> None:
@@ -112,3 +115,52 @@ def test_malformed_registries_name_the_key(tmp_path: Path, text: str, problem: s
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.toml")
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_hub_sources_must_be_pinned_to_a_commit(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+[models.branch]
+renderer = "qwen3"
+tokenizer = {{ hub = "Qwen/Qwen3-8B", revision = "main" }}
+[models.none]
+renderer = "qwen3"
+tokenizer = {{ hub = "Qwen/Qwen3-8B" }}
+[models.short]
+renderer = "qwen3-vl"
+tokenizer = {{ hub = "Qwen/Qwen3-VL-8B-Instruct", revision = "{COMMIT}" }}
+image_processor = {{ hub = "Qwen/Qwen3-VL-8B-Instruct", revision = "{COMMIT[:12]}" }}
+[models.pinned]
+renderer = "qwen3"
+tokenizer = {{ hub = "Qwen/Qwen3-8B", revision = "{COMMIT}" }}
+[models.local]
+renderer = "qwen3"
+tokenizer = {{ path = "tok" }}
+""",
+    )
+    assert unpinned_sources(load_config(path)) == [
+        "models.branch.tokenizer: Qwen/Qwen3-8B with revision 'main', not a 40-hex commit id",
+        "models.none.tokenizer: Qwen/Qwen3-8B with no revision (the hub's 'main'), not a 40-hex commit id",
+        f"models.short.image_processor: Qwen/Qwen3-VL-8B-Instruct with revision '{COMMIT[:12]}', not a 40-hex commit id",
+    ]
+    assert unpinned_sources(load_config(DEFAULT_CONFIG_PATH)) == []
+
+
+def test_render_server_refuses_an_unpinned_hub_model_unless_told(tmp_path: Path) -> None:
+    path = write(tmp_path, '[models.a]\nrenderer = "qwen3"\ntokenizer = { hub = "Qwen/Qwen3-8B", revision = "main" }\n')
+    command = [sys.executable, "-m", "render_server", "--config", str(path), "--port", "0", "--no-http"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing is downloaded either way
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "models.a.tokenizer: Qwen/Qwen3-8B with revision 'main', not a 40-hex commit id" in refused.stderr
+    assert "--allow-unpinned-revisions" in refused.stderr
+    allowed = subprocess.run(
+        [*command, "--allow-unpinned-revisions"], capture_output=True, text=True, timeout=120, env=env
+    )
+    # Let through with a warning; offline, the hub model then fails to load.
+    assert "WARNING" in allowed.stderr and "may load other files under this id" in allowed.stderr, allowed.stderr
+    assert "not a 40-hex commit id (pin a commit" not in allowed.stderr

@@ -189,3 +189,48 @@ def test_the_renderer_protocol_has_json_routes(server: ServerProcess) -> None:
 
     status, answer, _ = get(f"{server.http}/v1/render", data=b'{"model": "qwen3", "messages": [{"role": "wizard"}]}')
     assert status == 400 and json.loads(answer)["message"].startswith("messages[0].role: ")
+
+
+def maximal_json_bodies(limit: int) -> dict[str, tuple[str, bytes, str]]:
+    """Bodies of just under `limit` bytes that json.loads takes seconds on, holding the GIL (~1 us an
+    element), with how the port refuses each."""
+    room = limit - 64
+    return {
+        "ids": (
+            "/v1/parse_response",
+            b'{"model": "qwen3", "token_ids": [' + b"1," * (room // 2) + b"1]}",
+            f"token_ids: {room // 2 + 1} token ids exceed the limit of 262144 (--max-tokens)",
+        ),
+        "empty messages": (
+            "/v1/render",
+            b'{"model": "qwen3", "messages": [' + b"{}," * (room // 3) + b"{}]}",
+            "request: more than 786432 JSON objects, more than a request within the limits holds",
+        ),
+    }
+
+
+def test_health_answers_at_once_while_the_largest_json_bodies_are_refused(server: ServerProcess) -> None:
+    """The HTTP process hands bodies to its render process: its event loop never parses them.
+
+    Before, /healthz waited 10-17 s behind 19 MiB of JSON parsed on the loop."""
+    for name, (route, body, refusal) in maximal_json_bodies(64 * 1024 * 1024).items():
+        answers: dict[str, tuple[int, bytes, str]] = {}
+        url = f"{server.http}{route}"
+        posting = threading.Thread(
+            target=lambda url=url, body=body, answers=answers: answers.update(post=get(url, data=body))
+        )
+        posting.start()
+        slowest = {path: 0.0 for path in ("/healthz", "/readyz", "/metrics")}
+        probes = 0
+        while posting.is_alive():
+            for path in slowest:
+                started = time.monotonic()
+                assert get(f"{server.http}{path}")[0] == 200
+                slowest[path] = max(slowest[path], time.monotonic() - started)
+                probes += 1
+            time.sleep(0.05)
+        posting.join()
+        status, answer, _ = answers["post"]
+        assert (status, json.loads(answer)) == (400, {"code": "INVALID_ARGUMENT", "message": refusal}), name
+        assert probes >= 3, f"{name}: the body was refused before health was asked: nothing measured"
+        assert max(slowest.values()) < 1.0, (name, slowest)

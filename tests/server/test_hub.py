@@ -25,7 +25,8 @@ HUB_MODEL = "Qwen/Qwen3-8B"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def registry(tmp_path: Path, revision: str = "main") -> Path:
+def registry(tmp_path: Path, revision: str = COMMIT) -> Path:
+    """A registry whose one model comes from the hub, pinned to a commit as render-server requires."""
     path = tmp_path / "models.toml"
     path.write_text(f'[models.m]\nrenderer = "qwen3"\ntokenizer = {{ hub = "{HUB_MODEL}", revision = "{revision}" }}\n')
     return path
@@ -59,7 +60,7 @@ def test_an_unreachable_hub_fails_start_up_in_seconds_in_one_line(tmp_path: Path
     status, lines, seconds = start_up(registry(tmp_path), hub_env(tmp_path, f"http://127.0.0.1:{closed_port()}"))
     assert status == 2
     assert len(lines) == 1, lines  # before: 48 s of doubled retry warnings, then a 113-line traceback
-    assert "models.m.tokenizer: hub Qwen/Qwen3-8B@main: not in the local cache" in lines[0]
+    assert f"models.m.tokenizer: hub Qwen/Qwen3-8B@{COMMIT}: not in the local cache" in lines[0]
     assert "the hub is unreachable (ConnectError" in lines[0]
     assert seconds < 30, seconds  # one attempt, no backoff (transformers alone retries ~50 s)
 
@@ -103,9 +104,9 @@ def stand_in_hub(error_code: str) -> Iterator[str]:
 @pytest.mark.parametrize(
     ("error_code", "message"),
     [
-        ("RepoNotFound", "models.m.tokenizer: hub Qwen/Qwen3-8B@main: no such model on the hub"),
-        ("RevisionNotFound", "models.m.tokenizer: hub Qwen/Qwen3-8B@main: no revision 'main' on the hub"),
-        ("GatedRepo", "models.m.tokenizer: hub Qwen/Qwen3-8B@main: a gated model: set HF_TOKEN"),
+        ("RepoNotFound", f"models.m.tokenizer: hub Qwen/Qwen3-8B@{COMMIT}: no such model on the hub"),
+        ("RevisionNotFound", f"models.m.tokenizer: hub Qwen/Qwen3-8B@{COMMIT}: no revision '{COMMIT}' on the hub"),
+        ("GatedRepo", f"models.m.tokenizer: hub Qwen/Qwen3-8B@{COMMIT}: a gated model: set HF_TOKEN"),
     ],
 )
 def test_what_the_hub_refuses_is_named_in_one_line(tmp_path: Path, error_code: str, message: str) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -17,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from render_client import RenderClient, RenderError, SampleRequest
-from tests.support import Load, Outcome, ServerProcess, corpus, running_server
+from tests.support import ROOT, Load, Outcome, ServerProcess, corpus, running_server
 
 
 def image_messages(side: int, seed: int) -> list[dict]:
@@ -203,3 +206,44 @@ def test_overload_is_refused_at_once_and_memory_stays_bounded() -> None:
     assert slowest_refusal < typical_render, (slowest_refusal, typical_render)
     # At most `limit` requests held at once: far below 40 images' worth of pixel tensors.
     assert peak_kib < 2_500_000, f"worker peaked at {peak_kib} KiB"
+
+
+@pytest.mark.parametrize("as_pid_1", [False, True], ids=["process", "pid-1"])
+def test_sigterm_while_the_models_load_stops_at_once(as_pid_1: bool) -> None:
+    # In a container render-server is PID 1: the kernel delivers it no signal it has no handler for,
+    # so without one a pod deleted while loading would wait out its grace period, then be killed.
+    command = [sys.executable, "-m", "render_server", "--port", "0", "--http-port", "0", "--workers", "1"]
+    if as_pid_1:
+        if shutil.which("unshare") is None or os.geteuid() != 0:
+            pytest.skip("needs root and unshare(1) for a PID namespace")
+        command = ["unshare", "--pid", "--fork", "--kill-child", *command]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:  # until the first model has loaded: the others are loading
+            lines.append(line)
+            if "loaded model" in line:
+                break
+        server = process.pid
+        if as_pid_1:  # the server is unshare's child, PID 1 of its namespace
+            server = int(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()[0])
+            (ns_pids,) = [
+                line for line in Path(f"/proc/{server}/status").read_text().splitlines() if line.startswith("NSpid:")
+            ]
+            assert ns_pids.split()[-1] == "1", ns_pids  # its pid in the innermost namespace
+        signalled = time.monotonic()
+        os.kill(server, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("still running 10 s after SIGTERM while loading:\n" + "".join(lines))
+        took = time.monotonic() - signalled
+        output = "".join(lines) + process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "SIGTERM while starting: stopping" in output, output
+    assert "listening" not in output
+    assert took < 5, took

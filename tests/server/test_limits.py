@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import io
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from PIL import Image
 
+from render_server.limits import COUNT_FROM_BYTES
 from render_wire.pb import render_pb2 as pb
 from render_wire.pb.render_pb2_grpc import RenderServiceStub
+from tests.methods import METHODS, call, post
 from tests.support import ServerProcess, running_server
 
 SMALL_LIMITS = (
     "--workers", "1", "--max-messages", "4", "--max-images", "1", "--max-image-mb", "0.5",
     "--max-image-pixels", "40000", "--max-tokens", "400", "--max-request-mb", "1",
+    "--max-tensor-mb", "0.0625", "--max-batch-requests", "3",
 )  # fmt: skip
 
 
@@ -131,3 +137,163 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(limited: ServerPro
         ).split()[1]
     )
     assert peak_kib < 1_000_000, f"worker peaked at {peak_kib} KiB: the bomb was decoded"
+
+
+# -- the Renderer protocol's methods -----------------------------------------------------------------
+
+HI = pb.Message(role="user", text="hi")
+
+
+def ids_request(method: str, field: str, count: int) -> Message:
+    """A request of `method` whose id list `field` holds `count` ids."""
+    ids = [9707] * count
+    if method == "ParseResponse":
+        if field == "prompt_ids":
+            return pb.ParseResponseRequest(model="qwen3", token_ids=[9707], prompt_ids=pb.TokenIds(ids=ids))
+        return pb.ParseResponseRequest(model="qwen3", token_ids=ids)
+    request = pb.BridgeToNextTurnRequest(model="qwen3", new_messages=[HI])
+    if field == "both":  # the previous turn is one sample: together at most --max-tokens
+        request.previous_prompt_ids.extend(ids[: count // 2])
+        request.previous_completion_ids.extend(ids[count // 2 :])
+    else:
+        getattr(request, field).extend(ids)
+    return request
+
+
+def tensor_request(nbytes: int) -> Message:
+    tensor = pb.Tensor(dtype="|u1", shape=[nbytes], data=bytes(nbytes))
+    item = pb.MultiModalItem(fields=[pb.NamedTensor(name="pixel_values", tensor=tensor)])
+    return pb.BridgeToNextTurnRequest(
+        model="qwen3-vl",
+        previous_prompt_ids=[151644],
+        new_messages=[HI],
+        previous_multi_modal_data=pb.MultiModalData(mm_items=[pb.ModalityItems(modality="image", items=[item])]),
+    )
+
+
+# Each: a method, its request at a given size, the limit, and the message past it ({n}: the size).
+PROTOCOL_LIMITS: dict[str, tuple[str, Callable[[int], Message], int, str]] = {
+    "ParseResponse token_ids": (
+        "ParseResponse",
+        lambda n: ids_request("ParseResponse", "token_ids", n),
+        400,
+        "token_ids: {n} token ids exceed the limit of 400 (--max-tokens)",
+    ),
+    "ParseResponse prompt_ids": (
+        "ParseResponse",
+        lambda n: ids_request("ParseResponse", "prompt_ids", n),
+        400,
+        "prompt_ids: {n} token ids exceed the limit of 400 (--max-tokens)",
+    ),
+    "BridgeToNextTurn previous_prompt_ids": (
+        "BridgeToNextTurn",
+        lambda n: ids_request("BridgeToNextTurn", "previous_prompt_ids", n),
+        400,
+        "previous_prompt_ids: {n} token ids exceed the limit of 400 (--max-tokens)",
+    ),
+    "BridgeToNextTurn previous_completion_ids": (
+        "BridgeToNextTurn",
+        lambda n: ids_request("BridgeToNextTurn", "previous_completion_ids", n),
+        400,
+        "previous_completion_ids: {n} token ids exceed the limit of 400 (--max-tokens)",
+    ),
+    "BridgeToNextTurn both id lists": (
+        "BridgeToNextTurn",
+        lambda n: ids_request("BridgeToNextTurn", "both", n),
+        400,
+        "previous_prompt_ids + previous_completion_ids: {n} token ids exceed the limit of 400 (--max-tokens)",
+    ),
+    "BridgeToNextTurn new_messages": (
+        "BridgeToNextTurn",
+        lambda n: pb.BridgeToNextTurnRequest(model="qwen3", previous_prompt_ids=[151644], new_messages=[HI] * n),
+        4,
+        "new_messages: {n} messages exceed the limit of 4 (--max-messages)",
+    ),
+    "Render messages": (
+        "Render",
+        lambda n: pb.RenderRequest(model="qwen3", messages=[HI] * n),
+        4,
+        "messages: {n} messages exceed the limit of 4 (--max-messages)",
+    ),
+    "BridgeToNextTurn tensors": (
+        "BridgeToNextTurn",
+        tensor_request,
+        65536,
+        "previous_multi_modal_data.mm_items['image'][0]['pixel_values']: "
+        "tensors of {n} bytes exceed the limit of 65536 bytes (--max-tensor-mb)",
+    ),
+    "ParseResponse tools": (
+        "ParseResponse",
+        lambda n: pb.ParseResponseRequest(model="qwen3", token_ids=[9707], tools_json=json.dumps(["x" * (n - 4)])),
+        6400,
+        "tools_json: {n} bytes of text exceed the limit of 6400 bytes "
+        "(--max-tokens 400 x --max-text-bytes-per-token 16)",
+    ),
+    "DescribeRenderer kwargs": (
+        "DescribeRenderer",
+        lambda n: pb.DescribeRendererRequest(model="qwen3", chat_template_kwargs_json=json.dumps({"k": "x" * (n - 9)})),
+        6400,
+        "chat_template_kwargs_json: {n} bytes of text exceed the limit of 6400 bytes "
+        "(--max-tokens 400 x --max-text-bytes-per-token 16)",
+    ),
+}
+
+
+# Also refused before they are parsed, when large enough to be counted on the wire (the "both" limit is
+# checked on the lists decoded: each is within --max-tokens by then).
+COUNTED_ON_THE_WIRE = {case for case in PROTOCOL_LIMITS if "messages" in case or "_ids" in case}
+
+
+@pytest.mark.parametrize("case", list(PROTOCOL_LIMITS))
+def test_the_protocol_methods_limits_hold_at_their_value_and_are_named_past_it(
+    stub: RenderServiceStub, limited: ServerProcess, case: str
+) -> None:
+    name, make, limit, message = PROTOCOL_LIMITS[case]
+    method = METHODS[name]
+    with grpc.insecure_channel(limited.target) as channel:
+        at = call(channel, method, make(limit).SerializeToString())
+        assert at[0] == grpc.StatusCode.OK or message.split(":")[0] not in at[1], at
+        assert call(channel, method, make(limit + 1).SerializeToString()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            message.format(n=limit + 1),
+        )
+        if case in COUNTED_ON_THE_WIRE:
+            # Large enough to be counted on the wire, before it is parsed: the same refusal.
+            big = make(40_000)
+            assert len(big.SerializeToString()) >= COUNT_FROM_BYTES
+            expected = message.format(n=40_000)
+            if "messages exceed" in message:  # counting stops at the first past the limit
+                expected = expected.split(":")[0] + ": more messages than the limit of 4 (--max-messages)"
+            assert call(channel, method, big.SerializeToString()) == (grpc.StatusCode.INVALID_ARGUMENT, expected)
+        if method.route:
+            status, answer = post(limited.http, method.route, json_format.MessageToJson(make(limit + 1)).encode())
+            assert (status, answer) == (400, {"code": "INVALID_ARGUMENT", "message": message.format(n=limit + 1)})
+
+
+def test_a_batch_past_its_limit_ends_the_stream_naming_the_limit(limited: ServerProcess) -> None:
+    with grpc.insecure_channel(limited.target) as channel:
+        stub = RenderServiceStub(channel)
+        results = list(
+            stub.Renders(iter([pb.RendersRequest(requests=[pb.RenderRequest(model="qwen3", messages=[HI])] * 3)]))
+        )
+        assert [result.index for answer in results for result in answer.results] == [0, 1, 2]
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Renders(iter([pb.RendersRequest(requests=[pb.RenderRequest(model="qwen3", messages=[HI])] * 4)])))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        caught.value.details() == "request batch after index 0: 4 requests exceed the limit of 3 (--max-batch-requests)"
+    )
+
+
+def test_a_request_holding_more_values_than_its_messages_allow_is_refused_before_it_is_parsed(
+    limited: ServerProcess,
+) -> None:
+    """64 values a message on average: one message of 300 parts is past it (4 messages x 64 here)."""
+    parts = pb.ContentParts(parts=[pb.ContentPart(text="x" * 250)] * 300)
+    request = pb.RenderRequest(model="qwen3", messages=[pb.Message(role="user", parts=parts)])
+    with grpc.insecure_channel(limited.target) as channel:
+        assert call(channel, METHODS["Render"], request.SerializeToString()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "messages.parts.parts.text: more values than the limit of 256 in one request (sub-messages, strings, "
+            "numbers other than token ids: 64 x --max-messages 4)",
+        )

@@ -10,7 +10,7 @@ import transformers
 
 from render_client.fingerprint import tokenizer_fingerprint
 from render_server.config import ConfigError, ModelConfig, Source, load_config
-from render_server.registry import ModelRegistry
+from render_server.registry import VARIANT_KWARGS_BYTES, ModelRegistry
 from render_wire.errors import ModelNotFoundError
 from tests.reference import qwen3_tokenizer
 
@@ -58,6 +58,21 @@ def test_chat_template_kwargs_get_their_own_cached_renderer(registry: ModelRegis
     assert model.renderer_for({"enable_thinking": False}) is thinking_off
     with pytest.raises(ValueError, match="Unsupported chat_template_kwargs"):
         registry.get("qwen3-vl").renderer_for({"enable_thinking": False})
+
+
+def test_renderers_kept_for_kwargs_hold_at_most_their_budget_of_kwargs(registry: ModelRegistry) -> None:
+    """A renderer keeps its kwargs (~10 x their JSON in Python objects): the variants kept are
+    bounded in kwargs bytes as well as in number, and kwargs past the budget are not kept."""
+    model = registry.get("qwen3-template")  # its template takes any kwargs
+    big = {"blob": "x" * VARIANT_KWARGS_BYTES}
+    first = model.renderer_for(big)
+    assert first.config.blob == big["blob"] and model.renderer_for(big) is not first  # built, not kept
+    quarter = VARIANT_KWARGS_BYTES // 4
+    kept = [model.renderer_for({"blob": "x" * quarter, "n": n}) for n in range(6)]
+    assert sum(len(key) for key in model._variants) <= VARIANT_KWARGS_BYTES
+    assert len(model._variants) == 3  # four would be past the budget: the oldest went
+    assert model.renderer_for({"blob": "x" * quarter, "n": 5}) is kept[5]
+    assert model.renderer_for({"blob": "x" * quarter, "n": 0}) is not kept[0]
 
 
 def test_the_vlm_renderer_uses_the_configured_image_processor(registry: ModelRegistry) -> None:

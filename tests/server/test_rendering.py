@@ -45,7 +45,8 @@ def test_renderer_exceptions_map_to_statuses(exc: Exception, code: grpc.StatusCo
     # Builtins by name; other libraries' classes with their module, for the client to rebuild.
     module = type(exc).__module__
     assert error.error_type == (type(exc).__name__ if module == "builtins" else f"{module}.{type(exc).__qualname__}")
-    assert error.error_detail is None
+    # The renderer's own words ride along, unchanged, for the client's str() (MemoryError: none).
+    assert error.error_detail == (None if isinstance(exc, MemoryError) else {"message": str(exc)})
 
 
 def test_a_renderer_config_refusing_chat_template_kwargs_names_each_key() -> None:

@@ -1,4 +1,4 @@
-"""Bearer tokens on every RPC and the HTTP render endpoint; TLS and mutual TLS."""
+"""Bearer tokens on every RPC and the HTTP render endpoint; TLS and mutual TLS; hostile requests to every method."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from render_client import RenderClient, UnauthenticatedError, UnavailableError, build_training_sample, tls_credentials
+from render_wire.errors import MAX_DETAILS_BYTES
 from render_wire.pb import render_pb2 as pb
 from render_wire.pb.render_pb2_grpc import RenderServiceStub
+from tests.methods import METHODS, call, post
 from tests.support import ServerProcess, running_server, tool
 
 MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -169,3 +173,111 @@ def test_the_raw_stream_needs_a_token_too(guarded: ServerProcess) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             list(calls)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# ---------------------------------------------------------------------------
+# Hostile requests to every method (tests/methods.py), over gRPC and JSON
+# ---------------------------------------------------------------------------
+
+BIG = 100_000
+
+
+def _messages_field(request: Any) -> str | None:
+    return next((name for name in ("messages", "new_messages") if name in request.DESCRIPTOR.fields_by_name), None)
+
+
+def _with(request: Any, **fields: Any) -> Any | None:
+    """A copy of `request` with `fields` set; None where it has no such field."""
+    if any(name not in request.DESCRIPTOR.fields_by_name for name in fields):
+        return None
+    changed = type(request)()
+    changed.CopyFrom(request)
+    for name, value in fields.items():
+        setattr(changed, name, value)
+    return changed
+
+
+def _with_role(request: Any, role: str) -> Any | None:
+    field = _messages_field(request)
+    if field is None:
+        return None
+    changed = type(request)()
+    changed.CopyFrom(request)
+    getattr(changed, field)[0].role = role
+    return changed
+
+
+# Each: the request made hostile (None: the method has no such field), its status, and how its message starts
+# ({field}: the method's messages field). Messages must stay short whatever the input echoed: "...]" marks
+# the part cut (before, a message echoing 100 KiB passed gRPC's header limit, and the caller got
+# RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead).
+HOSTILE: dict[str, tuple[Callable[[Any], Any | None], grpc.StatusCode, str, bool]] = {
+    "100 KiB model id": (
+        lambda request: _with(request, model="x" * BIG),
+        grpc.StatusCode.NOT_FOUND,
+        "model: no model 'xxxxx",
+        True,
+    ),
+    "100 KiB role": (
+        lambda request: _with_role(request, "r" * BIG),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "{field}[0].role: 'rrrrr",
+        True,
+    ),
+    "2000 unknown chat-template kwargs": (
+        lambda request: _with(request, chat_template_kwargs_json=json.dumps({f"k{i}": i for i in range(2000)})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chat_template_kwargs: Unsupported chat_template_kwargs for 'qwen3': ['k0', 'k1', ",
+        True,
+    ),
+    "a 100 KiB chat-template kwarg name": (
+        lambda request: _with(request, chat_template_kwargs_json=json.dumps({"k" * BIG: 1})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chat_template_kwargs: Unsupported chat_template_kwargs for 'qwen3': ['kkkkk",
+        True,
+    ),
+    "a 100 KiB value for a renderer option": (  # pydantic's refusal echoes it, and its errors go in a trailer
+        lambda request: _with(request, chat_template_kwargs_json=json.dumps({"enable_thinking": "x" * BIG})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chat_template_kwargs.enable_thinking: Input should be a valid boolean, unable to interpret input (got 'xxx",
+        True,
+    ),
+    "tools nested 100000 deep": (
+        lambda request: _with(request, tools_json="[" * BIG + "]" * BIG),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tools_json: JSON nested too deeply",
+        False,
+    ),
+    "kwargs that are no JSON object": (
+        lambda request: _with(request, chat_template_kwargs_json="[1]"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chat_template_kwargs_json: must be a JSON object",
+        False,
+    ),
+}
+HTTP_STATUS = {grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.INVALID_ARGUMENT: 400}
+CASES = [
+    (method, case)
+    for method in METHODS.values()
+    for case, (make, _, _, _) in HOSTILE.items()
+    if make(method.example) is not None
+]
+
+
+@pytest.mark.parametrize(("method", "case"), CASES, ids=[f"{method.name}-{case}" for method, case in CASES])
+def test_hostile_requests_get_their_own_status_with_a_short_message(
+    server: ServerProcess, method: Any, case: str
+) -> None:
+    make, code, start, echoes = HOSTILE[case]
+    request = make(method.example)
+    start = start.format(field=_messages_field(request))
+    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", -1)]) as channel:
+        got, details = call(channel, method, request.SerializeToString())
+        assert (got, details[: len(start)]) == (code, start), details[:300]
+        assert len(details.encode()) <= MAX_DETAILS_BYTES
+        assert ("characters cut...]" in details) == echoes
+        if method.route:
+            status, answer = post(server.http, method.route, json_format.MessageToJson(request).encode())
+            assert (status, answer["code"], answer["message"]) == (HTTP_STATUS[code], code.name, details)
+        # The server goes on serving.
+        assert call(channel, method, method.example.SerializeToString()) == (grpc.StatusCode.OK, "")

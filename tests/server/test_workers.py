@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -67,6 +68,23 @@ def test_a_dead_render_process_fails_its_calls_unavailable_and_its_worker_is_rep
     assert server.process.returncode == 0
 
 
+def test_a_dead_http_render_process_restarts_the_http_process() -> None:
+    with running_server("--workers", "1") as server:
+        http, render_process = server.http_processes()
+        body = b'{"model": "qwen3", "messages": [{"role": "user", "text": "hi"}]}'
+        url = f"{server.http}/v1/render"
+        answer = urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=60).read()
+        os.kill(render_process, signal.SIGKILL)
+        wait_for(lambda: len(server.http_processes()) == 2 and http not in server.http_processes())
+        wait_for(lambda: urllib.request.urlopen(f"{server.http}/healthz", timeout=5).status == 200)
+        assert (
+            urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=60).read() == answer
+        )
+        assert f"the HTTP process's render process (pid {render_process}) died: killed by SIGKILL" in server.log()
+        assert "the HTTP process (pid" in server.log() and "starting it again" in server.log()
+    assert server.process.returncode == 0
+
+
 def cpu_seconds(pid: int) -> float:
     """The CPU time `pid` has used (utime + stime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -100,9 +118,11 @@ def test_children_do_not_outlive_a_supervisor_killed_outright() -> None:
         assert len(children) == 3  # two workers and the HTTP process
         render_processes = server.render_processes()
         assert len(render_processes) == 4  # two per worker
+        http, http_render_process = server.http_processes()
+        assert http in children
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
-        wait_for(lambda: all(exited(pid) for pid in children + render_processes))
+        wait_for(lambda: all(exited(pid) for pid in [*children, *render_processes, http_render_process]))
         with socket.socket() as probe:  # nothing holds the port any more
             probe.bind(("127.0.0.1", server.port))
 

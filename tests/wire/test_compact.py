@@ -8,7 +8,9 @@ from PIL import Image
 
 from render_wire.compact import CompactTensor, compact, materialize_all
 from render_wire.errors import RenderError
+from render_wire.pb import render_pb2 as pb
 from render_wire.samples import decode_response, encode_response, encode_sample
+from render_wire.tensors import decode_multi_modal_data
 from render_wire.types import MultiModalData, PlaceholderRange, RenderedTrainingSample
 from tests.reference import qwen3_vl_processor
 
@@ -106,7 +108,7 @@ def test_a_compact_tensor_whose_codes_run_past_its_table_is_refused() -> None:
     sample = sample_with(raw)
     sample.multi_modal_data.mm_items["image"][0]["pixel_values"] = broken
     data = encode_response(encode_sample(sample))
-    with pytest.raises(RenderError, match="malformed tensor in response"):
+    with pytest.raises(RenderError, match="malformed tensor"):
         decode_response(data)
 
 
@@ -122,3 +124,51 @@ def test_materialize_refuses_a_code_past_its_table() -> None:
     # Group 2, position 3, in both copies: columns (2 * 2 + r) * 4 + 3 for r in 0, 1.
     expected = np.where(np.isin(np.arange(24), [19, 23]), -1.0, 0.5).astype(np.float32)
     assert same_bits(tensor.materialize()[1], expected)
+
+
+def test_materializing_takes_time_in_proportion_to_the_bytes_whatever_the_repeats() -> None:
+    """No loop per copy: zero rows of 2**24 copies (a 94-byte request once kept a core busy 15 s) are nothing."""
+    tables = tuple(np.array([0.5], dtype=np.float32) for _ in range(3))
+    empty = CompactTensor(np.dtype(np.float32), (0, 3 * 2**24), 2**24, np.zeros((0, 3, 1), np.uint8), tables)
+    calls = []
+    assert empty.materialize(check=lambda: calls.append(1)).shape == (0, 3 * 2**24)
+    assert len(calls) == 3  # once a group: a deadline is noticed between them
+
+    def stop() -> None:
+        raise TimeoutError
+
+    with pytest.raises(TimeoutError):
+        empty.materialize(check=stop)
+
+
+@pytest.mark.parametrize(
+    ("table_sizes", "repeats", "problem"),
+    [([1] * 3, 17, "3 groups of 17 copies"), ([1] * 257, 1, "257 groups of 1 copies"), ([1] * 3, 0, "0 copies")],
+)
+def test_a_compact_form_past_its_bounds_is_refused_when_decoded(
+    table_sizes: list[int], repeats: int, problem: str
+) -> None:
+    groups = len(table_sizes)
+    tensor = pb.Tensor(
+        dtype="<f4",
+        shape=[1, groups * max(repeats, 1)],
+        compact=pb.CompactTensor(
+            codes=bytes(groups), tables=b"\0\0\0\0" * groups, table_sizes=table_sizes, repeats=repeats
+        ),
+    )
+    data = pb.MultiModalData(
+        mm_items=[
+            pb.ModalityItems(
+                modality="image", items=[pb.MultiModalItem(fields=[pb.NamedTensor(name="x", tensor=tensor)])]
+            )
+        ]
+    ).SerializeToString()
+    with pytest.raises(RenderError, match=f"malformed tensor.*{problem}"):
+        decode_multi_modal_data(memoryview(data))
+
+
+def test_compact_never_makes_a_form_its_decoders_refuse() -> None:
+    raw = np.repeat(np.array([[0.5], [0.25]], dtype=np.float32), 17, axis=1)  # 17 equal copies of a value a row
+    assert compact(raw, layouts=((1, 17),)) is None  # it would hold them exactly: past MAX_REPEATS
+    form = compact(raw, layouts=((1, 17), (1, 1)))
+    assert form is not None and form.repeats == 1

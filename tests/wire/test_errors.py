@@ -9,6 +9,8 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from render_client import RenderClient, SampleRequest
 from render_client.aio import AsyncRenderClient
@@ -161,6 +163,30 @@ def test_a_failed_call_s_error_is_reachable_though_raised_from_none(server: Serv
     assert isinstance(rpc_error, grpc.RpcError) and rpc_error.code() == grpc.StatusCode.NOT_FOUND
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=50), st.text(min_size=0, max_size=5000), st.text(max_size=50))
+def test_details_are_bounded_keeping_their_start_and_end(start: str, echoed: str, end: str) -> None:
+    details = f"{start}{echoed}{end}"
+    error = InvalidArgumentError(details)
+    size = len(error.details.encode("utf-8", "surrogatepass"))
+    assert size <= errors.MAX_DETAILS_BYTES
+    if len(details.encode("utf-8", "surrogatepass")) <= errors.MAX_DETAILS_BYTES:
+        assert error.details == details
+    else:  # the field named first and the limit stated last stay; the middle is cut, and says so
+        assert error.details.startswith(start) and error.details.endswith(end)
+        assert "characters cut...]" in error.details
+    assert str(error) == error.details
+    assert pickle.loads(pickle.dumps(error)).details == (error.details or "INVALID_ARGUMENT")
+
+
+def test_an_echoed_model_id_leaves_the_field_and_the_choices() -> None:
+    error = ModelNotFoundError(f"model: no model {'x' * 100_000!r} (this server has qwen3, qwen3-vl)")
+    assert error.details.startswith("model: no model 'xxx") and error.details.endswith(
+        "(this server has qwen3, qwen3-vl)"
+    )
+    assert "[...99" in error.details and len(error.details) < 1024
+
+
 # --- another library's exception classes ---------------------------------------------------
 
 
@@ -217,6 +243,42 @@ def test_pydantic_s_validation_error_is_rebuilt_with_its_errors() -> None:
     for error in (from_call, pickle.loads(pickle.dumps(from_call))):
         assert isinstance(error, pydantic.ValidationError) and isinstance(error, InvalidArgumentError)
         assert error.errors() == original.errors() and error.title == original.title
-        assert str(error) == "chat_template_kwargs.enable_thinking: x" and error.details == str(error)
+        assert str(error) == str(original)  # pydantic's own words, as in-process
+        assert error.details == "chat_template_kwargs.enable_thinking: x"
     # Without the detail (an older server), a plain InvalidArgumentError: still a ValueError.
     assert type(error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "x", error_type)) is InvalidArgumentError
+
+
+def test_an_error_detail_that_echoes_its_input_is_cut_to_fit_its_trailer() -> None:
+    detail = {
+        "title": "Config",
+        "errors": [{"type": "bool_parsing", "loc": ["enable_thinking"], "input": "x" * 100_000}],
+    }
+    error = InvalidArgumentError("x", error_type="ValidationError", error_detail=detail)
+    assert error.error_detail is not None
+    assert len(errors.encode_error_detail(error.error_detail)) <= errors.MAX_ERROR_DETAIL_BYTES
+    assert error.error_detail["errors"][0]["loc"] == ["enable_thinking"]
+    assert "characters cut...]" in error.error_detail["errors"][0]["input"]
+    small = {"title": "Config", "errors": [{"type": "bool_parsing", "loc": ["a"], "input": "y"}]}
+    assert InvalidArgumentError("x", error_detail=small).error_detail == small  # untouched
+    many = {"title": "Config", "errors": [{"loc": [str(n)], "input": "z" * 300} for n in range(100)]}
+    assert InvalidArgumentError("x", error_detail=many).error_detail is None  # no room even cut: left out
+
+
+def test_a_renderer_s_exception_says_its_own_message_and_details_name_the_field() -> None:
+    # What rendering.renderer_error answers for a renderer's AttributeError, over a call's trailers.
+    own = "'list' object has no attribute 'items'"
+    trailers = (
+        (errors.ERROR_TYPE_KEY, "AttributeError"),
+        (errors.ERROR_DETAIL_KEY, errors.encode_error_detail({"message": own}).encode()),
+    )
+    details = f"messages: AttributeError: {own}"
+    error = error_from_rpc(FailedCall(grpc.StatusCode.INVALID_ARGUMENT, details, trailers))
+    for each in (error, pickle.loads(pickle.dumps(error))):
+        assert isinstance(each, AttributeError) and isinstance(each, InvalidArgumentError)
+        assert str(each) == own and each.details == details
+    # A multi-line message comes back whole; the status details stay one line.
+    multi = error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "messages: a b", "ValueError", {"message": "a\nb"})
+    assert str(multi) == "a\nb" and multi.details == "messages: a b"
+    # An error of the service's own (no error_type) says its details.
+    assert str(error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "model: missing")) == "model: missing"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ from render_wire.errors import InvalidArgumentError, RenderError
 from render_wire.pb import render_pb2 as pb
 from render_wire.samples import decode_response, decode_results, encode_response, encode_result, encode_sample
 from render_wire.types import MultiModalData, PlaceholderRange, RenderedTrainingSample
-from render_wire.wireformat import WireMessage, varint
+from render_wire.wireformat import Census, TooManyValues, WireFormatError, WireMessage, count_values, varint
 from tests.reference import reference_renderer, sample_differences
 from tests.support import corpus
 
@@ -208,3 +209,69 @@ def test_fields_that_are_not_what_the_contract_says_are_a_render_error(data: byt
     # sample as a varint; field number 0; a sample holding field number 0; an unterminated field 2
     with pytest.raises(RenderError, match="malformed response"):
         decode_response(data)
+
+
+# -- counting values before upb parses them (count_values) ---------------------------------
+
+PARSE = pb.ParseResponseRequest.DESCRIPTOR
+IDS = {"render.v1.ParseResponseRequest.token_ids": 100, "render.v1.TokenIds.ids": 1000}
+
+
+def census(most: int = 1000, **options: Any) -> Census:
+    return Census(most=most, limits=options.pop("limits", IDS), **options)
+
+
+def test_counting_finds_what_upb_finds_packed_unpacked_and_nested() -> None:
+    request = pb.ParseResponseRequest(model="m", token_ids=[0, 127, 128, 16383, 16384, 2**32 - 1], tools_json="[]")
+    request.prompt_ids.ids.extend(range(300))
+    packed = request.SerializeToString()
+    # The same ids written one varint field each (proto2's way; upb reads both).
+    unpacked = b"".join(varint(2 << 3) + varint(i) for i in request.token_ids)
+    for data, ids in ((packed, 6), (unpacked + packed, 12)):
+        assert len(pb.ParseResponseRequest.FromString(data).token_ids) == ids
+        counted = census()
+        count_values(memoryview(data), PARSE, counted)
+        assert counted.per_field == {"render.v1.ParseResponseRequest.token_ids": ids, "render.v1.TokenIds.ids": 300}
+        assert counted.counted == 3  # model, tools_json, prompt_ids: the ids count apart
+
+
+def test_a_limited_field_is_refused_at_its_limit_and_everything_else_at_the_total() -> None:
+    packed = pb.ParseResponseRequest(token_ids=range(101)).SerializeToString()
+    with pytest.raises(TooManyValues) as caught:
+        count_values(memoryview(packed), PARSE, census())
+    assert (caught.value.field, caught.value.values, caught.value.exact) == ("token_ids", 101, True)
+    assert caught.value.limit == "render.v1.ParseResponseRequest.token_ids"
+    # prompt_ids is a message field: upb merges its occurrences, so their ids add up.
+    twice = pb.ParseResponseRequest(prompt_ids=pb.TokenIds(ids=range(600))).SerializeToString() * 2
+    with pytest.raises(TooManyValues) as caught:
+        count_values(memoryview(twice), PARSE, census())
+    assert (caught.value.field, caught.value.values) == ("prompt_ids.ids", 1200)
+    render = pb.RenderRequest(messages=[pb.Message(parts=pb.ContentParts(parts=[pb.ContentPart()] * 50))])
+    with pytest.raises(TooManyValues) as caught:  # walked no further than the first past the total
+        count_values(memoryview(render.SerializeToString()), pb.RenderRequest.DESCRIPTOR, census(most=40))
+    assert (caught.value.field, caught.value.values, caught.value.limit) == ("messages.parts.parts", 41, None)
+
+
+def test_opaque_fields_are_counted_but_not_walked_and_malformed_bytes_are_refused() -> None:
+    batch = pb.RendersRequest(requests=[pb.RenderRequest(messages=[pb.Message()] * 100)] * 3).SerializeToString()
+    counted = census(opaque={"render.v1.RendersRequest.requests"})
+    count_values(memoryview(batch), pb.RendersRequest.DESCRIPTOR, counted)
+    assert counted.counted == 3
+    for data in (b"\x12\x05ab", b"\x08", b"\x00", b"\x0b"):  # past the end, truncated, field 0, a group
+        with pytest.raises(WireFormatError):
+            count_values(memoryview(data), PARSE, census())
+
+
+def test_sixty_million_ids_are_counted_in_place() -> None:
+    data = pb.BridgeToNextTurnRequest(model="m").SerializeToString() + varint(2 << 3 | 2) + varint(60_000_000)
+    payload = data + b"\x01" * 60_000_000
+    limits = {"render.v1.BridgeToNextTurnRequest.previous_prompt_ids": 262144}
+    tracemalloc.start()  # numpy reports its arrays to it
+    try:
+        with pytest.raises(TooManyValues) as caught:
+            count_values(memoryview(payload), pb.BridgeToNextTurnRequest.DESCRIPTOR, census(limits=limits))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert caught.value.values == 60_000_000 and caught.value.exact
+    assert peak < 4 * 1024 * 1024, peak  # a 1 MiB chunk's comparison at a time, never the 60 MB

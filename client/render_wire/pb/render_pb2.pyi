@@ -422,34 +422,44 @@ class ParseResponseResponse(_message.Message):
     def __init__(self, parsed: _Optional[_Union[ParsedResponse, _Mapping]] = ...) -> None: ...
 
 class ParsedResponse(_message.Message):
-    __slots__ = ("content", "reasoning_content", "tool_calls", "reasoning_complete")
+    __slots__ = ("content", "content_json", "reasoning_content", "reasoning_content_json", "tool_calls", "reasoning_complete")
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
     REASONING_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    REASONING_CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     REASONING_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     content: str
+    content_json: str
     reasoning_content: str
+    reasoning_content_json: str
     tool_calls: _containers.RepeatedCompositeFieldContainer[ParsedToolCall]
     reasoning_complete: bool
-    def __init__(self, content: _Optional[str] = ..., reasoning_content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ParsedToolCall, _Mapping]]] = ..., reasoning_complete: _Optional[bool] = ...) -> None: ...
+    def __init__(self, content: _Optional[str] = ..., content_json: _Optional[str] = ..., reasoning_content: _Optional[str] = ..., reasoning_content_json: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ParsedToolCall, _Mapping]]] = ..., reasoning_complete: _Optional[bool] = ...) -> None: ...
 
 class ParsedToolCall(_message.Message):
-    __slots__ = ("raw", "name", "arguments_json", "arguments_text", "token_span", "status", "id")
+    __slots__ = ("raw", "raw_json", "name", "name_json", "arguments_json", "arguments_text", "token_span", "status", "id", "id_json")
     RAW_FIELD_NUMBER: _ClassVar[int]
+    RAW_JSON_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    NAME_JSON_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_SPAN_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    ID_JSON_FIELD_NUMBER: _ClassVar[int]
     raw: str
+    raw_json: str
     name: str
+    name_json: str
     arguments_json: str
     arguments_text: str
     token_span: TokenSpan
     status: str
     id: str
-    def __init__(self, raw: _Optional[str] = ..., name: _Optional[str] = ..., arguments_json: _Optional[str] = ..., arguments_text: _Optional[str] = ..., token_span: _Optional[_Union[TokenSpan, _Mapping]] = ..., status: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+    id_json: str
+    def __init__(self, raw: _Optional[str] = ..., raw_json: _Optional[str] = ..., name: _Optional[str] = ..., name_json: _Optional[str] = ..., arguments_json: _Optional[str] = ..., arguments_text: _Optional[str] = ..., token_span: _Optional[_Union[TokenSpan, _Mapping]] = ..., status: _Optional[str] = ..., id: _Optional[str] = ..., id_json: _Optional[str] = ...) -> None: ...
 
 class TokenSpan(_message.Message):
     __slots__ = ("start", "end")
