@@ -236,7 +236,7 @@ def test_random_json_bodies(server: ServerProcess, route: str, body: Any, with_m
     status, answer = post(server.http, route, json.dumps(body).encode())
     assert status in (200, 400, 404, 501), (status, answer)
     if status != 200:
-        assert set(answer) <= {"code", "message", "error_type"} and answer["message"], answer
+        assert set(answer) <= {"code", "message", "error_type", "error_detail"} and answer["message"], answer
         assert len(answer["message"].encode()) <= MAX_DETAILS_BYTES and "\n" not in answer["message"]
 
 

@@ -123,8 +123,11 @@ def test_children_do_not_outlive_a_supervisor_killed_outright() -> None:
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
         wait_for(lambda: all(exited(pid) for pid in [*children, *render_processes, http_render_process]))
-        with socket.socket() as probe:  # nothing holds the port any more
+        with socket.socket() as probe:  # nothing listens on the port any more
+            # SO_REUSEADDR: a connection of the killed server's left in TIME_WAIT does not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", server.port))
+            probe.listen()
 
 
 def test_a_port_in_use_is_an_error_not_a_shared_port() -> None:
