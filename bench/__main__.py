@@ -24,6 +24,8 @@ Parts:
   same calls in-process: rates and client CPU per call (bench/protocol.py).
 - images_wire: pixel tensors raw beside their compact form (issue 13): bytes per
   image, images/s over a 1 Gbit/s link, client CPU, peak RSS (bench/images_wire.py).
+- rl: an RL env server's turns in-process beside a remote renderer (coalesced calls),
+  and VLM images held once per client: GRPO groups, multi-turn rollouts (bench/rl.py).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from bench.floor import floor
 from bench.images_wire import images_wire
 from bench.load import metric_total
 from bench.protocol import protocol
+from bench.rl import rl
 from bench.work import assistant_only, working_set
 from render_client import RenderClient
 from tests.reference import reference_renderer
@@ -56,7 +59,7 @@ from tests.support import DEFAULT_MODELS, ROOT, ServerProcess, corpus, running_s
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 CORES = len(os.sched_getaffinity(0))
-PARTS = ("throughput", "latency", "length", "images", "memory", "floor", "protocol", "images_wire")
+PARTS = ("throughput", "latency", "length", "images", "memory", "floor", "protocol", "images_wire", "rl")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -386,7 +389,8 @@ def main() -> None:
     args = parser.parse_args()
     parts = set(args.only.split(","))
     results: dict[str, Any] = {
-        "machine": {"cores": CORES, "cpu": cpu_model(), "python": sys.version.split()[0]},
+        # Load averages (1, 5, 15 min) at the start and the end: the machine may be shared.
+        "machine": {"cores": CORES, "cpu": cpu_model(), "python": sys.version.split()[0], "load": [os.getloadavg()]},
         "renderers": renderers.__version__,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -410,6 +414,10 @@ def main() -> None:
         results["protocol"] = protocol(args.quick)
     if "images_wire" in parts:
         results["images_wire"] = images_wire(args.quick)
+    if "rl" in parts:
+        results["rl"] = rl(args.quick)
+    results["machine"]["load"].append(os.getloadavg())
+    print(f"load average at the start {results['machine']['load'][0]}, at the end {results['machine']['load'][1]}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

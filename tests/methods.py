@@ -7,7 +7,8 @@ added to render.proto, or a route to the HTTP port, has its entry here: the next
 gets every attack without a line of its own.
 
 `call` sends raw bytes the way a hostile client would; a stream method's request is
-one item of a batch, and its answer that item's result (status and message).
+one item of a batch, and its answer that item's result (status and message); so is
+a Calls batch's (its one call, of the method its `member` names).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Method:
     example: Message
     route: str | None = None  # the HTTP port's POST route; None: gRPC only
     batch: Any = None  # a stream's batch message class (its items are `example`s)
+    member: str | None = None  # Calls: the CallRequest member `example` goes in as the batch's one call
 
     @property
     def request_class(self) -> Any:
@@ -73,6 +75,7 @@ METHODS: dict[str, Method] = {
             "/v1/bridge_to_next_turn",
         ),
         Method("DescribeRenderer", pb.DescribeRendererRequest(model="qwen3"), "/v1/describe_renderer"),
+        Method("Calls", pb.RenderRequest(model="qwen3", messages=[_USER], add_generation_prompt=True), member="render"),
     )
 }
 
@@ -81,6 +84,17 @@ def call(channel: grpc.Channel, method: Method, data: bytes, timeout: float = 12
     """(status, message) of `method` called with `data` as its request (a stream's: as a batch's one item)."""
     path = f"/{SERVICE.full_name}/{method.name}"
     try:
+        if method.member is not None:
+            number = pb.CallRequest.DESCRIPTOR.fields_by_name[method.member].number
+            item = varint(number << 3 | 2) + varint(len(data)) + data
+            batch = varint(1 << 3 | 2) + varint(len(item)) + item  # calls = [{member: data}], byte for byte
+            answer = channel.unary_unary(path, request_serializer=bytes, response_deserializer=bytes)(
+                batch, timeout=timeout
+            )
+            (outcome,) = pb.CallsResponse.FromString(answer).results
+            if outcome.WhichOneof("result") != "error":
+                return grpc.StatusCode.OK, ""
+            return next(code for code in grpc.StatusCode if code.value[0] == outcome.error.code), outcome.error.message
         if method.batch is None:
             channel.unary_unary(path, request_serializer=bytes, response_deserializer=bytes)(data, timeout=timeout)
             return grpc.StatusCode.OK, ""

@@ -11,6 +11,7 @@ fail with the same exception type and message.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from tests.reference import (
     reference_renderer,
     sample_differences,
 )
-from tests.support import DEFAULT_MODELS, corpus, running_server
+from tests.support import DEFAULT_MODELS, ServerProcess, corpus, running_server
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ class Tally:
     mismatches: list[str] = field(default_factory=list)
 
 
-def render_both(client: RenderClient, model: str, options: Options) -> Tally:
+def render_both(client: RenderClient, model: str, options: Options, *, threads: int = 1) -> Tally:
+    """Every corpus conversation in-process and through `client`; with `threads`, the service's
+    calls all made at once from that many threads (so that the client coalesces them)."""
     tally = Tally()
     try:
         local = reference_renderer(model, options.chat_template_kwargs)
@@ -90,7 +93,19 @@ def render_both(client: RenderClient, model: str, options: Options) -> Tally:
         remote = client.renderer(model, chat_template_kwargs=options.chat_template_kwargs)
     except RenderError as exc:  # refused at once, as create_renderer refuses in-process: compared below
         remote = RefusedRenderer(exc)
-    for conversation in corpus():
+
+    def served(conversation: dict[str, Any]) -> Any:
+        try:
+            return build_training_sample(remote, conversation["messages"], **options.call_arguments(conversation))
+        except RenderError as exc:
+            return exc
+
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            answers: Iterator[Any] = iter(list(pool.map(served, corpus())))
+    else:
+        answers = map(served, corpus())
+    for conversation, answer in zip(corpus(), answers, strict=True):
         arguments = options.call_arguments(conversation)
         expected_error = construction_error
         if expected_error is None:
@@ -99,9 +114,8 @@ def render_both(client: RenderClient, model: str, options: Options) -> Tally:
             except Exception as exc:
                 expected_error = exc
         where = f"{conversation['id']} ({options.name})"
-        try:
-            actual = build_training_sample(remote, conversation["messages"], **arguments)
-        except RenderError as exc:
+        if isinstance(answer, RenderError):
+            exc = answer
             if expected_error is None:
                 tally.mismatches.append(f"{where}: service raised {exc.code.name} {exc.details!r}")
             elif (exc.error_type, exc.details) != (
@@ -122,6 +136,7 @@ def render_both(client: RenderClient, model: str, options: Options) -> Tally:
             else:
                 tally.rejected += 1
             continue
+        actual = answer
         if expected_error is not None:
             tally.mismatches.append(f"{where}: in-process raised {expected_error!r}, service did not")
             continue
@@ -147,6 +162,28 @@ def served_by(request: pytest.FixtureRequest, client: RenderClient) -> Iterator[
 @pytest.mark.parametrize("model", DEFAULT_MODELS)
 def test_service_sample_equals_in_process_sample(served_by: RenderClient, model: str, options: Options) -> None:
     tally = render_both(served_by, model, options)
+    assert not tally.mismatches, f"{len(tally.mismatches)} differences:\n" + "\n".join(tally.mismatches[:20])
+    assert tally.samples + tally.rejected == len(corpus())
+
+
+@pytest.mark.parametrize("model", DEFAULT_MODELS)
+def test_samples_asked_for_all_at_once_equal_in_process(client: RenderClient, model: str) -> None:
+    # The session's client coalesces calls made at once into Calls batches and holds each image's
+    # tensors once: the corpus, from 16 threads, through both.
+    coalescer = client._in_this_process.coalescer
+    assert coalescer is not None
+    batches, calls = coalescer.batches_sent, coalescer.calls_sent
+    tally = render_both(client, model, OPTIONS[3], threads=16)
+    assert not tally.mismatches, f"{len(tally.mismatches)} differences:\n" + "\n".join(tally.mismatches[:20])
+    assert tally.samples + tally.rejected == len(corpus())
+    assert coalescer.calls_sent - calls > 2 * (coalescer.batches_sent - batches), "the calls were not coalesced"
+
+
+@pytest.mark.parametrize("model", ["qwen3", "qwen3-vl"])
+def test_plain_unary_samples_equal_in_process(server: ServerProcess, model: str) -> None:
+    # Each call alone, no image held: the path a server without Calls, or coalesce_window=None, takes.
+    with RenderClient(server.target, timeout=120, coalesce_window=None, image_memory_mb=0) as plain:
+        tally = render_both(plain, model, OPTIONS[1])
     assert not tally.mismatches, f"{len(tally.mismatches)} differences:\n" + "\n".join(tally.mismatches[:20])
     assert tally.samples + tally.rejected == len(corpus())
 

@@ -32,6 +32,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -621,6 +622,76 @@ def test_bridge_to_next_turn_equals_in_process(client: RenderClient, model: str)
         assert tally.seen["bridged"] > 0, tally
     if model == "qwen3-vl":
         assert tally.seen["media carried forward"] > 0, tally
+
+
+# ---------------------------------------------------------------------------
+# 3b. all of them at once: coalesced batches, images held
+# ---------------------------------------------------------------------------
+
+
+def concurrent_cases(local: Any, multimodal: bool) -> list[tuple[str, str, tuple[Any, ...], dict[str, Any]]]:
+    """(where, method, args, kwargs) for render, render_ids, parse_response and bridge_to_next_turn
+    over the first conversations of the corpus: what a rollout worker's threads ask at once."""
+    cases = []
+    for conversation in corpus()[:PROTOCOL_CONVERSATIONS]:
+        messages, tools = conversation["messages"], conversation.get("tools")
+        name = conversation["id"]
+        cases.append((f"{name} render", "render", (messages,), {"tools": tools, "add_generation_prompt": True}))
+        cases.append((f"{name} render_ids", "render_ids", (messages,), {"tools": tools}))
+        turns = assistant_turns(conversation)
+        for index, following in itertools.zip_longest(turns, turns[1:]):
+            turn = turn_completion(local, messages, index, tools)
+            if isinstance(turn, str):
+                continue
+            prompt, completion = turn
+            where = f"{name}[{index}]"
+            cases.append((f"{where} parse", "parse_response", (completion,), {"tools": tools, "prompt_ids": prompt}))
+            new_messages = messages[index + 1 : following]
+            if not new_messages:
+                continue
+            extra = {}
+            if multimodal:
+                media = local.render(messages[:index], tools=tools, add_generation_prompt=True).multi_modal_data
+                extra = {"previous_multi_modal_data": media}
+            bridge = (prompt, completion, new_messages)
+            cases.append((f"{where} bridge", "bridge_to_next_turn", bridge, {"tools": tools, **extra}))
+    return cases
+
+
+@pytest.mark.parametrize("model", DEFAULT_MODELS)
+def test_every_method_called_from_many_threads_at_once_equals_in_process(client: RenderClient, model: str) -> None:
+    # The session's client coalesces calls made at once into Calls batches, and holds each image's
+    # tensors once (the corpus's images repeat across these calls): both paths, held to in-process.
+    local, _, remote = renderers_for(client, model, None)
+    cases = concurrent_cases(local, renderers.is_multimodal(local))
+
+    def remotely(case: tuple[str, str, tuple[Any, ...], dict[str, Any]]) -> tuple[Any, RenderError | None]:
+        _, method, args, kwargs = case
+        try:
+            return getattr(remote, method)(*args, **kwargs), None
+        except RenderError as exc:
+            return None, exc
+
+    coalescer = client._in_this_process.coalescer
+    assert coalescer is not None
+    batches, calls = coalescer.batches_sent, coalescer.calls_sent
+    with ThreadPoolExecutor(16) as threads:
+        answers = list(threads.map(remotely, cases))
+    assert coalescer.calls_sent - calls > 2 * (coalescer.batches_sent - batches), "the calls were not coalesced"
+    tally = Tally()
+    for (where, method, args, kwargs), (answer, error) in zip(cases, answers, strict=True):
+
+        def answered(*_: Any, answer: Any = answer, error: RenderError | None = error, **__: Any) -> Any:
+            if error is not None:
+                raise error
+            return answer
+
+        field = {"parse_response": "token_ids", "bridge_to_next_turn": "new_messages"}.get(method, "messages")
+        tally.compare(where, getattr(local, method), answered, *args, field=field, **kwargs)
+        tally.seen[method] += 1
+    tally.check()
+    print(f"\n{model}: {tally.compared} calls compared, {tally.refused} refused alike, {dict(tally.seen)}")
+    assert tally.compared >= len(cases) // 2 and min(tally.seen.values()) > 0, tally
 
 
 # Messages some renderers refuse (or render) that the corpus does not hold.

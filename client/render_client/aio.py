@@ -15,6 +15,7 @@ async with AsyncRenderClient("render-service:50051") as client:
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,8 +24,14 @@ import grpc.aio
 from google.protobuf.message import Message as ProtoMessage
 
 from render_wire.compact import materialize_all
-from render_wire.errors import CallCancelledError, ModelNotFoundError, RenderError, error_from_rpc
-from render_wire.identity import decode_identity
+from render_wire.errors import (
+    CallCancelledError,
+    DeadlineExceededError,
+    ModelNotFoundError,
+    RenderError,
+    error_from_rpc,
+)
+from render_wire.identity import ReplicaIdentity, decode_identity
 from render_wire.jsonvalue import dump_json
 from render_wire.models import decode_models, decode_renderer_info
 from render_wire.pb import render_pb2 as pb
@@ -34,6 +41,8 @@ from render_wire.requests import (
     encode_parse_request,
     encode_render_request,
     encode_sample_request,
+    request_images,
+    with_held_mm_hashes,
 )
 from render_wire.samples import decode_parsed_response, decode_response, decode_tokens_response
 from render_wire.types import (
@@ -47,7 +56,16 @@ from render_wire.types import (
 
 from .async_streams import CALL_CANCELLED, cancelled_by_grpc, render_many
 from .channel import ChannelOptions, Connection, deadline_for, remaining
+from .coalescing import (
+    COALESCED,
+    DEADLINE_DETAILS,
+    DEFAULT_WINDOW,
+    AsyncCoalescer,
+    answer_of,
+    serialized,
+)
 from .consistency import Pins
+from .images import DEFAULT_IMAGE_MEMORY_MB, Claim, ImageStore, MiB, MissingHeldItem, StreamImages
 from .renderer import AsyncRemoteRenderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 
@@ -67,14 +85,23 @@ class AsyncRenderClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
         compact_tensors: bool = False,
+        coalesce_window: float | None = DEFAULT_WINDOW,
+        image_memory_mb: float = DEFAULT_IMAGE_MEMORY_MB,
     ) -> None:
         """As RenderClient: `timeout` per unary call, `connections` HTTP/2 connections, `token`, TLS,
-        `compact_tensors` to keep pixel tensors in their compact form."""
+        `compact_tensors` to keep pixel tensors in their compact form, `coalesce_window` for the
+        calls its tasks make at once, `image_memory_mb` for the images it holds."""
+        if coalesce_window is not None and not coalesce_window >= 0:
+            raise ValueError(f"coalesce_window must be a number of seconds, at least 0, or None; got {coalesce_window}")
+        if not image_memory_mb >= 0:
+            raise ValueError(f"image_memory_mb must be at least 0, got {image_memory_mb}")
         self._connection = Connection(
             target, connections=connections, token=token, credentials=credentials, options=options, asyncio=True
         )
         self._timeout = timeout
         self._compact_tensors = compact_tensors
+        self._coalescer = None if coalesce_window is None else AsyncCoalescer(self._connection, coalesce_window)
+        self._images = ImageStore(int(image_memory_mb * MiB), asyncio.Event)
         self._models: ServerModels | None = None
         self._renderer_infos: dict[tuple[str, str], RendererInfo] = {}
         self._pins = Pins()  # each model's fingerprint as the first replica to answer declared it
@@ -107,10 +134,11 @@ class AsyncRenderClient:
 
     async def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
-        sample = decode_response(
-            await self._call("RenderTrainingSample", encode_sample_request(request), timeout, request.model)
+        data = encode_sample_request(request).SerializeToString()
+        sample: RenderedTrainingSample = await self._with_images(
+            "RenderTrainingSample", request.model, data, timeout, decode_response
         )
-        return sample if self._compact_tensors else materialize_all(sample)
+        return sample
 
     async def render_tokens(
         self,
@@ -134,7 +162,7 @@ class AsyncRenderClient:
             ids_only=ids_only,
             process_multimodal=process_multimodal,
         )
-        return self._tensors(decode_tokens_response(await self._call("Render", request, timeout, model)))
+        return await self._with_images("Render", model, request.SerializeToString(), timeout, decode_tokens_response)
 
     async def parse_response(
         self,
@@ -165,7 +193,9 @@ class AsyncRenderClient:
         process_multimodal: bool | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """As RenderClient.bridge_to_next_turn: renderers.RenderedTokens or None."""
+        """As RenderClient.bridge_to_next_turn: renderers.RenderedTokens or None (the previous items
+        stay here and come back as the very item dicts passed)."""
+        keep = previous_multi_modal_data is not None and (await self._server_models()).held_images
         request = encode_bridge_request(
             model,
             previous_prompt_ids,
@@ -175,18 +205,101 @@ class AsyncRenderClient:
             previous_multi_modal_data=previous_multi_modal_data,
             chat_template_kwargs=chat_template_kwargs,
             process_multimodal=process_multimodal,
+            keep_previous_tensors=keep,
         )
-        return self._tensors(decode_tokens_response(await self._call("BridgeToNextTurn", request, timeout, model)))
+        return await self._with_images(
+            "BridgeToNextTurn",
+            model,
+            request,
+            timeout,
+            decode_tokens_response,
+            previous_multi_modal_data if keep else None,
+        )
 
     def _tensors(self, result: Any) -> Any:
         return result if self._compact_tensors else materialize_all(result)
 
-    async def _call(
-        self, method: str, request: ProtoMessage | bytes, timeout: float | None, model: str | None = None
+    async def _with_images(
+        self,
+        method: str,
+        model: str,
+        request: bytes,
+        timeout: float | None,
+        decode: Callable[[Any], Any],
+        previous: Any = None,
     ) -> Any:
-        """A unary call of `method`, resent while the server is restarting or going away (as RenderClient's);
-        the answer about `model` checked against the replicas that answered before (consistency.py)."""
+        """As RenderClient._with_images: each image's tensors sent and held once (images.py)."""
+        store = self._images
         deadline = deadline_for(timeout or self._timeout)
+        models = self._models  # a model the server says takes no images: nothing to learn from its requests
+        carries = models is None or not any(info.id == model and not info.accepts_images for info in models.models)
+        images = request_images(request, method) if store.max_bytes and carries else []
+        claim = await self._claim(model, images, deadline)
+        try:
+            sent = with_held_mm_hashes(request, method, claim.held) if claim.held else request
+            result = decode(await self._call(method, sent, None, model, deadline))
+            media = getattr(result, "multi_modal_data", None)
+            try:
+                store.fill(claim, media, previous)
+            except MissingHeldItem:  # the server left out what this call did not claim: ask without claims
+                result = decode(await self._call(method, request, None, model, deadline))
+                media = getattr(result, "multi_modal_data", None)
+                store.fill(claim, media, previous)
+            self._tensors(result)
+            store.keep(claim, media, previous)
+            return result
+        finally:
+            store.release(claim)
+
+    async def _claim(self, model: str, images: list[memoryview], deadline: float | None) -> Claim:
+        while True:
+            claimed = self._images.claim(model, images)
+            if isinstance(claimed, Claim):
+                return claimed
+            for waiter in claimed:
+                assert isinstance(waiter, asyncio.Event)
+                try:
+                    await asyncio.wait_for(waiter.wait(), remaining(deadline))
+                except TimeoutError:
+                    raise DeadlineExceededError(DEADLINE_DETAILS) from None
+
+    async def _server_models(self) -> ServerModels:
+        if self._models is None:
+            self._models = await self.list_models()
+        return self._models
+
+    async def _call(
+        self,
+        method: str,
+        request: ProtoMessage | bytes,
+        timeout: float | None,
+        model: str | None = None,
+        deadline: float | None = None,
+    ) -> Any:
+        """A unary call of `method`, resent while the server is restarting or going away, coalesced with
+        other tasks' calls where it can be (as RenderClient's); the answer about `model` checked against
+        the replicas that answered before (consistency.py)."""
+        if deadline is None:
+            deadline = deadline_for(timeout or self._timeout)
+        if method in COALESCED:
+            request = serialized(request)  # these methods' stubs take and answer bytes
+            if self._coalescer is not None:
+                data = request
+                check = None if model is None else functools.partial(self._check_replica, model)
+                return await self._coalescer.call(
+                    method, data, deadline, lambda: self._unary(method, data, deadline, model), check
+                )
+        return await self._unary(method, request, deadline, model)
+
+    def _check_replica(self, model: str, identity: ReplicaIdentity | None) -> None:
+        mismatch = self._pins.check(model, identity)
+        if mismatch is not None:
+            raise mismatch
+
+    async def _unary(
+        self, method: str, request: ProtoMessage | bytes, deadline: float | None, model: str | None
+    ) -> Any:
+        """A unary call, resent while the server is restarting or going away."""
         attempt = 0
         while True:
             try:
@@ -194,10 +307,8 @@ class AsyncRenderClient:
                 call = stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
                 response = await call
                 if model is not None:
-                    mismatch = self._pins.check(model, decode_identity(await call.trailing_metadata()))
-                    if mismatch is not None:
-                        raise mismatch
-                return response
+                    self._check_replica(model, decode_identity(await call.trailing_metadata()))
+                return answer_of(method, response) if method in COALESCED else response
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
             except asyncio.CancelledError:
@@ -240,9 +351,14 @@ class AsyncRenderClient:
         return_exceptions: bool,
         timeout: float | None,
     ) -> AsyncIterator[ResultT | RenderError]:
+        images = StreamImages(self._images, method.request_class, method.encode, lambda model: True)
+        if isinstance(requests, AsyncIterable):
+            claimed: Iterable[Any] | AsyncIterable[Any] = _mapped(images.request, requests)
+        else:
+            claimed = map(images.request, requests)
         results = render_many(
             self._connection.stubs,
-            requests,
+            claimed,
             method=method,
             concurrency=concurrency,
             timeout=timeout,
@@ -250,7 +366,7 @@ class AsyncRenderClient:
             return_exceptions=return_exceptions,
             check=self._pins.check,
         )
-        return results if self._compact_tensors else _materialized(results)
+        return _settled(results, images, self._tensors, return_exceptions)
 
     async def list_models(self, *, timeout: float | None = None) -> ServerModels:
         """The models the server has loaded, with library versions and tokenizer fingerprints."""
@@ -269,12 +385,24 @@ class AsyncRenderClient:
         await self.close()
 
 
-async def _materialized(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _mapped(function: Callable[[Any], Any], items: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    async for item in items:
+        yield function(item)
+
+
+async def _settled(
+    results: AsyncIterator[Any], images: StreamImages, finish: Callable[[Any], Any], return_exceptions: bool
+) -> AsyncIterator[Any]:
+    """As the blocking client's: each result with its held items filled in and its tensors `finish`ed."""
     try:
         async for result in results:
-            yield materialize_all(result)
+            settled = images.result(result, finish)
+            if isinstance(settled, RenderError) and not return_exceptions:
+                raise settled
+            yield settled
     finally:
         await results.aclose()  # type: ignore[attr-defined]  # the streams end with the caller's loop
+        images.close()
 
 
 async def build_training_sample(

@@ -14,17 +14,19 @@ for sample in client.render_many(requests, concurrency=32):
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
 from render_wire.compact import materialize_all
-from render_wire.errors import ModelNotFoundError, RenderError, error_from_rpc
-from render_wire.identity import decode_identity
+from render_wire.errors import DeadlineExceededError, ModelNotFoundError, RenderError, error_from_rpc
+from render_wire.identity import ReplicaIdentity, decode_identity
 from render_wire.jsonvalue import dump_json
 from render_wire.models import decode_models, decode_renderer_info
 from render_wire.pb import render_pb2 as pb
@@ -34,6 +36,8 @@ from render_wire.requests import (
     encode_parse_request,
     encode_render_request,
     encode_sample_request,
+    request_images,
+    with_held_mm_hashes,
 )
 from render_wire.samples import decode_parsed_response, decode_response, decode_tokens_response
 from render_wire.types import (
@@ -46,7 +50,16 @@ from render_wire.types import (
 )
 
 from .channel import ChannelOptions, Connection, ConnectionSettings, deadline_for, remaining
+from .coalescing import (
+    COALESCED,
+    DEADLINE_DETAILS,
+    DEFAULT_WINDOW,
+    Coalescer,
+    answer_of,
+    serialized,
+)
 from .consistency import Pins
+from .images import DEFAULT_IMAGE_MEMORY_MB, Claim, ImageStore, MiB, MissingHeldItem, StreamImages
 from .renderer import RemoteRenderer, remote_renderer
 from .streaming import SAMPLES, TOKENS, ItemT, RequestT, ResultT, StreamMethod
 from .sync_streams import render_many
@@ -73,6 +86,8 @@ class RenderClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
         compact_tensors: bool = False,
+        coalesce_window: float | None = DEFAULT_WINDOW,
+        image_memory_mb: float = DEFAULT_IMAGE_MEMORY_MB,
     ) -> None:
         """Connect to `target`: a gRPC target ("host:port", "dns:///name:port"), or a list
         of "ip:port" addresses to spread calls over (round_robin).
@@ -89,13 +104,28 @@ class RenderClient:
         rebuilt into the same arrays; with `compact_tensors` they are left as
         `render_client.CompactTensor`s (codes and tables; `.materialize()` gives the
         array) for trainers that expand them on their own device.
+        Calls that threads make at once (render, render_tokens, parse_response,
+        bridge_to_next_turn) travel together in batches: a call waits at most
+        `coalesce_window` seconds for others to join it (coalescing.py); None sends
+        each call on its own.
+        The pixel tensors of images the client was answered are held, up to
+        `image_memory_mb` MiB per process (least recently used dropped first), and
+        do not travel again: a later answer for the same image (a GRPO group's
+        rollouts, every turn of a VLM rollout) hands back the very arrays held
+        (images.py); 0 holds none.
         """
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
+        if coalesce_window is not None and not coalesce_window >= 0:
+            raise ValueError(f"coalesce_window must be a number of seconds, at least 0, or None; got {coalesce_window}")
+        if not image_memory_mb >= 0:
+            raise ValueError(f"image_memory_mb must be at least 0, got {image_memory_mb}")
         self._settings = ConnectionSettings(target, connections, token, credentials, tuple(options))
         self._timeout = timeout
         self._compact_tensors = compact_tensors
-        self._process_connection: tuple[int, Connection] | None = None
+        self._coalesce_window = coalesce_window
+        self._image_memory = int(image_memory_mb * MiB)
+        self._process_connection: _ProcessConnection | None = None
         self._closed = False
         # What the server declares, kept across forks and pickling: it does not change.
         self._models: ServerModels | None = None
@@ -106,17 +136,25 @@ class RenderClient:
     @property
     def _connection(self) -> Connection:
         """This process's connection, opened on first use."""
+        return self._in_this_process.connection
+
+    @property
+    def _in_this_process(self) -> _ProcessConnection:
+        """This process's connection and what goes with it, opened on first use."""
         current = self._process_connection
         pid = os.getpid()
-        if current is not None and current[0] == pid:
-            return current[1]
+        if current is not None and current.pid == pid:
+            return current
         with _connect_lock:
             current = self._process_connection
-            if current is None or current[0] != pid:  # first use, or a child of the process that opened it
+            if current is None or current.pid != pid:  # first use, or a child of the process that opened it
                 connection = self._settings.connect(asyncio=False)
                 connection.closed = self._closed
-                current = self._process_connection = (pid, connection)
-        return current[1]
+                window = self._coalesce_window
+                coalescer = None if window is None else Coalescer(connection, window)
+                images = ImageStore(self._image_memory, threading.Event)
+                current = self._process_connection = _ProcessConnection(pid, connection, coalescer, images)
+        return current
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -162,9 +200,11 @@ class RenderClient:
 
     def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
-        return self._tensors(
-            decode_response(self._call("RenderTrainingSample", encode_sample_request(request), timeout, request.model))
+        data = encode_sample_request(request).SerializeToString()
+        sample: RenderedTrainingSample = self._with_images(
+            "RenderTrainingSample", request.model, data, timeout, decode_response
         )
+        return sample
 
     def render_tokens(
         self,
@@ -189,7 +229,7 @@ class RenderClient:
             ids_only=ids_only,
             process_multimodal=process_multimodal,
         )
-        return self._tensors(decode_tokens_response(self._call("Render", request, timeout, model)))
+        return self._with_images("Render", model, request.SerializeToString(), timeout, decode_tokens_response)
 
     def parse_response(
         self,
@@ -220,7 +260,13 @@ class RenderClient:
         process_multimodal: bool | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Renderer.bridge_to_next_turn on the server (BridgeToNextTurn): renderers.RenderedTokens or None."""
+        """Renderer.bridge_to_next_turn on the server (BridgeToNextTurn): renderers.RenderedTokens or None.
+
+        The items of `previous_multi_modal_data` stay here (images.py): the answer carries them back as
+        these very item dicts, as in-process, without their tensors crossing the wire either way.
+        """
+        # A server that takes held items passes them through; an older one needs their tensors.
+        keep = previous_multi_modal_data is not None and self._server_models().held_images
         request = encode_bridge_request(
             model,
             previous_prompt_ids,
@@ -230,16 +276,112 @@ class RenderClient:
             previous_multi_modal_data=previous_multi_modal_data,
             chat_template_kwargs=chat_template_kwargs,
             process_multimodal=process_multimodal,
+            keep_previous_tensors=keep,
         )
-        return self._tensors(decode_tokens_response(self._call("BridgeToNextTurn", request, timeout, model)))
+        return self._with_images(
+            "BridgeToNextTurn",
+            model,
+            request,
+            timeout,
+            decode_tokens_response,
+            previous_multi_modal_data if keep else None,
+        )
 
-    def _call(self, method: str, request: Any, timeout: float | None, model: str | None = None) -> Any:
-        """A unary call of `method`, resent while the server is restarting or going away.
+    def _with_images(
+        self,
+        method: str,
+        model: str,
+        request: bytes,
+        timeout: float | None,
+        decode: Callable[[Any], Any],
+        previous: Any = None,
+    ) -> Any:
+        """The decoded answer to a call whose answer may carry images, each image's tensors sent and
+        held once (images.py): the call claims the images the client holds, and the answer's held
+        items get the arrays held; its new items are kept."""
+        store = self._in_this_process.images
+        deadline = deadline_for(timeout or self._timeout)
+        images = request_images(request, method) if store.max_bytes and self._may_carry_images(model) else []
+        claim = self._claim(store, model, images, deadline)
+        try:
+            sent = with_held_mm_hashes(request, method, claim.held) if claim.held else request
+            result = decode(self._call(method, sent, None, model, deadline))
+            media = getattr(result, "multi_modal_data", None)
+            try:
+                store.fill(claim, media, previous)
+            except MissingHeldItem:  # the server left out what this call did not claim: ask without claims
+                result = decode(self._call(method, request, None, model, deadline))
+                media = getattr(result, "multi_modal_data", None)
+                store.fill(claim, media, previous)
+            self._tensors(result)
+            store.keep(claim, media, previous)
+            return result
+        finally:
+            store.release(claim)
+
+    @staticmethod
+    def _claim(store: ImageStore, model: str, images: list[memoryview], deadline: float | None) -> Claim:
+        """What a call carrying `images` claims, once the calls carrying them first are answered."""
+        while True:
+            claimed = store.claim(model, images)
+            if isinstance(claimed, Claim):
+                return claimed
+            for waiter in claimed:
+                assert isinstance(waiter, threading.Event)
+                if not waiter.wait(remaining(deadline)):
+                    raise DeadlineExceededError(DEADLINE_DETAILS)
+
+    def _may_carry_images(self, model: str) -> bool:
+        """False only for a model the server says takes no images (its requests' images are not
+        rendered, so nothing is learned from them)."""
+        models = self._models
+        if models is None:
+            return True
+        try:
+            return models.get(model).accepts_images
+        except KeyError:
+            return True
+
+    def _server_models(self) -> ServerModels:
+        if self._models is None:
+            self._models = self.list_models()
+        return self._models
+
+    def _call(
+        self,
+        method: str,
+        request: Any,
+        timeout: float | None,
+        model: str | None = None,
+        deadline: float | None = None,
+    ) -> Any:
+        """A unary call of `method` (until `deadline`, else for `timeout` or the client's), resent while
+        the server is restarting or going away; coalesced with other threads' calls where it can be.
 
         The answer about `model` is checked against the replicas that answered before (consistency.py).
         """
-        connection = self._connection
-        deadline = deadline_for(timeout or self._timeout)
+        current = self._in_this_process
+        connection = current.connection
+        if deadline is None:
+            deadline = deadline_for(timeout or self._timeout)
+        if method in COALESCED:
+            request = serialized(request)  # these methods' stubs take and answer bytes
+            if current.coalescer is not None:
+                check = None if model is None else functools.partial(self._check_replica, model)
+                return current.coalescer.call(
+                    method, request, deadline, lambda: self._unary(connection, method, request, deadline, model), check
+                )
+        return self._unary(connection, method, request, deadline, model)
+
+    def _check_replica(self, model: str, identity: ReplicaIdentity | None) -> None:
+        mismatch = self._pins.check(model, identity)
+        if mismatch is not None:
+            raise mismatch
+
+    def _unary(
+        self, connection: Connection, method: str, request: Any, deadline: float | None, model: str | None
+    ) -> Any:
+        """A unary call, resent while the server is restarting or going away."""
         attempt = 0
         while True:
             try:
@@ -249,10 +391,8 @@ class RenderClient:
                 error = error_from_rpc(exc)
             else:
                 if model is not None:
-                    mismatch = self._pins.check(model, decode_identity(call.trailing_metadata()))
-                    if mismatch is not None:
-                        raise mismatch
-                return response
+                    self._check_replica(model, decode_identity(call.trailing_metadata()))
+                return answer_of(method, response) if method in COALESCED else response
             delay = connection.resend_delay(error, attempt, deadline)
             if delay is None:
                 raise error
@@ -296,18 +436,19 @@ class RenderClient:
         return_exceptions: bool,
         timeout: float | None,
     ) -> Iterator[ResultT | RenderError]:
-        connection = self._connection
+        current = self._in_this_process
+        images = StreamImages(current.images, method.request_class, method.encode, self._may_carry_images)
         results = render_many(
-            connection.stubs,
-            requests,
+            current.connection.stubs,
+            map(images.request, requests),
             method=method,
             concurrency=concurrency,
             timeout=timeout,
-            metadata=connection.metadata,
+            metadata=current.connection.metadata,
             return_exceptions=return_exceptions,
             check=self._pins.check,
         )
-        return results if self._compact_tensors else _materialized(results)
+        return _settled(results, images, self._tensors, return_exceptions)
 
     def _tensors(self, result: T) -> T:
         """`result` with its compact pixel tensors rebuilt into arrays, unless they are to be kept."""
@@ -322,9 +463,9 @@ class RenderClient:
     def close(self) -> None:
         self._closed = True
         current = self._process_connection
-        if current is not None and current[0] == os.getpid():
-            current[1].closed = True
-            for channel in current[1].channels:
+        if current is not None and current.pid == os.getpid():
+            current.connection.closed = True
+            for channel in current.connection.channels:
                 channel.close()
 
     def __enter__(self) -> RenderClient:
@@ -334,12 +475,29 @@ class RenderClient:
         self.close()
 
 
-def _materialized(results: Iterator[T]) -> Iterator[T]:
+@dataclass(frozen=True)
+class _ProcessConnection:
+    """A client's connection in one process (channels do not survive a fork), and its coalescer."""
+
+    pid: int
+    connection: Connection
+    coalescer: Coalescer | None
+    images: ImageStore  # each process holds its own
+
+
+def _settled(
+    results: Iterator[T], images: StreamImages, finish: Callable[[Any], Any], return_exceptions: bool
+) -> Iterator[T]:
+    """A stream's results, each with its held items filled in and its tensors `finish`ed."""
     try:
         for result in results:
-            yield materialize_all(result)
+            settled = images.result(result, finish)
+            if isinstance(settled, RenderError) and not return_exceptions:
+                raise settled  # a malformed answer: raised as the stream raises its errors
+            yield settled
     finally:
         results.close()  # type: ignore[attr-defined]  # the streams end with the caller's loop
+        images.close()
 
 
 # Guards opening a client's connection. A child process gets it unlocked whatever

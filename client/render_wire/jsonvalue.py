@@ -22,7 +22,8 @@ JSONValue: TypeAlias = "dict[str, JSONValue] | list[JSONValue] | str | int | flo
 def dump_json(value: object, field: str) -> str:
     """`value` as JSON text; InvalidArgumentError naming `field` if it is not plain JSON."""
     try:
-        _check_plain_json(value, field)
+        if not _is_plain_json(value):
+            _check_plain_json(value, field)  # raises, naming where
     except RecursionError:
         raise invalid(field, "nested too deeply to send as JSON") from None
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
@@ -57,6 +58,23 @@ def _object_without_duplicates(pairs: list[tuple[str, JSONValue]]) -> dict[str, 
 
 
 _SCALARS = (str, int, float, bool, type(None))
+
+
+def _is_plain_json(value: object) -> bool:
+    """_check_plain_json's test, without the names it builds for its errors (2x faster: a request's
+    tools are checked on every call). RecursionError on a cycle, as json.dumps would."""
+    kind = type(value)
+    if kind is dict:
+        for key, item in cast("dict[object, object]", value).items():
+            if type(key) is not str or (type(item) not in _SCALARS and not _is_plain_json(item)):
+                return False
+        return True
+    if kind is list:
+        for item in cast("list[object]", value):
+            if type(item) not in _SCALARS and not _is_plain_json(item):
+                return False
+        return True
+    return kind in _SCALARS
 
 
 def _check_plain_json(value: object, field: str) -> None:

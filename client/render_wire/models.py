@@ -37,6 +37,7 @@ def encode_models(models: ServerModels) -> pb.ListModelsResponse:
         ],
         renderers_version=models.renderers_version,
         transformers_version=models.transformers_version,
+        held_images=models.held_images,
     )
 
 
@@ -59,6 +60,7 @@ def decode_models(message: pb.ListModelsResponse) -> ServerModels:
         ),
         renderers_version=message.renderers_version,
         transformers_version=message.transformers_version,
+        held_images=message.held_images,
     )
 
 

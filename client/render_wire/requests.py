@@ -587,11 +587,15 @@ def encode_bridge_request(
     previous_multi_modal_data: MultiModalDataLike | None,
     chat_template_kwargs: Mapping[str, object] | None,
     process_multimodal: bool | None = None,
+    held_mm_hashes: Sequence[str] = (),
+    keep_previous_tensors: bool = False,
 ) -> bytes:
     """The serialised request for one Renderer.bridge_to_next_turn call.
 
     Serialised here, because the previous turn's pixel tensors are joined in
-    as they are (wireformat.WireMessage), as the server does for samples.
+    as they are (wireformat.WireMessage), as the server does for samples. With
+    `keep_previous_tensors` they stay with the client instead: each previous
+    item goes as a held item (for a server that takes them; ServerModels.held_images).
     """
     request = pb.BridgeToNextTurnRequest()
     _set_conversation_options(request, model, tools, chat_template_kwargs)
@@ -599,10 +603,11 @@ def encode_bridge_request(
     _set_ids(request.previous_completion_ids, previous_completion_ids, "previous_completion_ids")
     _set_process_multimodal(request, process_multimodal)
     _add_messages(request.new_messages, new_messages, "new_messages", with_media=process_multimodal is not False)
+    request.held_mm_hashes.extend(held_mm_hashes)
     message = WireMessage(request.SerializeToString())
     if previous_multi_modal_data is not None:
         try:
-            media = encode_multi_modal_data(previous_multi_modal_data)
+            media = encode_multi_modal_data(previous_multi_modal_data, all_held=keep_previous_tensors)
         except (TypeError, AttributeError) as exc:
             raise invalid("previous_multi_modal_data", str(exc)) from None
         message.append_message_field(pb.BridgeToNextTurnRequest.PREVIOUS_MULTI_MODAL_DATA_FIELD_NUMBER, media)
@@ -656,6 +661,7 @@ class BridgeArgs:
     # which are no text to limit.
     text_bytes: int
     process_multimodal: bool | None  # None: not passed
+    held_mm_hashes: frozenset[str]  # images whose tensors the client holds
 
 
 def decode_render_request(request: pb.RenderRequest) -> RenderArgs:
@@ -679,7 +685,7 @@ def decode_parse_request(request: pb.ParseResponseRequest) -> ParseArgs:
     )
 
 
-def split_bridge_request(data: bytes) -> tuple[pb.BridgeToNextTurnRequest, memoryview | None, int]:
+def split_bridge_request(data: bytes | memoryview) -> tuple[pb.BridgeToNextTurnRequest, memoryview | None, int]:
     """A serialised BridgeToNextTurnRequest parsed but for its previous_multi_modal_data, whose
     wire bytes come apart (its tensors stay views of `data`); and the size of the rest."""
     field = pb.BridgeToNextTurnRequest.PREVIOUS_MULTI_MODAL_DATA_FIELD_NUMBER
@@ -692,7 +698,7 @@ def split_bridge_request(data: bytes) -> tuple[pb.BridgeToNextTurnRequest, memor
 
 
 def decode_bridge_request(
-    data: bytes,
+    data: bytes | memoryview,
     *,
     budget: TensorBudget | None = None,
     check: Callable[[], None] | None = None,
@@ -725,4 +731,63 @@ def decode_bridge_request(
         previous_multi_modal_data=previous,
         text_bytes=request_bytes - ids,
         process_multimodal=request.process_multimodal if request.HasField("process_multimodal") else None,
+        held_mm_hashes=frozenset(request.held_mm_hashes),
     )
+
+
+# ---------------------------------------------------------------------------
+# Client side: a serialised request's images, and the images the client holds
+# ---------------------------------------------------------------------------
+
+# Per method whose answer can carry images: its request's conversation field and held_mm_hashes field.
+_IMAGE_FIELDS = {
+    "RenderTrainingSample": (
+        pb.RenderTrainingSampleRequest.MESSAGES_FIELD_NUMBER,
+        pb.RenderTrainingSampleRequest.HELD_MM_HASHES_FIELD_NUMBER,
+    ),
+    "Render": (pb.RenderRequest.MESSAGES_FIELD_NUMBER, pb.RenderRequest.HELD_MM_HASHES_FIELD_NUMBER),
+    "BridgeToNextTurn": (
+        pb.BridgeToNextTurnRequest.NEW_MESSAGES_FIELD_NUMBER,
+        pb.BridgeToNextTurnRequest.HELD_MM_HASHES_FIELD_NUMBER,
+    ),
+}
+
+
+def request_images(request: bytes, method: str) -> list[memoryview]:
+    """The encoded images of a serialised request of `method` (a key of _IMAGE_FIELDS), in order;
+    image parts without data (process_multimodal false) left out."""
+    messages_field = _IMAGE_FIELDS[method][0]
+    images: list[memoryview] = []
+    _, messages = split_field(memoryview(request), messages_field)
+    for message in messages:
+        _, parts = split_field(message, pb.Message.PARTS_FIELD_NUMBER)
+        for content in parts:
+            _, items = split_field(content, pb.ContentParts.PARTS_FIELD_NUMBER)
+            for part in items:
+                _, media = split_field(part, pb.ContentPart.IMAGE_FIELD_NUMBER)
+                for image in media:
+                    _, data = split_field(image, pb.MediaPart.DATA_FIELD_NUMBER)
+                    if data and len(data[-1]):  # none with process_multimodal false: not rendered
+                        images.append(data[-1])
+    return images
+
+
+def with_held_mm_hashes(request: bytes, method: str, hashes: Iterable[str]) -> bytes:
+    """A serialised request of `method` with `hashes` added to its held_mm_hashes."""
+    extra = WireMessage()
+    for mm_hash in hashes:
+        extra.append_bytes_field(_IMAGE_FIELDS[method][1], mm_hash.encode())
+    return request + extra.join()
+
+
+def message_images(messages: Iterable[pb.Message]) -> list[bytes]:
+    """The encoded images of a request's messages, in order (as request_images)."""
+    images: list[bytes] = []
+    for message in messages:
+        if message.WhichOneof("content") == "parts":
+            images.extend(
+                part.image.data
+                for part in message.parts.parts
+                if part.WhichOneof("part") == "image" and part.image.data
+            )
+    return images

@@ -11,7 +11,7 @@ bytes; everything else is parsed by upb.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar, overload
 
 import grpc
@@ -44,11 +44,14 @@ from .wireformat import WireFormatError, WireMessage, as_list, merged, split_fie
 # ---------------------------------------------------------------------------
 
 
-def encode_sample(sample: RenderedTrainingSampleLike, *, compact_tensors: bool = False) -> WireMessage:
+def encode_sample(
+    sample: RenderedTrainingSampleLike, *, compact_tensors: bool = False, held: Collection[str] = ()
+) -> WireMessage:
     """A renderers.RenderedTrainingSample (or a mirror of one) as a RenderedTrainingSample message.
 
     Its arrays stay in place until the message is joined (see wireformat.py); with
-    `compact_tensors`, pixel tensors go in compact form where it is exact.
+    `compact_tensors`, pixel tensors go in compact form where it is exact; the items
+    whose hash is in `held` go without them (the client holds them).
     """
     loss_mask = packed_bools(sample.loss_mask)
     if loss_mask is None:
@@ -62,7 +65,7 @@ def encode_sample(sample: RenderedTrainingSampleLike, *, compact_tensors: bool =
     if sample.multi_modal_data is not None:
         message.append_message_field(
             pb.RenderedTrainingSample.MULTI_MODAL_DATA_FIELD_NUMBER,
-            encode_multi_modal_data(sample.multi_modal_data, compact_tensors=compact_tensors),
+            encode_multi_modal_data(sample.multi_modal_data, compact_tensors=compact_tensors, held=held),
         )
     if sample.mm_token_type_ids is not None:
         message.append_message_field(
@@ -90,9 +93,14 @@ def packed_bools(values: object) -> bytes | None:
 
 def encode_response(sample: WireMessage) -> bytes:
     """A RenderTrainingSampleResponse carrying `sample`, serialised."""
+    return sample_response(sample).join()
+
+
+def sample_response(sample: WireMessage) -> WireMessage:
+    """A RenderTrainingSampleResponse carrying `sample`, its tensors not yet joined in."""
     response = WireMessage()
     response.append_message_field(pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER, sample)
-    return response.join()
+    return response
 
 
 def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage:
@@ -103,13 +111,9 @@ def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage
     `outcome` (RenderResult numbers its fields as RenderTrainingSampleResult does).
     """
     if isinstance(outcome, RenderError):
-        error = pb.Error(
-            code=outcome.code.value[0],
-            message=outcome.details,
-            error_type=outcome.error_type or "",
-            error_detail_json=encode_error_detail(outcome.error_detail),
+        result = WireMessage(
+            pb.RenderTrainingSampleResult(index=index, error=encode_error(outcome)).SerializeToString()
         )
-        result = WireMessage(pb.RenderTrainingSampleResult(index=index, error=error).SerializeToString())
     else:
         result = WireMessage(pb.RenderTrainingSampleResult(index=index).SerializeToString())
         result.append_message_field(pb.RenderTrainingSampleResult.SAMPLE_FIELD_NUMBER, outcome)
@@ -118,12 +122,22 @@ def encode_result(index: int, outcome: WireMessage | RenderError) -> WireMessage
     return entry
 
 
+def encode_error(error: RenderError) -> pb.Error:
+    """A failed request's status, for a result that carries it instead of an answer."""
+    return pb.Error(
+        code=error.code.value[0],
+        message=error.details,
+        error_type=error.error_type or "",
+        error_detail_json=encode_error_detail(error.error_detail),
+    )
+
+
 # ---------------------------------------------------------------------------
 # Client side: response -> Python values
 # ---------------------------------------------------------------------------
 
 
-def decode_response(data: bytes) -> RenderedTrainingSample:
+def decode_response(data: bytes | memoryview) -> RenderedTrainingSample:
     """The RenderedTrainingSample a serialised RenderTrainingSampleResponse carries."""
     try:
         rest, samples = split_field(memoryview(data), pb.RenderTrainingSampleResponse.SAMPLE_FIELD_NUMBER)
@@ -176,9 +190,13 @@ def _decode_result(
         raise WireFormatError(f"result {result.index} carries both a sample and an error")
     if samples:
         return result.index, decode_payload(merged(samples))
-    error = result.error
+    return result.index, decode_error(result.error)
+
+
+def decode_error(error: pb.Error) -> RenderError:
+    """The RenderError a result's status stands for: the one a unary call would have raised."""
     status = _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
-    return result.index, error_from_status(
+    return error_from_status(
         status, error.message, error.error_type or None, decode_error_detail(error.error_detail_json)
     )
 
@@ -202,9 +220,12 @@ def _decode_sample(data: memoryview) -> RenderedTrainingSample:
 # ---------------------------------------------------------------------------
 
 
-def encode_rendered_tokens(tokens: RenderedTokensLike, *, compact_tensors: bool = False) -> WireMessage:
+def encode_rendered_tokens(
+    tokens: RenderedTokensLike, *, compact_tensors: bool = False, held: Collection[str] = ()
+) -> WireMessage:
     """A renderers.RenderedTokens as a RenderedTokens message (its tensors joined in as they are;
-    with `compact_tensors`, pixel tensors in compact form where it is exact)."""
+    with `compact_tensors`, pixel tensors in compact form where it is exact; none for the items
+    whose hash is in `held`)."""
     message = pb.RenderedTokens(
         token_ids=tokens.token_ids,
         message_indices=tokens.message_indices,
@@ -228,17 +249,22 @@ def encode_rendered_tokens(tokens: RenderedTokensLike, *, compact_tensors: bool 
     if tokens.multi_modal_data is not None:
         encoded.append_message_field(
             pb.RenderedTokens.MULTI_MODAL_DATA_FIELD_NUMBER,
-            encode_multi_modal_data(tokens.multi_modal_data, compact_tensors=compact_tensors),
+            encode_multi_modal_data(tokens.multi_modal_data, compact_tensors=compact_tensors, held=held),
         )
     return encoded
 
 
 def encode_tokens_response(tokens: WireMessage | None) -> bytes:
     """A RenderResponse or BridgeToNextTurnResponse carrying encoded `tokens` (None: unset), serialised."""
+    return tokens_response(tokens).join()
+
+
+def tokens_response(tokens: WireMessage | None) -> WireMessage:
+    """A RenderResponse or BridgeToNextTurnResponse carrying `tokens`, its tensors not yet joined in."""
     response = WireMessage()
     if tokens is not None:
         response.append_message_field(_TOKENS_FIELD, tokens)
-    return response.join()
+    return response
 
 
 # Render's and BridgeToNextTurn's answers are the same message under two names.
@@ -318,9 +344,22 @@ def _cannot_carry(where: str, value: object) -> UnimplementedError:
 
 def decode_rendered_tokens(data: memoryview) -> RenderedTokensLike:
     """A RenderedTokens message as renderers.RenderedTokens (or types.RenderedTokens)."""
-    types = result_types()
+    if len(data) < _WHOLE_BELOW:
+        return _rendered_tokens(pb.RenderedTokens.FromString(data))  # type: ignore[arg-type]  # upb takes any buffer
     rest, media = split_field(data, pb.RenderedTokens.MULTI_MODAL_DATA_FIELD_NUMBER)
-    message = pb.RenderedTokens.FromString(rest)
+    return _rendered_tokens(pb.RenderedTokens.FromString(rest), merged(media) if media else None)
+
+
+# An answer this small carries no tensor worth sharing (tensors.py copies those below 1 MiB anyway):
+# upb parses it whole, rather than wireformat.split_field walking its fields in Python.
+_WHOLE_BELOW = 256 * 1024
+
+
+def _rendered_tokens(message: pb.RenderedTokens, media: memoryview | None = None) -> RenderedTokensLike:
+    """renderers.RenderedTokens from a parsed message; its media from `media` when split off before."""
+    types = result_types()
+    if media is None and message.HasField("multi_modal_data"):
+        media = memoryview(message.multi_modal_data.SerializeToString())
     return types.RenderedTokens(
         token_ids=as_list(message.token_ids),
         message_indices=as_list(message.message_indices),
@@ -329,14 +368,17 @@ def decode_rendered_tokens(data: memoryview) -> RenderedTokensLike:
         message_roles=list(message.message_roles),
         message_tool_names=[entry.name if entry.HasField("name") else None for entry in message.message_tool_names],
         multi_modal_data=(
-            decode_multi_modal_data(merged(media), types.MultiModalData, types.PlaceholderRange) if media else None
+            None if media is None else decode_multi_modal_data(media, types.MultiModalData, types.PlaceholderRange)
         ),
     )
 
 
-def decode_tokens_response(data: bytes) -> RenderedTokensLike | None:
+def decode_tokens_response(data: bytes | memoryview) -> RenderedTokensLike | None:
     """The RenderedTokens of a serialised RenderResponse or BridgeToNextTurnResponse; None when unset."""
     try:
+        if len(data) < _WHOLE_BELOW:
+            response = pb.RenderResponse.FromString(data)  # type: ignore[arg-type]  # upb takes any buffer
+            return _rendered_tokens(response.tokens) if response.HasField("tokens") else None
         rest, fields = split_field(memoryview(data), _TOKENS_FIELD)
         pb.RenderResponse.FromString(rest)  # fields a newer server may add; or junk
         return decode_rendered_tokens(merged(fields)) if fields else None

@@ -9,7 +9,7 @@ views of the response's bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TypeVar, overload
 
 import numpy as np
@@ -18,6 +18,7 @@ from .compact import MAX_GROUPS, MAX_REPEATS, CompactTensor, compact
 from .errors import RenderError, invalid
 from .pb import render_pb2 as pb
 from .types import (
+    HeldItem,
     MultiModalData,
     MultiModalDataLike,
     PlaceholderRange,
@@ -26,9 +27,12 @@ from .types import (
 from .wireformat import WireMessage, byte_view, merged, split_field
 
 
-def encode_multi_modal_data(data: MultiModalDataLike, *, compact_tensors: bool = False) -> WireMessage:
+def encode_multi_modal_data(
+    data: MultiModalDataLike, *, compact_tensors: bool = False, held: Collection[str] = (), all_held: bool = False
+) -> WireMessage:
     """A MultiModalData message; with `compact_tensors`, each tensor that compact.py's form
-    holds exactly travels in it (a CompactTensor value always does)."""
+    holds exactly travels in it (a CompactTensor value always does). Items whose hash is in
+    `held` (every item, with `all_held`), and HeldItems, travel without their tensors, marked held."""
     message = WireMessage(
         pb.MultiModalData(
             mm_hashes=[pb.ModalityHashes(modality=m, hashes=hashes) for m, hashes in data.mm_hashes.items()],
@@ -42,7 +46,11 @@ def encode_multi_modal_data(data: MultiModalDataLike, *, compact_tensors: bool =
     )
     for modality, items in data.mm_items.items():
         entry = WireMessage(pb.ModalityItems(modality=modality).SerializeToString())
-        for item in items:
+        hashes = data.mm_hashes.get(modality, ()) if held else ()
+        for index, item in enumerate(items):
+            if all_held or isinstance(item, HeldItem) or (index < len(hashes) and hashes[index] in held):
+                entry.append_message_field(pb.ModalityItems.ITEMS_FIELD_NUMBER, _HELD_ITEM)
+                continue
             encoded_item = WireMessage()
             for name, value in item.items():
                 named = WireMessage(pb.NamedTensor(name=name).SerializeToString())
@@ -51,6 +59,9 @@ def encode_multi_modal_data(data: MultiModalDataLike, *, compact_tensors: bool =
             entry.append_message_field(pb.ModalityItems.ITEMS_FIELD_NUMBER, encoded_item)
         message.append_message_field(pb.MultiModalData.MM_ITEMS_FIELD_NUMBER, entry)
     return message
+
+
+_HELD_ITEM = WireMessage(pb.MultiModalItem(held=True).SerializeToString())
 
 
 def _encode_tensor(value: object, compact_tensors: bool) -> WireMessage:
@@ -154,7 +165,11 @@ def decode_multi_modal_data(
 
 
 def _decode_item(data: memoryview, budget: TensorBudget | None, where: str) -> dict[str, Tensor]:
-    _, fields = split_field(data, pb.MultiModalItem.FIELDS_FIELD_NUMBER)
+    rest, fields = split_field(data, pb.MultiModalItem.FIELDS_FIELD_NUMBER)
+    if rest and pb.MultiModalItem.FromString(rest).held:
+        if fields:
+            raise RenderError("malformed media item: held, and with tensors")
+        return HeldItem()
     item: dict[str, Tensor] = {}
     for field in fields:
         rest, tensors = split_field(field, pb.NamedTensor.TENSOR_FIELD_NUMBER)

@@ -35,6 +35,16 @@ class PlaceholderRange:
     length: int
 
 
+class HeldItem(dict[str, "Tensor"]):
+    """An mm_items entry whose tensors did not travel: the client holds them (MultiModalItem.held).
+
+    Empty; the client puts the tensors it holds for the item's hash in its place
+    before a result is handed out (render_client/images.py). As an item of a
+    BridgeToNextTurn request's previous_multi_modal_data, the server's stand-in
+    for the item the client kept.
+    """
+
+
 @dataclass
 class MultiModalData:
     """The media a VLM renderer emitted, keyed by modality ("image", "video")."""
@@ -281,6 +291,7 @@ class ServerModels:
     models: tuple[ModelInfo, ...]
     renderers_version: str
     transformers_version: str
+    held_images: bool = False  # it honours held_mm_hashes and held items (an older server does not)
 
     def get(self, model_id: str) -> ModelInfo:
         for model in self.models:

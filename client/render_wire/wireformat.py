@@ -13,7 +13,7 @@ The bytes are exactly what upb writes for the same message
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import TypeVar
@@ -98,8 +98,15 @@ def split_field(message: memoryview, number: int) -> tuple[bytes, list[memoryvie
     The payloads are views of `message`: a tensor's data is not copied. The
     rest is small and is handed to upb to parse.
     """
+    rest, found = split_fields(message, (number,))
+    return rest, [payload for _, payload in found]
+
+
+def split_fields(message: memoryview, numbers: Container[int]) -> tuple[bytes, list[tuple[int, memoryview]]]:
+    """split_field for several length-delimited fields in one pass: the rest, and each occurrence
+    of any of them, in order, as (its number, its payload)."""
     rest: list[memoryview] = []
-    payloads: list[memoryview] = []
+    found: list[tuple[int, memoryview]] = []
     position, end = 0, len(message)
     while position < end:
         start = position
@@ -107,14 +114,15 @@ def split_field(message: memoryview, number: int) -> tuple[bytes, list[memoryvie
         field_number, wire_type = tag >> 3, tag & 7
         if field_number == 0:
             raise WireFormatError("field number 0")
-        if field_number == number and wire_type != _LENGTH_DELIMITED:
-            raise WireFormatError(f"field {number} is not length-delimited")
+        wanted = field_number in numbers
+        if wanted and wire_type != _LENGTH_DELIMITED:
+            raise WireFormatError(f"field {field_number} is not length-delimited")
         if wire_type == _LENGTH_DELIMITED:
             length, position = _read_varint(message, position)
             if position + length > end:
                 raise WireFormatError("a field runs past the end of its message")
-            if field_number == number:
-                payloads.append(message[position : position + length])
+            if wanted:
+                found.append((field_number, message[position : position + length]))
             position += length
         elif wire_type == 0:
             _, position = _read_varint(message, position)
@@ -124,9 +132,9 @@ def split_field(message: memoryview, number: int) -> tuple[bytes, list[memoryvie
             raise WireFormatError(f"unsupported wire type {wire_type}")
         if position > end:
             raise WireFormatError("a field runs past the end of its message")
-        if field_number != number:
+        if not wanted:
             rest.append(message[start:position])
-    return b"".join(rest), payloads
+    return b"".join(rest), found
 
 
 class TooManyValues(ValueError):

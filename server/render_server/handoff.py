@@ -66,6 +66,7 @@ class Kind(enum.IntEnum):
     BRIDGE = 7  # a BridgeToNextTurnRequest
     DESCRIBE = 8  # a DescribeRendererRequest
     RENDER_BATCH = 9  # a RendersRequest
+    CALLS = 10  # a CallsRequest
 
 
 # A render process busy on one call for longer than this gets no new calls while another is free of such a render.

@@ -47,7 +47,7 @@ class Limits:
     # may decode to, counted from dtype, shape and repeats before anything is allocated. 8 x the
     # default request: float32 pixels in compact form (two temporal copies) are 1/8 of their bytes.
     max_tensor_bytes: int = 512 * MiB
-    max_batch_requests: int = 1024  # --max-batch-requests: requests per batch message of a stream
+    max_batch_requests: int = 1024  # --max-batch-requests: requests per batch message of a stream, calls per Calls
 
     @property
     def max_text_bytes(self) -> int:
@@ -131,9 +131,16 @@ _COUNTED: dict[str, tuple[str, _Counted]] = {
         f"render.v1.{name}.requests": ("requests", _REQUESTS)
         for name in ("RenderTrainingSamplesRequest", "RendersRequest")
     },
+    "render.v1.CallsRequest.calls": ("calls", _REQUESTS),
 }
 # A batch's requests are counted here, and each one's contents as it is taken (pipeline.py).
-_BATCHED = frozenset({"render.v1.RenderTrainingSamplesRequest.requests", "render.v1.RendersRequest.requests"})
+_BATCHED = frozenset(
+    {
+        "render.v1.RenderTrainingSamplesRequest.requests",
+        "render.v1.RendersRequest.requests",
+        "render.v1.CallsRequest.calls",
+    }
+)
 
 # Smaller requests are parsed and then counted: upb spends at most ~75 x their size on them.
 COUNT_FROM_BYTES = 64 * 1024

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
+from render_wire.calls import decode_calls, encode_call_result
 from render_wire.errors import (
     CallCancelledError,
     DeadlineExceededError,
@@ -39,10 +40,10 @@ from render_wire.requests import (
 from render_wire.samples import (
     encode_parsed_response,
     encode_rendered_tokens,
-    encode_response,
     encode_result,
     encode_sample,
-    encode_tokens_response,
+    sample_response,
+    tokens_response,
 )
 from render_wire.tensors import TensorBudget
 from render_wire.wireformat import WireFormatError, WireMessage, split_field
@@ -61,6 +62,7 @@ from .registry import LoadedModel, ModelRegistry
 from .rendering import bridge_to_next_turn, describe_renderer, parse_response, render_sample, render_tokens
 
 T = TypeVar("T")
+Body = bytes | memoryview  # a request's bytes (a Calls batch's calls are views of it)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ class RenderPipeline:
         self._limits = limits
         self._compact_tensors = compact_tensors
         # The calls besides samples, by the kind the gRPC process hands them over as.
-        self._calls: dict[Kind, tuple[str, Callable[[bytes, Callable[[], None], _Labels], bytes]]] = {
+        self._calls: dict[Kind, tuple[str, Callable[[Body, Callable[[], None], _Labels], WireMessage]]] = {
             Kind.RENDER: ("Render", self._render_tokens),
             Kind.PARSE: ("ParseResponse", self._parse_response),
             Kind.BRIDGE: ("BridgeToNextTurn", self._bridge_to_next_turn),
@@ -105,7 +107,9 @@ class RenderPipeline:
             model = self._model(arguments.model, labels)
             check_request(arguments, request_bytes, self._limits)
             sample = render_sample(model, arguments, self._limits, stop_if_cancelled)
-            encoded = encode_sample(sample, compact_tensors=self._compact_tensors)
+            encoded = encode_sample(
+                sample, compact_tensors=self._compact_tensors, held=frozenset(request.held_mm_hashes)
+            )
             TOKENS.labels(labels.model).inc(len(sample.token_ids))
             if model.accepts_images:
                 IMAGES.labels(labels.model).inc(sum(ref.kind == "image" for ref in arguments.media))
@@ -128,17 +132,37 @@ class RenderPipeline:
 
         `method` labels its metrics (by default the gRPC method's name).
         """
+        return self._answer_call(kind, body, method, received, stop_if_cancelled).join()
+
+    def _answer_call(
+        self,
+        kind: Kind,
+        body: Body,
+        method: str | None,
+        received: float | None,
+        stop_if_cancelled: Callable[[], None],
+    ) -> WireMessage:
+        """The answer to a unary call's request (a sample's too), its tensors not yet joined in."""
+        if kind == Kind.SAMPLE:
+            message = self._request(pb.RenderTrainingSampleRequest, body, stop_if_cancelled)
+            sample = self.render(
+                message,
+                method=method or "RenderTrainingSample",
+                received=received,
+                stop_if_cancelled=stop_if_cancelled,
+            )
+            return sample_response(sample)
         name, handle = self._calls[kind]
         return _measured(method or name, received, lambda labels: handle(body, stop_if_cancelled, labels))
 
-    def _request(self, message_class: Any, body: bytes | memoryview, stop_if_cancelled: Callable[[], None]) -> Any:
+    def _request(self, message_class: Any, body: Body, stop_if_cancelled: Callable[[], None]) -> Any:
         """`body` parsed as a `message_class`, once the lists it holds are known to be within the limits."""
         check_counts(message_class, memoryview(body), self._limits, stop_if_cancelled)
         return _parse(message_class, body, "request")
 
-    def _render_tokens(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
+    def _render_tokens(self, body: Body, stop_if_cancelled: Callable[[], None], labels: _Labels) -> WireMessage:
         request = self._request(pb.RenderRequest, body, stop_if_cancelled)
-        return encode_tokens_response(self._rendered_tokens(request, stop_if_cancelled, labels))
+        return tokens_response(self._rendered_tokens(request, stop_if_cancelled, labels))
 
     def _rendered_tokens(
         self, request: pb.RenderRequest, stop_if_cancelled: Callable[[], None], labels: _Labels
@@ -151,9 +175,11 @@ class RenderPipeline:
         check_request(arguments.conversation, request_bytes, self._limits)
         rendered = render_tokens(model, arguments, self._limits, stop_if_cancelled)
         TOKENS.labels(labels.model).inc(len(rendered.token_ids))
-        return encode_rendered_tokens(rendered, compact_tensors=self._compact_tensors)
+        return encode_rendered_tokens(
+            rendered, compact_tensors=self._compact_tensors, held=frozenset(request.held_mm_hashes)
+        )
 
-    def _bridge_to_next_turn(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
+    def _bridge_to_next_turn(self, body: Body, stop_if_cancelled: Callable[[], None], labels: _Labels) -> WireMessage:
         check_counts(pb.BridgeToNextTurnRequest, memoryview(body), self._limits, stop_if_cancelled)
         parsed = split_bridge_request(body)
         check_text_before_decode(parsed[0], parsed[2], self._limits)
@@ -164,11 +190,13 @@ class RenderPipeline:
         check_ids("previous_completion_ids", len(arguments.previous_completion_ids), self._limits)
         check_request(arguments.conversation, arguments.text_bytes, self._limits, field="new_messages")
         bridged = bridge_to_next_turn(model, arguments, self._limits, stop_if_cancelled)
-        return encode_tokens_response(
-            None if bridged is None else encode_rendered_tokens(bridged, compact_tensors=self._compact_tensors)
+        return tokens_response(
+            None
+            if bridged is None
+            else encode_rendered_tokens(bridged, compact_tensors=self._compact_tensors, held=arguments.held_mm_hashes)
         )
 
-    def _parse_response(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
+    def _parse_response(self, body: Body, stop_if_cancelled: Callable[[], None], labels: _Labels) -> WireMessage:
         request = self._request(pb.ParseResponseRequest, body, stop_if_cancelled)
         check_text_before_decode(request, len(body), self._limits)
         check_ids("token_ids", len(request.token_ids), self._limits)
@@ -176,14 +204,14 @@ class RenderPipeline:
         arguments = decode_parse_request(request)
         model = self._model(arguments.model, labels)
         parsed = parse_response(model, arguments, stop_if_cancelled)
-        return encode_parsed_response(parsed).SerializeToString()
+        return WireMessage(encode_parsed_response(parsed).SerializeToString())
 
-    def _describe_renderer(self, body: bytes, stop_if_cancelled: Callable[[], None], labels: _Labels) -> bytes:
+    def _describe_renderer(self, body: Body, stop_if_cancelled: Callable[[], None], labels: _Labels) -> WireMessage:
         request = self._request(pb.DescribeRendererRequest, body, stop_if_cancelled)
         check_text_before_decode(request, len(body), self._limits)
         model = self._model(request.model, labels)
         info = describe_renderer(model, decode_chat_template_kwargs(request))
-        return encode_renderer_info(info).SerializeToString()
+        return WireMessage(encode_renderer_info(info).SerializeToString())
 
     def _model(self, model_id: str, labels: _Labels) -> LoadedModel:
         if not model_id:
@@ -205,23 +233,39 @@ class RenderPipeline:
             yield from self._answer_batch(request, stop_if_cancelled)
             return
         try:
-            if request.kind == Kind.SAMPLE:
-                message = self._request(pb.RenderTrainingSampleRequest, request.body, stop_if_cancelled)
-                sample = self.render(
-                    message,
-                    method="RenderTrainingSample",
-                    received=request.received,
-                    stop_if_cancelled=stop_if_cancelled,
-                )
-                answer = Answer(grpc.StatusCode.OK, encode_response(sample))
+            if request.kind == Kind.CALLS:
+                body = self._answer_calls(request, stop_if_cancelled)
             else:
-                body = self.call(
-                    request.kind, request.body, received=request.received, stop_if_cancelled=stop_if_cancelled
-                )
-                answer = Answer(grpc.StatusCode.OK, body)
+                body = self._answer_call(request.kind, request.body, None, request.received, stop_if_cancelled)
+            answer = Answer(grpc.StatusCode.OK, body.join())
         except RenderError as error:
             answer = Answer.of_error(error)
         yield answer
+
+    def _answer_calls(self, request: Request, stop_if_cancelled: Callable[[], None]) -> WireMessage:
+        """A Calls batch's answer: each call answered in turn as its own method would answer it
+        (its metrics under that method's name), each within its own deadline."""
+        check_counts(pb.CallsRequest, memoryview(request.body), self._limits, stop_if_cancelled)
+        calls = decode_calls(request.body)
+        check_batch(len(calls), "calls", self._limits)  # a small batch is not counted before (check_counts)
+        response = WireMessage()
+        for call in calls:
+            deadline = (
+                request.deadline if call.timeout is None else min(request.deadline, request.received + call.timeout)
+            )
+
+            def stop_call(deadline: float = deadline) -> None:
+                stop_if_cancelled()
+                if time.monotonic() > deadline:
+                    raise cancellation(deadline)
+
+            answer: WireMessage | RenderError
+            try:
+                answer = self._answer_call(_CALL_KINDS[call.method], call.request, None, request.received, stop_call)
+            except RenderError as error:
+                answer = error
+            response.extend(encode_call_result(call.method, answer))
+        return response
 
     def _answer_batch(self, request: Request, stop_if_cancelled: Callable[[], None]) -> Iterator[Answer]:
         """A batch's results, in parts of at most about _RESPONSE_FLUSH_BYTES.
@@ -295,6 +339,15 @@ class RenderPipeline:
         return items
 
 
+# The kind each method of a Calls batch is answered as.
+_CALL_KINDS = {
+    "RenderTrainingSample": Kind.SAMPLE,
+    "Render": Kind.RENDER,
+    "ParseResponse": Kind.PARSE,
+    "BridgeToNextTurn": Kind.BRIDGE,
+}
+
+
 class _Labels:
     """A call's metric labels, filled in as they become known."""
 
@@ -321,7 +374,7 @@ def _measured(method: str, received: float | None, work: Callable[[_Labels], T])
         LATENCY.labels(method, labels.model).observe(time.monotonic() - started)
 
 
-def _parse(message_class: Any, data: bytes | memoryview, field: str) -> Any:
+def _parse(message_class: Any, data: Body, field: str) -> Any:
     try:
         return message_class.FromString(data)
     except DecodeError:

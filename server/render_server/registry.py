@@ -181,6 +181,7 @@ class ModelRegistry:
             models=tuple(model.info for model in models),
             renderers_version=renderers.__version__,
             transformers_version=transformers.__version__,
+            held_images=True,
         )
 
     @classmethod

@@ -111,6 +111,7 @@ class RenderServicer:
             "ParseResponse": Kind.PARSE,
             "BridgeToNextTurn": Kind.BRIDGE,
             "DescribeRenderer": Kind.DESCRIBE,
+            "Calls": Kind.CALLS,
         }
         return {
             **{

@@ -113,7 +113,7 @@ def _load_batch(indices: list[int]) -> tuple[int, int, list[dict[str, Any]]]:
     with ThreadPoolExecutor(len(indices)) as threads:
         items = list(threads.map(_dataset.__getitem__, indices))
     connection = _dataset.renderer.client._process_connection
-    return os.getpid(), connection[0] if connection else 0, items
+    return os.getpid(), connection.pid if connection else 0, items
 
 
 # -- the parent's ----------------------------------------------------------------------

@@ -160,6 +160,8 @@ def test_a_worker_killed_under_load_costs_no_request() -> None:
         outcomes = load.join()
         streaming.join(timeout=300)
         assert "died: killed by SIGKILL" in server.log()
+        coalescer = client._in_this_process.coalescer  # the load's calls went in batches, resent alike
+        assert coalescer is not None and coalescer.calls_sent > coalescer.batches_sent
         expected = [client.render(request).token_ids for request in requests]
     assert len(outcomes) > 50
     assert [f"{type(o.error).__name__}: {o.error}" for o in outcomes if o.error] == []

@@ -196,6 +196,20 @@ def test_every_repeated_field_is_counted_before_it_is_parsed(
     assert call(channel, method, method.example.SerializeToString()) == (grpc.StatusCode.OK, "")
 
 
+def test_a_calls_batch_of_millions_of_calls_is_refused_at_once(server: ServerProcess, channel: grpc.Channel) -> None:
+    batch = (varint(1 << 3 | 2) + b"\x00") * BOMB_VALUES  # calls = [{}] * 8 million
+    path = f"/{METHODS['Calls'].example.DESCRIPTOR.file.services_by_name['RenderService'].full_name}/Calls"
+
+    def send() -> tuple[grpc.StatusCode, str]:
+        try:
+            channel.unary_unary(path, request_serializer=bytes, response_deserializer=bytes)(batch, timeout=120)
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or ""
+        return grpc.StatusCode.OK, ""
+
+    refused_cheaply(server, send, "calls: more requests than the limit of 1024 (--max-batch-requests)")
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS.values() if m.batch], ids=lambda m: m.name)
 def test_a_stream_batch_of_millions_of_requests_ends_the_stream_at_once(
     server: ServerProcess, channel: grpc.Channel, method: Method

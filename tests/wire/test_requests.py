@@ -11,7 +11,14 @@ import pytest
 
 from render_wire.errors import InvalidArgumentError
 from render_wire.pb import render_pb2 as pb
-from render_wire.requests import decode_request, encode_request
+from render_wire.requests import (
+    decode_request,
+    encode_bridge_request,
+    encode_request,
+    message_images,
+    request_images,
+    with_held_mm_hashes,
+)
 from tests.support import corpus
 
 
@@ -261,3 +268,35 @@ def test_process_multimodal_travels_only_when_passed_and_false_sends_no_image() 
         )
     )  # fmt: skip
     assert bridged.process_multimodal is False and bridged.conversation.messages[0]["content"][1]["image"] == b""
+
+
+def test_the_images_a_serialised_request_carries_are_found_in_order() -> None:
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": b"\x89PNG-one"}, {"type": "text", "text": "and"}]},
+        {"role": "assistant", "content": "text only"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,dHdv"}}]},
+    ]
+    request = encode_request("qwen3-vl", messages)
+    assert [bytes(image) for image in request_images(request.SerializeToString(), "RenderTrainingSample")] == [
+        b"\x89PNG-one",
+        b"two",
+    ]
+    assert message_images(request.messages) == [b"\x89PNG-one", b"two"]
+    bridge = encode_bridge_request(
+        "qwen3-vl", [1], [2], messages[2:], tools=None, previous_multi_modal_data=None, chat_template_kwargs=None
+    )
+    assert [bytes(image) for image in request_images(bridge, "BridgeToNextTurn")] == [b"two"]
+
+
+@pytest.mark.parametrize(
+    ("method", "message_class"),
+    [
+        ("RenderTrainingSample", pb.RenderTrainingSampleRequest),
+        ("Render", pb.RenderRequest),
+        ("BridgeToNextTurn", pb.BridgeToNextTurnRequest),
+    ],
+)
+def test_held_hashes_are_added_to_a_serialised_request(method: str, message_class: Any) -> None:
+    request = message_class(model="qwen3-vl", held_mm_hashes=["a"]).SerializeToString()
+    extended = message_class.FromString(with_held_mm_hashes(request, method, ["b", "c"]))
+    assert extended.model == "qwen3-vl" and list(extended.held_mm_hashes) == ["a", "b", "c"]

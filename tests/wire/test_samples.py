@@ -22,8 +22,8 @@ from render_wire.samples import (
     encode_response,
     encode_sample,
 )
-from render_wire.tensors import TensorBudget, decode_multi_modal_data
-from render_wire.types import MultiModalData, PlaceholderRange, RenderedTrainingSample
+from render_wire.tensors import TensorBudget, decode_multi_modal_data, encode_multi_modal_data
+from render_wire.types import HeldItem, MultiModalData, PlaceholderRange, RenderedTrainingSample
 
 
 def test_samples_cross_the_wire_exactly() -> None:
@@ -79,6 +79,49 @@ def test_renders_results_are_numbered_as_samples_results_so_one_codec_serves_bot
     assert numbers(pb.RenderResult) == {"index": 1, "tokens": 2, "error": 3}
     assert numbers(pb.RenderTrainingSampleResult) == {"index": 1, "sample": 2, "error": 3}
     assert numbers(pb.RendersResponse) == numbers(pb.RenderTrainingSamplesResponse) == {"results": 1}
+
+
+def media(hashes: list[str]) -> MultiModalData:
+    return MultiModalData(
+        mm_hashes={"image": hashes},
+        mm_placeholders={"image": [PlaceholderRange(offset=i, length=1) for i in range(len(hashes))]},
+        mm_items={
+            "image": [
+                {"pixel_values": np.full((2, 3), i, dtype=np.float32), "image_grid_thw": np.array([[1, 1, 1]])}
+                for i in range(len(hashes))
+            ]
+        },
+    )
+
+
+def test_items_whose_hash_the_request_holds_travel_without_their_tensors() -> None:
+    sample = RenderedTrainingSample(token_ids=[1, 2], loss_mask=[True, True], multi_modal_data=media(["a", "b"]))
+    full = encode_response(encode_sample(sample))
+    held = encode_response(encode_sample(sample, held={"b", "zzz"}))
+    assert len(held) < len(full)
+    decoded = decode_response(held)
+    first, second = decoded.multi_modal_data.mm_items["image"]
+    assert type(first) is dict and np.array_equal(first["pixel_values"], np.zeros((2, 3)))
+    assert isinstance(second, HeldItem) and not second  # the client puts what it holds here
+    assert decoded.multi_modal_data.mm_hashes == {"image": ["a", "b"]}  # everything else travels
+    message = pb.RenderTrainingSampleResponse.FromString(held).sample.multi_modal_data.mm_items[0]
+    assert [(item.held, len(item.fields)) for item in message.items] == [(False, 2), (True, 0)]
+
+
+def test_held_items_in_a_request_stay_held_and_every_item_can_be_held() -> None:
+    data = media(["a", "b"])
+    data.mm_items["image"][0] = HeldItem()
+    decoded = decode_multi_modal_data(memoryview(encode_multi_modal_data(data).join()))
+    assert [isinstance(item, HeldItem) for item in decoded.mm_items["image"]] == [True, False]
+    everything = decode_multi_modal_data(memoryview(encode_multi_modal_data(media(["a", "b"]), all_held=True).join()))
+    assert all(isinstance(item, HeldItem) for item in everything.mm_items["image"])
+
+
+def test_an_item_both_held_and_with_tensors_is_refused() -> None:
+    item = pb.MultiModalItem(held=True, fields=[pb.NamedTensor(name="x", tensor=pb.Tensor(dtype="<f4"))])
+    message = pb.MultiModalData(mm_items=[pb.ModalityItems(modality="image", items=[item])])
+    with pytest.raises(RenderError, match="held, and with tensors"):
+        decode_multi_modal_data(memoryview(message.SerializeToString()))
 
 
 # -- tensors decoded within a budget ---------------------------------------------------------

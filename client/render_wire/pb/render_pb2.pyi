@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RenderTrainingSampleRequest(_message.Message):
-    __slots__ = ("model", "messages", "tools_json", "content_sft_roles", "ensure_final_stop", "chat_template_kwargs_json")
+    __slots__ = ("model", "messages", "tools_json", "content_sft_roles", "ensure_final_stop", "chat_template_kwargs_json", "held_mm_hashes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SFT_ROLES_FIELD_NUMBER: _ClassVar[int]
     ENSURE_FINAL_STOP_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    HELD_MM_HASHES_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     tools_json: str
     content_sft_roles: _containers.RepeatedScalarFieldContainer[str]
     ensure_final_stop: bool
     chat_template_kwargs_json: str
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., content_sft_roles: _Optional[_Iterable[str]] = ..., ensure_final_stop: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
+    held_mm_hashes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., content_sft_roles: _Optional[_Iterable[str]] = ..., ensure_final_stop: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ..., held_mm_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Message(_message.Message):
     __slots__ = ("role", "text", "parts", "tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning", "null_keys", "extra_json", "trainable", "message_loss_mask")
@@ -206,10 +208,12 @@ class ModalityItems(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., items: _Optional[_Iterable[_Union[MultiModalItem, _Mapping]]] = ...) -> None: ...
 
 class MultiModalItem(_message.Message):
-    __slots__ = ("fields",)
+    __slots__ = ("fields", "held")
     FIELDS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     fields: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, fields: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    held: bool
+    def __init__(self, fields: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., held: _Optional[bool] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
@@ -248,14 +252,16 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "renderers_version", "transformers_version")
+    __slots__ = ("models", "renderers_version", "transformers_version", "held_images")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     RENDERERS_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRANSFORMERS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HELD_IMAGES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     renderers_version: str
     transformers_version: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., renderers_version: _Optional[str] = ..., transformers_version: _Optional[str] = ...) -> None: ...
+    held_images: bool
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., renderers_version: _Optional[str] = ..., transformers_version: _Optional[str] = ..., held_images: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("id", "renderer", "accepts_images", "tokenizer_fingerprint", "roles", "renderer_config_json", "renderer_info", "hub_model", "hub_revision")
@@ -318,7 +324,7 @@ class DescribeRendererRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ...) -> None: ...
 
 class RenderRequest(_message.Message):
-    __slots__ = ("model", "messages", "tools_json", "add_generation_prompt", "chat_template_kwargs_json", "ids_only", "process_multimodal")
+    __slots__ = ("model", "messages", "tools_json", "add_generation_prompt", "chat_template_kwargs_json", "ids_only", "process_multimodal", "held_mm_hashes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -326,6 +332,7 @@ class RenderRequest(_message.Message):
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     IDS_ONLY_FIELD_NUMBER: _ClassVar[int]
     PROCESS_MULTIMODAL_FIELD_NUMBER: _ClassVar[int]
+    HELD_MM_HASHES_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     tools_json: str
@@ -333,7 +340,8 @@ class RenderRequest(_message.Message):
     chat_template_kwargs_json: str
     ids_only: bool
     process_multimodal: bool
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ..., ids_only: _Optional[bool] = ..., process_multimodal: _Optional[bool] = ...) -> None: ...
+    held_mm_hashes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., chat_template_kwargs_json: _Optional[str] = ..., ids_only: _Optional[bool] = ..., process_multimodal: _Optional[bool] = ..., held_mm_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RenderResponse(_message.Message):
     __slots__ = ("tokens",)
@@ -462,7 +470,7 @@ class TokenSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class BridgeToNextTurnRequest(_message.Message):
-    __slots__ = ("model", "previous_prompt_ids", "previous_completion_ids", "new_messages", "tools_json", "previous_multi_modal_data", "chat_template_kwargs_json", "process_multimodal")
+    __slots__ = ("model", "previous_prompt_ids", "previous_completion_ids", "new_messages", "tools_json", "previous_multi_modal_data", "chat_template_kwargs_json", "process_multimodal", "held_mm_hashes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_COMPLETION_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -471,6 +479,7 @@ class BridgeToNextTurnRequest(_message.Message):
     PREVIOUS_MULTI_MODAL_DATA_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     PROCESS_MULTIMODAL_FIELD_NUMBER: _ClassVar[int]
+    HELD_MM_HASHES_FIELD_NUMBER: _ClassVar[int]
     model: str
     previous_prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     previous_completion_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -479,10 +488,51 @@ class BridgeToNextTurnRequest(_message.Message):
     previous_multi_modal_data: MultiModalData
     chat_template_kwargs_json: str
     process_multimodal: bool
-    def __init__(self, model: _Optional[str] = ..., previous_prompt_ids: _Optional[_Iterable[int]] = ..., previous_completion_ids: _Optional[_Iterable[int]] = ..., new_messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., previous_multi_modal_data: _Optional[_Union[MultiModalData, _Mapping]] = ..., chat_template_kwargs_json: _Optional[str] = ..., process_multimodal: _Optional[bool] = ...) -> None: ...
+    held_mm_hashes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., previous_prompt_ids: _Optional[_Iterable[int]] = ..., previous_completion_ids: _Optional[_Iterable[int]] = ..., new_messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools_json: _Optional[str] = ..., previous_multi_modal_data: _Optional[_Union[MultiModalData, _Mapping]] = ..., chat_template_kwargs_json: _Optional[str] = ..., process_multimodal: _Optional[bool] = ..., held_mm_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BridgeToNextTurnResponse(_message.Message):
     __slots__ = ("tokens",)
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     tokens: RenderedTokens
     def __init__(self, tokens: _Optional[_Union[RenderedTokens, _Mapping]] = ...) -> None: ...
+
+class CallsRequest(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[CallRequest]
+    def __init__(self, calls: _Optional[_Iterable[_Union[CallRequest, _Mapping]]] = ...) -> None: ...
+
+class CallRequest(_message.Message):
+    __slots__ = ("sample", "render", "parse", "bridge", "timeout")
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
+    PARSE_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    sample: RenderTrainingSampleRequest
+    render: RenderRequest
+    parse: ParseResponseRequest
+    bridge: BridgeToNextTurnRequest
+    timeout: float
+    def __init__(self, sample: _Optional[_Union[RenderTrainingSampleRequest, _Mapping]] = ..., render: _Optional[_Union[RenderRequest, _Mapping]] = ..., parse: _Optional[_Union[ParseResponseRequest, _Mapping]] = ..., bridge: _Optional[_Union[BridgeToNextTurnRequest, _Mapping]] = ..., timeout: _Optional[float] = ...) -> None: ...
+
+class CallsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[CallResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[CallResult, _Mapping]]] = ...) -> None: ...
+
+class CallResult(_message.Message):
+    __slots__ = ("sample", "render", "parse", "bridge", "error")
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
+    PARSE_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    sample: RenderTrainingSampleResponse
+    render: RenderResponse
+    parse: ParseResponseResponse
+    bridge: BridgeToNextTurnResponse
+    error: Error
+    def __init__(self, sample: _Optional[_Union[RenderTrainingSampleResponse, _Mapping]] = ..., render: _Optional[_Union[RenderResponse, _Mapping]] = ..., parse: _Optional[_Union[ParseResponseResponse, _Mapping]] = ..., bridge: _Optional[_Union[BridgeToNextTurnResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...

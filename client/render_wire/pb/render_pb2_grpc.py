@@ -76,6 +76,11 @@ class RenderServiceStub:
                 request_serializer=render_dot_v1_dot_render__pb2.DescribeRendererRequest.SerializeToString,
                 response_deserializer=render_dot_v1_dot_render__pb2.RendererInfo.FromString,
                 _registered_method=True)
+        self.Calls = channel.unary_unary(
+                '/render.v1.RenderService/Calls',
+                request_serializer=render_dot_v1_dot_render__pb2.CallsRequest.SerializeToString,
+                response_deserializer=render_dot_v1_dot_render__pb2.CallsResponse.FromString,
+                _registered_method=True)
 
 
 class RenderServiceServicer:
@@ -155,6 +160,18 @@ class RenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Calls(self, request, context):
+        """Several calls of RenderTrainingSample, Render, ParseResponse and
+        BridgeToNextTurn in one: what a client sends when many of its threads or
+        tasks call at once (render_client coalesces them), so that gRPC's cost per
+        call is paid once per batch. Each call is answered in order with what its
+        own method would answer, or with its own error; the batch fails as a whole
+        only when the call does (unauthenticated, over a limit on calls, ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +214,11 @@ def add_RenderServiceServicer_to_server(servicer, server):
                     servicer.DescribeRenderer,
                     request_deserializer=render_dot_v1_dot_render__pb2.DescribeRendererRequest.FromString,
                     response_serializer=render_dot_v1_dot_render__pb2.RendererInfo.SerializeToString,
+            ),
+            'Calls': grpc.unary_unary_rpc_method_handler(
+                    servicer.Calls,
+                    request_deserializer=render_dot_v1_dot_render__pb2.CallsRequest.FromString,
+                    response_serializer=render_dot_v1_dot_render__pb2.CallsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -416,6 +438,33 @@ class RenderService:
             '/render.v1.RenderService/DescribeRenderer',
             render_dot_v1_dot_render__pb2.DescribeRendererRequest.SerializeToString,
             render_dot_v1_dot_render__pb2.RendererInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/render.v1.RenderService/Calls',
+            render_dot_v1_dot_render__pb2.CallsRequest.SerializeToString,
+            render_dot_v1_dot_render__pb2.CallsResponse.FromString,
             options,
             channel_credentials,
             insecure,
