@@ -110,6 +110,8 @@ class ImageStore:
         """What a call carrying `images` claims to hold; or (with `wait`) the calls it should wait
         for first (each carrying one of its images not yet known), after which it asks again."""
         digests = [digest(image) for image in images] if self.max_bytes else []
+        if not digests:  # a text call: nothing to claim, no lock (64 threads share it)
+            return Claim(model, digests, {})
         with self._lock:
             waits = []
             for image in digests:
@@ -136,6 +138,8 @@ class ImageStore:
 
     def release(self, claim: Claim) -> None:
         """The call is over: calls waiting for its images go on."""
+        if not claim.owned:
+            return
         with self._lock:
             waiters = [self._in_flight.pop(key) for key in claim.owned if key in self._in_flight]
             claim.owned.clear()
@@ -176,6 +180,8 @@ class ImageStore:
     def keep(self, claim: Claim, data: MultiModalDataLike | None, previous: MultiModalDataLike | None = None) -> None:
         """Learn from an answer (its `data` filled and in its final form): the hash of each image the
         request carried, and the tensors of each item not yet held."""
+        if data is None and not claim.digests:  # a text answer to a text call: nothing to learn
+            return
         carried = len(previous.mm_items.get(IMAGE, ())) if previous is not None else 0
         with self._lock:
             if data is not None:

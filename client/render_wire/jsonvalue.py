@@ -10,7 +10,9 @@ would otherwise change silently: non-JSON Python values on the way out
 
 from __future__ import annotations
 
+import contextlib
 import json
+import marshal
 from typing import TypeAlias, cast
 
 from .errors import invalid
@@ -20,13 +22,48 @@ JSONValue: TypeAlias = "dict[str, JSONValue] | list[JSONValue] | str | int | flo
 
 
 def dump_json(value: object, field: str) -> str:
-    """`value` as JSON text; InvalidArgumentError naming `field` if it is not plain JSON."""
+    """`value` as JSON text; InvalidArgumentError naming `field` if it is not plain JSON.
+
+    A client sends the same tools with every call of a rollout: the text of a value
+    already dumped is looked up by the value's marshal bytes, which name every
+    node's exact type and value (1, 1.0 and True, a list and a tuple, "1" and 1 as
+    keys all differ), so only an identical value finds it: 3 us instead of 19 for
+    a corpus request's tools.
+    """
+    try:
+        key: bytes | None = marshal.dumps(value, _MARSHAL_VERSION)  # type: ignore[arg-type]  # it raises if not
+    except (ValueError, TypeError):  # not plain JSON (a subclass, a tuple of sets, ...), or too deep:
+        key = None  # the checked path below says what
+    if key is not None:
+        text = _dumped.get(key)
+        if text is not None:
+            return text
     try:
         if not _is_plain_json(value):
             _check_plain_json(value, field)  # raises, naming where
     except RecursionError:
         raise invalid(field, "nested too deeply to send as JSON") from None
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if key is not None and len(key) <= _DUMPED_MAX_KEY:
+        _remember(key, text)
+    return text
+
+
+# marshal's version 2 has no back-references, so its bytes depend on the value alone
+# (not on which objects it shares); its floats are the 8 bytes of the double.
+_MARSHAL_VERSION = 2
+_DUMPED_MAX_ENTRIES = 256
+_DUMPED_MAX_KEY = 16 << 10  # bytes: the cache holds at most ~2 x 256 x 16 KiB
+_dumped: dict[bytes, str] = {}
+
+
+def _remember(key: bytes, text: str) -> None:
+    # No lock (a lock held across a fork would deadlock the child): a dict's item operations are
+    # atomic; threads racing to evict may each drop one, or find it gone.
+    if len(_dumped) >= _DUMPED_MAX_ENTRIES:
+        with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+            del _dumped[next(iter(_dumped))]  # the oldest
+    _dumped[key] = text
 
 
 def load_json(text: str, field: str) -> JSONValue:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from render_wire import jsonvalue
 from render_wire.errors import InvalidArgumentError
 from render_wire.jsonvalue import dump_json, load_json
 
@@ -64,3 +65,38 @@ def test_deep_nesting_is_refused_not_crashed() -> None:
 def test_invalid_json_is_refused_naming_the_field(text: str, problem: str) -> None:
     with pytest.raises(InvalidArgumentError, match=problem):
         load_json(text, "x")
+
+
+def test_a_value_dumped_again_is_dumped_as_it_is_now() -> None:
+    # The same tools go with every call of a rollout, and their text is remembered; a tool
+    # spec changed in place, even to a value equal in Python (1 == 1.0 == True), is new text.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"x": 1}}}]
+    first = dump_json(tools, "tools")
+    assert dump_json(tools, "tools") == first
+    for changed in (1.0, True, "1", [1], -0.0, 0.0):
+        tools[0]["function"]["parameters"]["x"] = changed
+        assert dump_json(tools, "tools") == json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+    tools[0]["function"]["parameters"] = {"b": 1, "a": 2}
+    assert dump_json(tools, "tools").endswith('{"b":1,"a":2}}}]')
+    tools[0]["function"]["parameters"] = {"a": 2, "b": 1}  # key order is part of the text
+    assert dump_json(tools, "tools").endswith('{"a":2,"b":1}}}]')
+
+
+class _Text(str):
+    pass
+
+
+def test_a_value_like_one_dumped_before_is_still_refused() -> None:
+    assert dump_json([[1, 2], {"1": "a"}], "x") == '[[1,2],{"1":"a"}]'
+    for value in ([(1, 2), {"1": "a"}], [[1, 2], {1: "a"}], [[1, 2], {"1": _Text("a")}]):
+        with pytest.raises(InvalidArgumentError):
+            dump_json(value, "x")
+
+
+def test_remembered_texts_are_bounded() -> None:
+    for number in range(1000):
+        assert dump_json({"n": number}, "x") == f'{{"n":{number}}}'
+    assert len(jsonvalue._dumped) <= jsonvalue._DUMPED_MAX_ENTRIES
+    big = {"text": "x" * (jsonvalue._DUMPED_MAX_KEY + 1)}
+    dump_json(big, "x")
+    assert all(len(key) <= jsonvalue._DUMPED_MAX_KEY for key in jsonvalue._dumped)
