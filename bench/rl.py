@@ -14,7 +14,8 @@ Four parts, in-process and remote side by side in one run, against one
    by turn index, and that every turn's results equal the in-process ones.
    Ratios are taken block beside block, then the median over the rounds. A third
    process sends every call alone (coalesce_window=None): the client before
-   coalescing, measured in the same rounds.
+   coalescing, and a fourth runs the rollouts as asyncio tasks on one
+   AsyncRenderClient (as an asyncio env server would), in the same rounds.
 2. calls: each call kind alone (render, parse_response, bridge_to_next_turn)
    from R = 64 threads: the env server's CPU per call, remote over in-process.
 3. group: a GRPO group of G = 16 rollouts of one 1024x1024-image prompt,
@@ -66,12 +67,14 @@ def percentile(values: list[float], q: float) -> float:
 class EnvProcess:
     """A bench.rl_env process, in-process (no target) or remote, driven command by command."""
 
-    def __init__(self, model: str, target: str | None, *, coalesce: bool = True) -> None:
+    def __init__(self, model: str, target: str | None, *, coalesce: bool = True, asyncio: bool = False) -> None:
         command = [sys.executable, "-m", "bench.rl_env", "--model", model]
         if target is not None:
             command += ["--target", target, "--connections", str(CONNECTIONS)]
             if not coalesce:
                 command += ["--coalesce-window", "-1"]
+            if asyncio:
+                command += ["--asyncio"]
         self._process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = json.loads(self._readline())
 
@@ -110,14 +113,17 @@ def env_part(server: ServerProcess, quick: bool) -> tuple[list[dict[str, Any]], 
     for model in TEXT_MODELS:
         local, remote = EnvProcess(model, None), EnvProcess(model, server.target)
         alone = EnvProcess(model, server.target, coalesce=False)  # each call on its own, as before Calls
+        tasks = EnvProcess(model, server.target, asyncio=True)  # R asyncio tasks, one AsyncRenderClient
         for threads in THREADS:
-            pairs, alone_pairs = [], []
+            pairs, alone_pairs, task_pairs = [], [], []
             for _ in range(rounds):
                 anchor = measured(server, local, run="rollouts", threads=threads, seconds=block)
                 pairs.append((anchor, measured(server, remote, run="rollouts", threads=threads, seconds=block)))
                 alone_pairs.append((anchor, measured(server, alone, run="rollouts", threads=threads, seconds=block)))
+                task_pairs.append((anchor, measured(server, tasks, run="rollouts", threads=threads, seconds=block)))
             row = env_row(model, threads, pairs)
             row["each_call_alone"] = env_row(model, threads, alone_pairs)
+            row["asyncio"] = env_row(model, threads, task_pairs)
             rows.append(row)
             print_env_row(row)
         for kind in KINDS:
@@ -134,7 +140,7 @@ def env_part(server: ServerProcess, quick: bool) -> tuple[list[dict[str, Any]], 
                 f"{' '.join(f'{r:.2f}' for r in row['cpu_ratio_per_round'])}); differences {row['differences']}",
                 flush=True,
             )
-        for env in (local, remote, alone):
+        for env in (local, remote, alone, tasks):
             env.close()
     return rows, call_rows
 
@@ -205,6 +211,14 @@ def print_env_row(row: dict[str, Any]) -> None:
         f"x{alone['env_cpu_ratio']:.2f}, turns/s x{alone['turns_per_s_ratio']:.2f}, server CPU "
         f"x{alone['server_cpu_ratio']:.2f} of in-process; differences {alone['remote']['differences']}, "
         f"rollouts ended by an error {alone['remote']['errors']} {alone['remote']['first_errors']}"
+    )
+    tasks = row["asyncio"]
+    print(
+        f"    asyncio tasks (AsyncRenderClient): {tasks['remote']['turns_per_s']:.0f} turns/s, env CPU "
+        f"{tasks['remote']['cpu_ms_per_turn']:.2f} ms x{tasks['env_cpu_ratio']:.2f}, turns/s "
+        f"x{tasks['turns_per_s_ratio']:.2f}, server CPU x{tasks['server_cpu_ratio']:.2f} of in-process, batches of "
+        f"{tasks['remote']['batch_mean']:.1f}; differences {tasks['remote']['differences']}, "
+        f"rollouts ended by an error {tasks['remote']['errors']} {tasks['remote']['first_errors']}"
     )
     turns = [t for t, v in remote["latency_ms_by_turn"].items() if v["n"] >= 20]
     print("    turn          " + " ".join(f"{t:>11}" for t in turns))

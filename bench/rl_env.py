@@ -1,6 +1,6 @@
 """An RL environment server, simulated: the process `python -m bench --only rl` measures.
 
-    python -m bench.rl_env --model qwen3 [--target HOST:PORT --connections N]
+    python -m bench.rl_env --model qwen3 [--target HOST:PORT --connections N [--asyncio]]
 
 It replays corpus conversations as rollouts, turn by turn, the way a
 verifiers-style env server drives a renderer while an inference engine
@@ -13,7 +13,9 @@ The engine's completions are made up front by rendering the real next assistant
 message (its tokens after the prompt's). Without --target one renderer serves
 every thread behind one lock, as verifiers' ElasticRendererPool does (render and
 bridge under the lock, parse_response without it); with --target, one remote
-renderer shared by all threads.
+renderer shared by all threads. With --asyncio the R rollouts are tasks on one
+event loop sharing one AsyncRenderClient's renderer, as an asyncio env server's
+(verifiers') would be; only "rollouts" then.
 
 It reads one JSON command per line and answers one JSON line:
     {"run": "rollouts", "threads": R, "seconds": S}  -> turns, CPU, wall, latency per turn index
@@ -26,6 +28,7 @@ those that differ.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import sys
@@ -170,6 +173,76 @@ def run_rollouts(env: Env, work: list[Rollout], threads: int, seconds: float) ->
     }, results
 
 
+async def play_async(
+    renderer: Any, rollout: Rollout, record: Callable[[int, float, Any, Any, bool], None], stop: Callable[[], bool]
+) -> None:
+    """`play` on an AsyncRemoteRenderer: the same calls, awaited."""
+    prompt = None
+    for number, turn in enumerate(rollout.turns):
+        if stop():
+            return
+        started = time.perf_counter()
+        bridged = False
+        if prompt is not None:
+            previous = rollout.turns[number - 1]
+            prompt = await renderer.bridge_to_next_turn(
+                prompt.token_ids, previous.completion, previous.new_messages, tools=rollout.tools
+            )
+            bridged = prompt is not None
+        if prompt is None:
+            prompt = await renderer.render(turn.prompt_messages, tools=rollout.tools, add_generation_prompt=True)
+        parsed = await renderer.parse_response(turn.completion, tools=rollout.tools, prompt_ids=prompt.token_ids)
+        record(number, time.perf_counter() - started, prompt, parsed, bridged)
+
+
+def run_rollouts_async(
+    renderer: Any, work: list[Rollout], tasks: int, seconds: float
+) -> tuple[dict[str, Any], list[Any]]:
+    """run_rollouts with `tasks` tasks on one event loop (the renderer's client's loop: see main)."""
+    next_rollout = itertools.count()
+    latencies: dict[int, list[float]] = {}
+    results: list[tuple[int, int, Any, Any]] = []
+    bridged_turns = [0]
+    errors: list[str] = []
+    deadline = time.perf_counter() + seconds
+
+    def stop() -> bool:
+        return time.perf_counter() >= deadline
+
+    async def worker() -> None:
+        while not stop():
+            index = next(next_rollout) % len(work)
+
+            def record(turn: int, elapsed: float, prompt: Any, parsed: Any, bridged: bool, index: int = index) -> None:
+                latencies.setdefault(turn, []).append(elapsed * 1e3)
+                results.append((index, turn, prompt, parsed))
+                bridged_turns[0] += bridged
+
+            try:
+                await play_async(renderer, work[index], record, stop)
+            except RenderError as error:
+                errors.append(f"{type(error).__name__}: {error}")
+
+    async def all_workers() -> None:
+        await asyncio.gather(*(worker() for _ in range(tasks)))
+
+    cpu, started = time.process_time(), time.perf_counter()
+    LOOP.run_until_complete(all_workers())
+    return {
+        "turns": len(results),
+        "bridged": bridged_turns[0],
+        "errors": len(errors),
+        "first_errors": sorted(set(errors))[:3],
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu,
+        "latencies_ms": {str(turn): values for turn, values in sorted(latencies.items())},
+    }, results
+
+
+# The event loop of --asyncio: the client is made on it and every block runs on it.
+LOOP = asyncio.new_event_loop()
+
+
 def call_of(env: Env, kind: str) -> Callable[[tuple[Rollout, Turn, Any]], Any]:
     """One `kind` call on a turn: (rollout, turn, its in-process prompt) -> the result."""
     if kind == "render":
@@ -234,7 +307,13 @@ def main() -> None:
     parser.add_argument("--target", help="a render-server; without it, in-process")
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--coalesce-window", type=float, default=0.001, help="seconds; negative: no coalescing")
+    parser.add_argument("--asyncio", action="store_true", help="with --target: tasks on one event loop")
     args = parser.parse_args()
+    if args.asyncio:
+        if not args.target:
+            parser.error("--asyncio needs --target")
+        main_asyncio(args)
+        return
     work = rollouts(args.model)
     expected, cases = expected_results(args.model, work)
     client = None
@@ -277,6 +356,36 @@ def main() -> None:
         print(json.dumps(result), flush=True)
     if client is not None:
         client.close()
+
+
+def main_asyncio(args: argparse.Namespace) -> None:
+    """main, for --asyncio: rollouts only."""
+    from render_client.aio import AsyncRenderClient
+
+    work = rollouts(args.model)
+    expected, _ = expected_results(args.model, work)
+    window = None if args.coalesce_window < 0 else args.coalesce_window
+
+    async def made() -> AsyncRenderClient:  # a grpc.aio channel belongs to the loop it is made on
+        return AsyncRenderClient(args.target, timeout=600, connections=args.connections, coalesce_window=window)
+
+    client = LOOP.run_until_complete(made())
+    renderer = client.renderer(args.model)
+    run_rollouts_async(renderer, work, 8, 1.0)  # warm up
+    print(json.dumps({"ready": True, "rollouts": len(work), "turns": sum(len(r.turns) for r in work)}), flush=True)
+    coalescer = client._coalescer
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["run"] != "rollouts":
+            raise SystemExit(f"--asyncio runs rollouts only, not {command['run']!r}")
+        sent = (coalescer.batches_sent, coalescer.calls_sent) if coalescer is not None else (0, 0)
+        result, got = run_rollouts_async(renderer, work, command["threads"], command["seconds"])
+        result["differences"] = sum((prompt, parsed) != expected[index, turn] for index, turn, prompt, parsed in got)
+        if coalescer is not None:
+            result["batches_sent"] = coalescer.batches_sent - sent[0]
+            result["calls_sent"] = coalescer.calls_sent - sent[1]
+        print(json.dumps(result), flush=True)
+    LOOP.run_until_complete(client.close())
 
 
 if __name__ == "__main__":

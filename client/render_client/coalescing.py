@@ -18,6 +18,11 @@ parse_response and bridge_to_next_turn calls through a Coalescer:
   once; a batch whose window has passed meanwhile keeps gathering calls until
   one comes back (it would only have queued at the server): fewer, larger
   batches, the server's cost per call paid once per batch.
+- asyncio only (its tasks resume together, so a batch's calls come back
+  together): a batch far smaller than those in flight waits for one to come
+  back, and a large batch sent while none is in flight goes in two halves, so
+  the tasks keep in step, in two batches of about half of them each
+  (STRAGGLER_SHARE, ASYNC_SPLIT_CALLS).
 
 Each call keeps what it has as a unary call: its own deadline (it raises
 DeadlineExceededError when its time is up, and the server skips it if its time
@@ -39,6 +44,7 @@ waits for its own answer), `AsyncCoalescer` for one event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -78,6 +84,15 @@ DEFAULT_WINDOW = 0.001  # seconds
 # less (bench/README.md: at 64 threads, two in flight made batches of 17 where four made 11,
 # with 10 % less CPU per turn on each side).
 IN_FLIGHT_PER_CONNECTION = 2
+# asyncio: the tasks a batch answers all resume in one turn of the loop, so its calls come back
+# together; a task out of step (its call went alone) would make batches of one beside them for
+# ever (bench/README.md: 861 batches of one beside 60 of 63 at 64 tasks, 0.75 ms of env CPU a
+# turn instead of 0.49). So a batch under 1/STRAGGLER_SHARE of the calls in flight is held
+# until a batch comes back (it then goes with that batch's calls), and a batch of at least
+# ASYNC_SPLIT_CALLS sent while none is in flight goes in two halves, one per slot: the halves
+# come back apart and stay apart, keeping both of the worker's render processes busy.
+STRAGGLER_SHARE = 4
+ASYNC_SPLIT_CALLS = 16
 
 
 def serialized(request: ProtoMessage | bytes) -> bytes:
@@ -425,6 +440,7 @@ class AsyncCoalescer:
         self._in_flight = 0
         self._limit = IN_FLIGHT_PER_CONNECTION * len(connection.stubs)
         self._held: _Batch | None = None
+        self._in_flight_calls = 0  # the calls those batches carry
         self._sending: set[asyncio.Task[None]] = set()  # kept, so that they are not collected mid-call
         self.supported = True
         self.batches_sent = self.calls_sent = 0
@@ -446,9 +462,11 @@ class AsyncCoalescer:
             return await alone()
         if self._open is None and not self._in_flight:
             self._in_flight += 1
+            self._in_flight_calls += 1
             try:
                 return await alone()
             finally:
+                self._in_flight_calls -= 1
                 self._slot_freed()
         outcome, identity = await self._batched(method, request, deadline)
         if isinstance(outcome, RenderError):
@@ -491,27 +509,42 @@ class AsyncCoalescer:
         if self._open is not batch:
             return  # it filled and went
         self._timer = None
-        if self._in_flight >= self._limit:
-            self._held = batch  # goes when a batch comes back
+        if self._in_flight >= self._limit or len(batch.calls) * STRAGGLER_SHARE < self._in_flight_calls:
+            self._held = batch  # goes when a batch comes back, with the calls that come back with it
         else:
             self._close(batch)
             self._start(batch)
 
     def _start(self, batch: _Batch) -> None:
-        self._in_flight += 1
-        task = asyncio.ensure_future(self._send(batch.calls))
-        self._sending.add(task)
-        task.add_done_callback(self._sent)
+        """Send `batch`; in two halves when no batch is in flight, one per slot (see ASYNC_SPLIT_CALLS)."""
+        calls = batch.calls
+        if not self._in_flight and self._limit > 1 and len(calls) >= ASYNC_SPLIT_CALLS:
+            half = len(calls) // 2
+            self._go(calls[:half])
+            self._go(calls[half:])
+        else:
+            self._go(calls)
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _go(self, calls: list[_AsyncCall]) -> None:
+        self._in_flight += 1
+        self._in_flight_calls += len(calls)
+        task = asyncio.ensure_future(self._send(calls))
+        self._sending.add(task)
+        task.add_done_callback(functools.partial(self._sent, len(calls)))
+
+    def _sent(self, calls: int, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
+        self._in_flight_calls -= calls
         self._slot_freed()
 
     def _slot_freed(self) -> None:
         self._in_flight -= 1
         held, self._held = self._held, None
-        if held is not None:
-            self._close(held)
+        if held is not None and self._open is held:
+            # It goes after a window more: the calls answered with the batch that came back resume
+            # after this callback, and join it first (a straggler held alone would go alone).
+            self._timer = asyncio.get_running_loop().call_later(self._window, self._window_passed, held)
+        elif held is not None:
             self._start(held)
 
     async def _send(self, calls: list[_AsyncCall]) -> None:

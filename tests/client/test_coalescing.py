@@ -356,3 +356,37 @@ def test_the_asyncio_renderers_calls_are_coalesced_and_answered_as_alone(
     got, batches, calls = asyncio.run(run())
     assert got == expected
     assert calls >= len(work) - 1 and batches < calls / 4, (batches, calls)
+
+
+def test_asyncio_tasks_calling_in_turn_keep_in_step(server: ServerProcess) -> None:
+    # An env server's tasks: each makes its next call as soon as its last is answered. The task whose
+    # first call went alone must not stay out of step, racing through calls in batches of one beside
+    # everyone else's batch (coalescing.STRAGGLER_SHARE): each task's calls are answered in step.
+    local = reference_renderer("qwen3")
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}]
+    prompt_ids = local.render_ids(prompt, add_generation_prompt=True)
+    completion = local.render_ids([*prompt, {"role": "assistant", "content": "4."}])[len(prompt_ids) :]
+    expected = local.parse_response(completion, prompt_ids=prompt_ids)
+    tasks, calls_each = 64, 12
+    answered = [0]
+    finished_at: list[int] = []  # how many calls of all tasks were answered when each task was done
+
+    async def run() -> tuple[int, int]:
+        async with AsyncRenderClient(server.target, timeout=120) as client:
+            renderer = client.renderer("qwen3")
+
+            async def task() -> None:
+                for _ in range(calls_each):
+                    assert await renderer.parse_response(completion, prompt_ids=prompt_ids) == expected
+                    answered[0] += 1
+                finished_at.append(answered[0])
+
+            await asyncio.gather(*(task() for _ in range(tasks)))
+            coalescer = client._coalescer
+            assert coalescer is not None
+            return coalescer.batches_sent, coalescer.calls_sent
+
+    batches, calls = asyncio.run(run())
+    assert calls >= tasks * calls_each - calls_each  # at most one task's calls went alone
+    assert calls / batches >= 16, f"{calls} calls in {batches} batches"
+    assert min(finished_at) > tasks * calls_each // 2, sorted(finished_at)[:4]
