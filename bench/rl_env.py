@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +82,8 @@ def rollouts(model: str) -> list[Rollout]:
 
 
 class Env:
-    """The four calls an env server makes, on a local renderer behind a lock or on a remote one."""
+    """An env server's renderer: a local one behind a lock (render and bridge under it,
+    parse_response without, as verifiers' pool), or a remote one as it is."""
 
     def __init__(self, renderer: Any, lock: threading.Lock | None) -> None:
         self.renderer = renderer
@@ -93,22 +95,24 @@ class Env:
         with self._lock:
             return call()
 
-    def render(self, messages: list[dict[str, Any]], tools: Any) -> Any:
-        return self._locked(lambda: self.renderer.render(messages, tools=tools, add_generation_prompt=True))
+    def render(self, messages: Any, **options: Any) -> Any:
+        return self._locked(lambda: self.renderer.render(messages, **options))
 
-    def bridge(self, prompt_ids: list[int], completion: list[int], new_messages: Any, tools: Any) -> Any:
-        return self._locked(
-            lambda: self.renderer.bridge_to_next_turn(prompt_ids, completion, new_messages, tools=tools)
-        )
+    def bridge_to_next_turn(self, prompt_ids: Any, completion: Any, new_messages: Any, **options: Any) -> Any:
+        return self._locked(lambda: self.renderer.bridge_to_next_turn(prompt_ids, completion, new_messages, **options))
 
-    def parse(self, completion: list[int], tools: Any, prompt_ids: list[int]) -> Any:
-        return self.renderer.parse_response(completion, tools=tools, prompt_ids=prompt_ids)
+    def parse_response(self, completion: Any, **options: Any) -> Any:
+        return self.renderer.parse_response(completion, **options)
 
 
-def play(
-    env: Env, rollout: Rollout, record: Callable[[int, float, Any, Any, bool], None], stop: Callable[[], bool]
-) -> None:
-    """One rollout, turn by turn, until its end or `stop()`; `record(turn, seconds, prompt, parsed, bridged)`."""
+# One call of a rollout: the renderer method's name, its arguments and keyword arguments.
+Step = tuple[str, tuple[Any, ...], dict[str, Any]]
+Record = Callable[[int, float, Any, Any, bool], None]
+
+
+def steps(rollout: Rollout, record: Record, stop: Callable[[], bool]) -> Generator[Step, Any, None]:
+    """One rollout's calls, turn by turn, until its end or `stop()`: each is yielded, and its result
+    sent back (play and play_async make them); `record(turn, seconds, prompt, parsed, bridged)`."""
     prompt = None
     for number, turn in enumerate(rollout.turns):
         if stop():
@@ -117,126 +121,122 @@ def play(
         bridged = False
         if prompt is not None:
             previous = rollout.turns[number - 1]
-            prompt_ids = prompt.token_ids
-            prompt = env.bridge(prompt_ids, previous.completion, previous.new_messages, rollout.tools)
+            prompt = yield (
+                "bridge_to_next_turn",
+                (prompt.token_ids, previous.completion, previous.new_messages),
+                {"tools": rollout.tools},
+            )
             bridged = prompt is not None
         if prompt is None:
-            prompt = env.render(turn.prompt_messages, rollout.tools)
-        parsed = env.parse(turn.completion, rollout.tools, prompt.token_ids)
+            prompt = yield ("render", (turn.prompt_messages,), {"tools": rollout.tools, "add_generation_prompt": True})
+        parsed = yield ("parse_response", (turn.completion,), {"tools": rollout.tools, "prompt_ids": prompt.token_ids})
         record(number, time.perf_counter() - started, prompt, parsed, bridged)
+
+
+def play(env: Env, rollout: Rollout, record: Record, stop: Callable[[], bool]) -> None:
+    """A rollout's calls, made on `env`."""
+    calls = steps(rollout, record, stop)
+    with contextlib.suppress(StopIteration):
+        name, args, kwargs = next(calls)
+        while True:
+            name, args, kwargs = calls.send(getattr(env, name)(*args, **kwargs))
+
+
+async def play_async(renderer: Any, rollout: Rollout, record: Record, stop: Callable[[], bool]) -> None:
+    """A rollout's calls, awaited on an AsyncRemoteRenderer."""
+    calls = steps(rollout, record, stop)
+    with contextlib.suppress(StopIteration):
+        name, args, kwargs = next(calls)
+        while True:
+            name, args, kwargs = calls.send(await getattr(renderer, name)(*args, **kwargs))
+
+
+class Tally:
+    """What a block of rollouts got (threads or tasks record into it)."""
+
+    def __init__(self, work: list[Rollout], seconds: float) -> None:
+        self._work = work
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+        self._latencies: dict[int, list[float]] = {}
+        self._bridged = 0
+        self._errors: list[str] = []
+        self.results: list[tuple[int, int, Any, Any]] = []  # (rollout, turn, prompt, parsed)
+        self._deadline = time.perf_counter() + seconds
+        self._cpu, self._started = time.process_time(), time.perf_counter()
+
+    def stop(self) -> bool:
+        return time.perf_counter() >= self._deadline
+
+    def next_rollout(self) -> tuple[Rollout, Record]:
+        """The next rollout of the corpus to play, and how its turns are recorded."""
+        with self._lock:
+            index = next(self._next) % len(self._work)
+
+        def record(turn: int, elapsed: float, prompt: Any, parsed: Any, bridged: bool) -> None:
+            with self._lock:
+                self._latencies.setdefault(turn, []).append(elapsed * 1e3)
+                self.results.append((index, turn, prompt, parsed))
+                self._bridged += bridged
+
+        return self._work[index], record
+
+    def error(self, error: RenderError) -> None:
+        """A rollout ended by an error: counted (each call alone can exceed the server's limit)."""
+        with self._lock:
+            self._errors.append(f"{type(error).__name__}: {error}")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "turns": len(self.results),
+            "bridged": self._bridged,
+            "errors": len(self._errors),
+            "first_errors": sorted(set(self._errors))[:3],
+            "seconds": time.perf_counter() - self._started,
+            "cpu_seconds": time.process_time() - self._cpu,
+            "latencies_ms": {str(turn): values for turn, values in sorted(self._latencies.items())},
+        }
 
 
 def run_rollouts(env: Env, work: list[Rollout], threads: int, seconds: float) -> tuple[dict[str, Any], list[Any]]:
     """`threads` threads playing rollouts (the next of the corpus each) for `seconds`."""
-    next_rollout = itertools.count()
-    lock = threading.Lock()
-    latencies: dict[int, list[float]] = {}
-    results: list[tuple[int, int, Any, Any]] = []
-    bridged_turns = [0]
-    errors: list[str] = []
-    deadline = time.perf_counter() + seconds
-
-    def stop() -> bool:
-        return time.perf_counter() >= deadline
+    tally = Tally(work, seconds)
 
     def worker() -> None:
-        while not stop():
-            with lock:
-                index = next(next_rollout) % len(work)
-
-            def record(turn: int, elapsed: float, prompt: Any, parsed: Any, bridged: bool, index: int = index) -> None:
-                with lock:
-                    latencies.setdefault(turn, []).append(elapsed * 1e3)
-                    results.append((index, turn, prompt, parsed))
-                    bridged_turns[0] += bridged
-
+        while not tally.stop():
+            rollout, record = tally.next_rollout()
             try:
-                play(env, work[index], record, stop)
-            except RenderError as error:  # the rollout ends; counted (each call alone can exceed the server's limit)
-                with lock:
-                    errors.append(f"{type(error).__name__}: {error}")
+                play(env, rollout, record, tally.stop)
+            except RenderError as error:
+                tally.error(error)
 
     pool = [threading.Thread(target=worker) for _ in range(threads)]
-    cpu, started = time.process_time(), time.perf_counter()
     for thread in pool:
         thread.start()
     for thread in pool:
         thread.join()
-    return {
-        "turns": len(results),
-        "bridged": bridged_turns[0],
-        "errors": len(errors),
-        "first_errors": sorted(set(errors))[:3],
-        "seconds": time.perf_counter() - started,
-        "cpu_seconds": time.process_time() - cpu,
-        "latencies_ms": {str(turn): values for turn, values in sorted(latencies.items())},
-    }, results
-
-
-async def play_async(
-    renderer: Any, rollout: Rollout, record: Callable[[int, float, Any, Any, bool], None], stop: Callable[[], bool]
-) -> None:
-    """`play` on an AsyncRemoteRenderer: the same calls, awaited."""
-    prompt = None
-    for number, turn in enumerate(rollout.turns):
-        if stop():
-            return
-        started = time.perf_counter()
-        bridged = False
-        if prompt is not None:
-            previous = rollout.turns[number - 1]
-            prompt = await renderer.bridge_to_next_turn(
-                prompt.token_ids, previous.completion, previous.new_messages, tools=rollout.tools
-            )
-            bridged = prompt is not None
-        if prompt is None:
-            prompt = await renderer.render(turn.prompt_messages, tools=rollout.tools, add_generation_prompt=True)
-        parsed = await renderer.parse_response(turn.completion, tools=rollout.tools, prompt_ids=prompt.token_ids)
-        record(number, time.perf_counter() - started, prompt, parsed, bridged)
+    return tally.summary(), tally.results
 
 
 def run_rollouts_async(
     renderer: Any, work: list[Rollout], tasks: int, seconds: float
 ) -> tuple[dict[str, Any], list[Any]]:
-    """run_rollouts with `tasks` tasks on one event loop (the renderer's client's loop: see main)."""
-    next_rollout = itertools.count()
-    latencies: dict[int, list[float]] = {}
-    results: list[tuple[int, int, Any, Any]] = []
-    bridged_turns = [0]
-    errors: list[str] = []
-    deadline = time.perf_counter() + seconds
-
-    def stop() -> bool:
-        return time.perf_counter() >= deadline
+    """run_rollouts with `tasks` tasks on one event loop (LOOP, the client's: see main_asyncio)."""
+    tally = Tally(work, seconds)
 
     async def worker() -> None:
-        while not stop():
-            index = next(next_rollout) % len(work)
-
-            def record(turn: int, elapsed: float, prompt: Any, parsed: Any, bridged: bool, index: int = index) -> None:
-                latencies.setdefault(turn, []).append(elapsed * 1e3)
-                results.append((index, turn, prompt, parsed))
-                bridged_turns[0] += bridged
-
+        while not tally.stop():
+            rollout, record = tally.next_rollout()
             try:
-                await play_async(renderer, work[index], record, stop)
+                await play_async(renderer, rollout, record, tally.stop)
             except RenderError as error:
-                errors.append(f"{type(error).__name__}: {error}")
+                tally.error(error)
 
     async def all_workers() -> None:
         await asyncio.gather(*(worker() for _ in range(tasks)))
 
-    cpu, started = time.process_time(), time.perf_counter()
     LOOP.run_until_complete(all_workers())
-    return {
-        "turns": len(results),
-        "bridged": bridged_turns[0],
-        "errors": len(errors),
-        "first_errors": sorted(set(errors))[:3],
-        "seconds": time.perf_counter() - started,
-        "cpu_seconds": time.process_time() - cpu,
-        "latencies_ms": {str(turn): values for turn, values in sorted(latencies.items())},
-    }, results
+    return tally.summary(), tally.results
 
 
 # The event loop of --asyncio: the client is made on it and every block runs on it.
@@ -246,10 +246,12 @@ LOOP = asyncio.new_event_loop()
 def call_of(env: Env, kind: str) -> Callable[[tuple[Rollout, Turn, Any]], Any]:
     """One `kind` call on a turn: (rollout, turn, its in-process prompt) -> the result."""
     if kind == "render":
-        return lambda case: env.render(case[1].prompt_messages, case[0].tools)
+        return lambda case: env.render(case[1].prompt_messages, tools=case[0].tools, add_generation_prompt=True)
     if kind == "parse":
-        return lambda case: env.parse(case[1].completion, case[0].tools, case[2].token_ids)
-    return lambda case: env.bridge(case[2].token_ids, case[1].completion, case[1].new_messages, case[0].tools)
+        return lambda case: env.parse_response(case[1].completion, tools=case[0].tools, prompt_ids=case[2].token_ids)
+    return lambda case: env.bridge_to_next_turn(
+        case[2].token_ids, case[1].completion, case[1].new_messages, tools=case[0].tools
+    )
 
 
 def run_calls(
