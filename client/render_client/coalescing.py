@@ -87,11 +87,13 @@ IN_FLIGHT_PER_CONNECTION = 2
 # asyncio: the tasks a batch answers all resume in one turn of the loop, so its calls come back
 # together; a task out of step (its call went alone) would make batches of one beside them for
 # ever (bench/README.md: 861 batches of one beside 60 of 63 at 64 tasks, 0.75 ms of env CPU a
-# turn instead of 0.49). So a batch under 1/STRAGGLER_SHARE of the calls in flight is held
-# until a batch comes back (it then goes with that batch's calls), and a batch of at least
+# turn). So a batch under 1/STRAGGLER_SHARE of the calls in flight waits for a batch to come
+# back (it then goes with that batch's calls), for at most STRAGGLER_HOLD_WINDOWS windows from
+# its first call (small quick calls do not wait out a slow batch); and a batch of at least
 # ASYNC_SPLIT_CALLS sent while none is in flight goes in two halves, one per slot: the halves
 # come back apart and stay apart, keeping both of the worker's render processes busy.
 STRAGGLER_SHARE = 4
+STRAGGLER_HOLD_WINDOWS = 10
 ASYNC_SPLIT_CALLS = 16
 
 
@@ -153,12 +155,13 @@ class _Call:
 class _Batch:
     """Calls collected to go together."""
 
-    __slots__ = ("calls", "full", "size")
+    __slots__ = ("calls", "full", "opened", "size")
 
     def __init__(self) -> None:
         self.calls: list[Any] = []
         self.size = 0
         self.full = threading.Event()
+        self.opened = time.monotonic()
 
     def add(self, call: Any) -> bool:
         """Add `call`; whether the batch is now full."""
@@ -509,11 +512,20 @@ class AsyncCoalescer:
         if self._open is not batch:
             return  # it filled and went
         self._timer = None
-        if self._in_flight >= self._limit or len(batch.calls) * STRAGGLER_SHARE < self._in_flight_calls:
-            self._held = batch  # goes when a batch comes back, with the calls that come back with it
-        else:
-            self._close(batch)
-            self._start(batch)
+        if self._in_flight >= self._limit:
+            self._held = batch  # goes when a batch comes back
+            return
+        hold_until = batch.opened + STRAGGLER_HOLD_WINDOWS * self._window
+        wait = hold_until - time.monotonic()
+        if len(batch.calls) * STRAGGLER_SHARE < self._in_flight_calls and wait > 0:
+            self._held = batch  # a straggler: goes with the calls of the batch that comes back, or when
+            loop = batch.calls[0].future.get_loop()  # its time is up
+            self._timer = loop.call_later(wait, self._window_passed, batch)
+            return
+        if self._held is batch:
+            self._held = None
+        self._close(batch)
+        self._start(batch)
 
     def _start(self, batch: _Batch) -> None:
         """Send `batch`; in two halves when no batch is in flight, one per slot (see ASYNC_SPLIT_CALLS)."""
@@ -541,9 +553,12 @@ class AsyncCoalescer:
         self._in_flight -= 1
         held, self._held = self._held, None
         if held is not None and self._open is held:
-            # It goes after a window more: the calls answered with the batch that came back resume
-            # after this callback, and join it first (a straggler held alone would go alone).
-            self._timer = asyncio.get_running_loop().call_later(self._window, self._window_passed, held)
+            # It goes after a window more: the tasks of the batch that came back may resume after
+            # this callback (a call with a deadline wakes one step later), and join it first.
+            if self._timer is not None:
+                self._timer.cancel()
+            # The batch's own loop: this may run in a task's `finally` when no loop is running.
+            self._timer = held.calls[0].future.get_loop().call_later(self._window, self._window_passed, held)
         elif held is not None:
             self._start(held)
 

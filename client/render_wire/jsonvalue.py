@@ -30,10 +30,7 @@ def dump_json(value: object, field: str) -> str:
     keys all differ), so only an identical value finds it: 3 us instead of 19 for
     a corpus request's tools.
     """
-    try:
-        key: bytes | None = marshal.dumps(value, _MARSHAL_VERSION)  # type: ignore[arg-type]  # it raises if not
-    except (ValueError, TypeError):  # not plain JSON (a subclass, a tuple of sets, ...), or too deep:
-        key = None  # the checked path below says what
+    key = _key(value)
     if key is not None:
         text = _dumped.get(key)
         if text is not None:
@@ -44,7 +41,9 @@ def dump_json(value: object, field: str) -> str:
     except RecursionError:
         raise invalid(field, "nested too deeply to send as JSON") from None
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    if key is not None and len(key) <= _DUMPED_MAX_KEY:
+    # Remembered only if the value did not change meanwhile (another thread), so a key never
+    # names another value's text.
+    if key is not None and len(key) <= _DUMPED_MAX_BYTES and len(text) <= _DUMPED_MAX_BYTES and _key(value) == key:
         _remember(key, text)
     return text
 
@@ -53,16 +52,25 @@ def dump_json(value: object, field: str) -> str:
 # (not on which objects it shares); its floats are the 8 bytes of the double.
 _MARSHAL_VERSION = 2
 _DUMPED_MAX_ENTRIES = 256
-_DUMPED_MAX_KEY = 16 << 10  # bytes: the cache holds at most ~2 x 256 x 16 KiB
+_DUMPED_MAX_BYTES = 16 << 10  # of a key and of its text: at most ~256 x 48 KiB held (text is str)
 _dumped: dict[bytes, str] = {}
+
+
+def _key(value: object) -> bytes | None:
+    """`value`'s marshal bytes; None for what marshal refuses (not plain JSON: a subclass, a set, an
+    object, a value nested too deeply...), which the checked path then names."""
+    try:
+        return marshal.dumps(value, _MARSHAL_VERSION)  # type: ignore[arg-type]  # it raises if not
+    except Exception:  # whatever an object's own buffer hooks raise, too
+        return None
 
 
 def _remember(key: bytes, text: str) -> None:
     # No lock (a lock held across a fork would deadlock the child): a dict's item operations are
-    # atomic; threads racing to evict may each drop one, or find it gone.
-    if len(_dumped) >= _DUMPED_MAX_ENTRIES:
-        with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-            del _dumped[next(iter(_dumped))]  # the oldest
+    # atomic; threads racing to evict may find the oldest gone, and evict again.
+    while len(_dumped) >= _DUMPED_MAX_ENTRIES:
+        with contextlib.suppress(RuntimeError):  # changed size while its first key was read
+            _dumped.pop(next(iter(_dumped), None), None)  # type: ignore[arg-type]  # None: not a key
     _dumped[key] = text
 
 

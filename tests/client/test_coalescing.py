@@ -390,3 +390,26 @@ def test_asyncio_tasks_calling_in_turn_keep_in_step(server: ServerProcess) -> No
     assert calls >= tasks * calls_each - calls_each  # at most one task's calls went alone
     assert calls / batches >= 16, f"{calls} calls in {batches} batches"
     assert min(finished_at) > tasks * calls_each // 2, sorted(finished_at)[:4]
+
+
+def test_asyncio_quick_calls_do_not_wait_out_a_slow_batch(server: ServerProcess) -> None:
+    # A small batch beside a large one in flight waits for it only a few windows
+    # (coalescing.STRAGGLER_HOLD_WINDOWS): quick calls are answered while slow renders are still out.
+    local = reference_renderer("qwen3")
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}]
+    prompt_ids = local.render_ids(prompt, add_generation_prompt=True)
+    completion = local.render_ids([*prompt, {"role": "assistant", "content": "4."}])[len(prompt_ids) :]
+    expected = local.parse_response(completion, prompt_ids=prompt_ids)
+
+    async def run() -> None:
+        async with AsyncRenderClient(server.target, timeout=120) as client:
+            # Distinct images (none waits for another's); the first goes alone, the others in one batch.
+            slow = [asyncio.ensure_future(client.render(slow_sample(2500 - side))) for side in range(12)]
+            await asyncio.sleep(0.05)
+            renderer = client.renderer("qwen3")
+            for _ in range(3):
+                assert await renderer.parse_response(completion, prompt_ids=prompt_ids) == expected
+            assert not all(call.done() for call in slow), "the quick calls waited for the slow batch"
+            await asyncio.gather(*slow)
+
+    asyncio.run(run())
