@@ -20,9 +20,9 @@ parse_response and bridge_to_next_turn calls through a Coalescer:
   batches, the server's cost per call paid once per batch.
 - asyncio only (its tasks resume together, so a batch's calls come back
   together): a batch far smaller than those in flight waits for one to come
-  back, and a large batch sent while none is in flight goes in two halves, so
-  the tasks keep in step, in two batches of about half of them each
-  (STRAGGLER_SHARE, ASYNC_SPLIT_CALLS).
+  back (a few windows at most), and a large batch sent while none is in flight
+  goes in two halves, so the tasks keep in step, in two batches of about half
+  of them each (STRAGGLER_SHARE, STRAGGLER_HOLD_WINDOWS, ASYNC_SPLIT_CALLS).
 
 Each call keeps what it has as a unary call: its own deadline (it raises
 DeadlineExceededError when its time is up, and the server skips it if its time
