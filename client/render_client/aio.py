@@ -27,11 +27,10 @@ from render_wire.compact import materialize_all
 from render_wire.errors import (
     CallCancelledError,
     DeadlineExceededError,
-    ModelNotFoundError,
     RenderError,
     error_from_rpc,
 )
-from render_wire.identity import ReplicaIdentity, decode_identity
+from render_wire.identity import decode_identity
 from render_wire.jsonvalue import dump_json
 from render_wire.models import decode_models, decode_renderer_info
 from render_wire.pb import render_pb2 as pb
@@ -124,13 +123,7 @@ class AsyncRenderClient:
         return info
 
     async def _model_info(self, model: str) -> ModelInfo:
-        if self._models is None:
-            self._models = await self.list_models()
-        try:
-            return self._models.get(model)
-        except KeyError:
-            available = ", ".join(info.id for info in self._models.models)
-            raise ModelNotFoundError(f"model: no model {model!r} (this server has {available})") from None
+        return (await self._server_models()).info(model)
 
     async def render(self, request: SampleRequest, *, timeout: float | None = None) -> RenderedTrainingSample:
         """One build_training_sample call on the server (RenderTrainingSample)."""
@@ -232,7 +225,7 @@ class AsyncRenderClient:
         store = self._images
         deadline = deadline_for(timeout or self._timeout)
         models = self._models  # a model the server says takes no images: nothing to learn from its requests
-        carries = models is None or not any(info.id == model and not info.accepts_images for info in models.models)
+        carries = models is None or models.may_carry_images(model)
         images = request_images(request, method) if store.max_bytes and carries else []
         claim = await self._claim(model, images, deadline)
         try:
@@ -285,16 +278,11 @@ class AsyncRenderClient:
             request = serialized(request)  # these methods' stubs take and answer bytes
             if self._coalescer is not None:
                 data = request
-                check = None if model is None else functools.partial(self._check_replica, model)
+                check = None if model is None else functools.partial(self._pins.require, model)
                 return await self._coalescer.call(
                     method, data, deadline, lambda: self._unary(method, data, deadline, model), check
                 )
         return await self._unary(method, request, deadline, model)
-
-    def _check_replica(self, model: str, identity: ReplicaIdentity | None) -> None:
-        mismatch = self._pins.check(model, identity)
-        if mismatch is not None:
-            raise mismatch
 
     async def _unary(
         self, method: str, request: ProtoMessage | bytes, deadline: float | None, model: str | None
@@ -307,7 +295,7 @@ class AsyncRenderClient:
                 call = stub(request, timeout=remaining(deadline), metadata=self._connection.metadata)
                 response = await call
                 if model is not None:
-                    self._check_replica(model, decode_identity(await call.trailing_metadata()))
+                    self._pins.require(model, decode_identity(await call.trailing_metadata()))
                 return answer_of(method, response) if method in COALESCED else response
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 import grpc
 
 from render_wire.compact import materialize_all
-from render_wire.errors import DeadlineExceededError, ModelNotFoundError, RenderError, error_from_rpc
-from render_wire.identity import ReplicaIdentity, decode_identity
+from render_wire.errors import DeadlineExceededError, RenderError, error_from_rpc
+from render_wire.identity import decode_identity
 from render_wire.jsonvalue import dump_json
 from render_wire.models import decode_models, decode_renderer_info
 from render_wire.pb import render_pb2 as pb
@@ -176,13 +176,7 @@ class RenderClient:
         return remote_renderer(self, model, kwargs, self.renderer_info(model, kwargs))
 
     def _model_info(self, model: str) -> ModelInfo:
-        if self._models is None:
-            self._models = self.list_models()
-        try:
-            return self._models.get(model)
-        except KeyError:
-            available = ", ".join(info.id for info in self._models.models)
-            raise ModelNotFoundError(f"model: no model {model!r} (this server has {available})") from None
+        return self._server_models().info(model)
 
     def renderer_info(self, model: str, chat_template_kwargs: Mapping[str, Any] | None = None) -> RendererInfo:
         """What the server's renderer for `model` and `chat_template_kwargs` declares
@@ -332,15 +326,8 @@ class RenderClient:
                     raise DeadlineExceededError(DEADLINE_DETAILS)
 
     def _may_carry_images(self, model: str) -> bool:
-        """False only for a model the server says takes no images (its requests' images are not
-        rendered, so nothing is learned from them)."""
-        models = self._models
-        if models is None:
-            return True
-        try:
-            return models.get(model).accepts_images
-        except KeyError:
-            return True
+        """ServerModels.may_carry_images, before the models are known too."""
+        return self._models is None or self._models.may_carry_images(model)
 
     def _server_models(self) -> ServerModels:
         if self._models is None:
@@ -367,16 +354,11 @@ class RenderClient:
         if method in COALESCED:
             request = serialized(request)  # these methods' stubs take and answer bytes
             if current.coalescer is not None:
-                check = None if model is None else functools.partial(self._check_replica, model)
+                check = None if model is None else functools.partial(self._pins.require, model)
                 return current.coalescer.call(
                     method, request, deadline, lambda: self._unary(connection, method, request, deadline, model), check
                 )
         return self._unary(connection, method, request, deadline, model)
-
-    def _check_replica(self, model: str, identity: ReplicaIdentity | None) -> None:
-        mismatch = self._pins.check(model, identity)
-        if mismatch is not None:
-            raise mismatch
 
     def _unary(
         self, connection: Connection, method: str, request: Any, deadline: float | None, model: str | None
@@ -391,7 +373,7 @@ class RenderClient:
                 error = error_from_rpc(exc)
             else:
                 if model is not None:
-                    self._check_replica(model, decode_identity(call.trailing_metadata()))
+                    self._pins.require(model, decode_identity(call.trailing_metadata()))
                 return answer_of(method, response) if method in COALESCED else response
             delay = connection.resend_delay(error, attempt, deadline)
             if delay is None:

@@ -62,6 +62,12 @@ class Pins:
             "(compare ListModels on each; see deploy/README.md, 'One tokenizer per model')"
         )
 
+    def require(self, model: str, identity: ReplicaIdentity | None) -> None:
+        """`check`, raising the mismatch."""
+        mismatch = self.check(model, identity)
+        if mismatch is not None:
+            raise mismatch
+
     def pinned(self) -> dict[str, tuple[str, str]]:
         """model -> (fingerprint, replica), as pinned so far."""
         return dict(self._pins)

@@ -133,7 +133,7 @@ class RemoteRenderer(_ModelCalls):
         self, messages: Sequence[Message], *, tools: ToolSpecs | None = None, add_generation_prompt: bool = False
     ) -> Any:
         """renderers.RenderedTokens, as the server's renderer renders `messages`."""
-        return self._client().render_tokens(
+        return self.client.render_tokens(
             self.model,
             messages,
             tools=tools,
@@ -144,7 +144,7 @@ class RemoteRenderer(_ModelCalls):
     def render_ids(
         self, messages: Sequence[Message], *, tools: ToolSpecs | None = None, add_generation_prompt: bool = False
     ) -> list[int]:
-        rendered = self._client().render_tokens(
+        rendered = self.client.render_tokens(
             self.model,
             messages,
             tools=tools,
@@ -159,7 +159,7 @@ class RemoteRenderer(_ModelCalls):
         self, token_ids: Sequence[int], *, tools: ToolSpecs | None = None, prompt_ids: Sequence[int] | None = None
     ) -> Any:
         """renderers.ParsedResponse for a completion's tokens."""
-        return self._client().parse_response(
+        return self.client.parse_response(
             self.model, token_ids, tools=tools, prompt_ids=prompt_ids, chat_template_kwargs=self.chat_template_kwargs
         )
 
@@ -172,7 +172,7 @@ class RemoteRenderer(_ModelCalls):
         tools: ToolSpecs | None = None,
     ) -> Any:
         """renderers.RenderedTokens extending the previous turn, or None: render the conversation anew."""
-        return self._client().bridge_to_next_turn(
+        return self.client.bridge_to_next_turn(
             self.model,
             previous_prompt_ids,
             previous_completion_ids,
@@ -219,9 +219,6 @@ class RemoteRenderer(_ModelCalls):
         config = self.__dict__.get("config")
         return (_rebuild, (self.client, self.model, self.chat_template_kwargs, self.info, config))
 
-    def _client(self) -> RenderClient:
-        return self.client
-
     def _info(self) -> RendererInfo:
         if self.info is not None:
             return self.info
@@ -246,7 +243,7 @@ class RemoteMultimodalRenderer(RemoteRenderer):
     ) -> Any:
         """renderers.RenderedTokens; `process_multimodal` (renderers with supports_process_multimodal)
         False renders a placeholder per image and sends no image data."""
-        return self._client().render_tokens(
+        return self.client.render_tokens(
             self.model,
             messages,
             tools=tools,
@@ -266,7 +263,7 @@ class RemoteMultimodalRenderer(RemoteRenderer):
         process_multimodal: bool | None = None,
     ) -> Any:
         """MultimodalRenderer.bridge_to_next_turn: the previous turn's media carried forward."""
-        return self._client().bridge_to_next_turn(
+        return self.client.bridge_to_next_turn(
             self.model,
             previous_prompt_ids,
             previous_completion_ids,

@@ -77,9 +77,9 @@ def _remember(key: bytes, text: str) -> None:
 def load_json(text: str, field: str) -> JSONValue:
     """The value of JSON `text`; InvalidArgumentError naming `field` if it is not valid JSON."""
     try:
-        value: JSONValue = json.loads(text, object_pairs_hook=_object_without_duplicates)
+        value: JSONValue = json.loads(text, object_pairs_hook=object_without_duplicates)
         return value
-    except _DuplicateKey as exc:
+    except DuplicateKey as exc:
         raise invalid(field, f"not valid JSON: duplicate key {exc.args[0]!r}") from None
     except RecursionError:
         raise invalid(field, "JSON nested too deeply") from None
@@ -87,17 +87,18 @@ def load_json(text: str, field: str) -> JSONValue:
         raise invalid(field, f"not valid JSON ({exc})") from None
 
 
-class _DuplicateKey(Exception):
-    pass
+class DuplicateKey(Exception):
+    """A JSON object repeats a key (its args: the key)."""
 
 
-def _object_without_duplicates(pairs: list[tuple[str, JSONValue]]) -> dict[str, JSONValue]:
+def object_without_duplicates(pairs: list[tuple[str, JSONValue]]) -> dict[str, JSONValue]:
+    """json.loads' object_pairs_hook: the object, or DuplicateKey for a key it repeats."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _DuplicateKey(key)
+                raise DuplicateKey(key)
             seen.add(key)
     return obj
 

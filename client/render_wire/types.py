@@ -18,6 +18,7 @@ from typing import Protocol, TypeAlias
 import numpy as np
 
 from .compact import CompactTensor
+from .errors import ModelNotFoundError
 from .jsonvalue import JSONValue
 
 # A chat message as callers pass it: a `renderers.Message`, or any mapping with its keys
@@ -298,6 +299,22 @@ class ServerModels:
             if model.id == model_id:
                 return model
         raise KeyError(model_id)
+
+    def info(self, model_id: str) -> ModelInfo:
+        """`get`, or ModelNotFoundError naming the models there are."""
+        try:
+            return self.get(model_id)
+        except KeyError:
+            available = ", ".join(info.id for info in self.models)
+            raise ModelNotFoundError(f"model: no model {model_id!r} (this server has {available})") from None
+
+    def may_carry_images(self, model_id: str) -> bool:
+        """False only for a model the server says takes no images (its requests' images are not
+        rendered, so a client learns nothing from them)."""
+        try:
+            return self.get(model_id).accepts_images
+        except KeyError:
+            return True
 
 
 @dataclass(frozen=True)

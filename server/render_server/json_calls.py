@@ -27,6 +27,7 @@ import grpc
 from google.protobuf import json_format
 
 from render_wire.errors import InvalidArgumentError, RenderError, invalid
+from render_wire.jsonvalue import DuplicateKey, object_without_duplicates
 from render_wire.pb import render_pb2 as pb
 from render_wire.samples import encode_response
 
@@ -118,7 +119,7 @@ class JsonCalls:
             raise invalid(
                 "request", f"more than {most} JSON {exc.args[0]}, more than a request within the limits holds"
             ) from None
-        except _DuplicateKey as exc:
+        except DuplicateKey as exc:
             raise invalid("request", f"duplicate key {exc.args[0]!r}") from None
         except RecursionError:
             raise invalid("request", "JSON nested too deeply") from None
@@ -140,10 +141,6 @@ class _TooManyValues(Exception):
     pass
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
 class _ValueCounter:
     """json.loads hooks that count the numbers and objects it makes, refusing duplicate keys
     as json_format.Parse does; past `most` of either, _TooManyValues stops the parse."""
@@ -157,14 +154,7 @@ class _ValueCounter:
         self._objects += 1
         if self._objects > self._most:
             raise _TooManyValues("objects")
-        result = dict(pairs)
-        if len(result) != len(pairs):
-            seen: set[str] = set()
-            for key, _ in pairs:
-                if key in seen:
-                    raise _DuplicateKey(key)
-                seen.add(key)
-        return result
+        return object_without_duplicates(pairs)
 
     def integer(self, text: str) -> int:
         self._count_number()
@@ -204,6 +194,5 @@ def _check_id_arrays(text: str, limits: Limits) -> None:
         end = text.find("]", match.end())
         if end < 0:
             return  # not valid JSON: json.loads says where
-        if text.count(",", match.end(), end) + 1 > limits.max_tokens:
-            ids = text.count(",", match.end(), end) + 1
-            check_ids(_ID_FIELDS.get(match.group(1), match.group(1)), ids, limits)
+        ids = text.count(",", match.end(), end) + 1
+        check_ids(_ID_FIELDS.get(match.group(1), match.group(1)), ids, limits)
